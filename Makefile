@@ -1,0 +1,77 @@
+# agentrun: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+K8S_VERSION ?= 1.20
+PYTEST_ARGS ?=
+export K8S_VERSION
+
+##@ General
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} \
+	  /^[a-zA-Z_-]+:.*?##/ { printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2 } \
+	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+.PHONY: install
+install: $(VENV)/.installed ## Create .venv and install agentrun with its dev tools
+
+.PHONY: crds
+crds: install ## Regenerate crds/ and the chart's copy from the pydantic models
+	$(BIN)/python -m agentrun_operator.crdgen
+
+.PHONY: check-crds
+check-crds: install ## Fail if crds/ drifted from the models
+	$(BIN)/python -m agentrun_operator.crdgen --check
+
+.PHONY: lint
+lint: install ## ruff, mypy --strict and import-linter
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+.PHONY: fmt
+fmt: install ## Format and auto-fix with ruff
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+##@ Test
+.PHONY: controlplane
+controlplane: ## Build (once, cached by version) the Kubernetes binaries the tests run
+	@scripts/build-controlplane.sh >/dev/null
+
+.PHONY: test
+test: lint check-crds controlplane ## The whole suite CI runs: lint, CRD drift, unit and integration tests
+	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: install ## Unit tests only (no control plane, no Redis)
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+##@ Demo
+.PHONY: demo
+demo: install controlplane ## Start the local control plane, Redis, mock LLM, operator; stream an example run
+	@scripts/demo.sh
+
+.PHONY: demo-down
+demo-down: ## Stop everything `make demo` started
+	@scripts/demo.sh down
+
+##@ Cleanup
+.PHONY: clean
+clean: demo-down ## Remove .venv, .work and caches (not the cached Kubernetes build)
+	rm -rf $(VENV) .work .mypy_cache .ruff_cache .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

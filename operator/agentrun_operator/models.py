@@ -1,0 +1,428 @@
+"""The AgentRun and ToolApproval resources as pydantic models: the one source of truth.
+
+The CRDs in ``crds/`` are generated from these models (``make crds``, see ``crdgen``), so a
+field, its description, bounds, enum and default are written once, here. The operator
+parses ``spec`` with these models and builds ``status`` patches from them.
+
+Pure: no I/O, no kopf, no Kubernetes client, no Redis.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
+
+GROUP = "agentrun.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+ToolName = Literal[
+    "k8s_get",
+    "k8s_list",
+    "k8s_describe",
+    "k8s_logs",
+    "k8s_events",
+    "k8s_scale",
+    "k8s_rollout_restart",
+    "k8s_delete_pod",
+    "k8s_patch",
+    "k8s_apply",
+]
+
+READ_ONLY_TOOLS: tuple[ToolName, ...] = (
+    "k8s_get",
+    "k8s_list",
+    "k8s_describe",
+    "k8s_logs",
+    "k8s_events",
+)
+MUTATING_TOOLS: tuple[ToolName, ...] = (
+    "k8s_scale",
+    "k8s_rollout_restart",
+    "k8s_delete_pod",
+    "k8s_patch",
+    "k8s_apply",
+)
+ALL_TOOLS: tuple[ToolName, ...] = READ_ONLY_TOOLS + MUTATING_TOOLS
+
+RunPhase = Literal["Pending", "Running", "AwaitingApproval", "Succeeded", "Failed", "Stopped"]
+FINISHED_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Stopped"})
+Decision = Literal["Approved", "Denied"]
+ApprovalState = Literal["Pending", "Approved", "Denied", "Expired", "Cancelled"]
+
+# Go's time.ParseDuration units that make sense for a run: "90s", "1h30m", "250ms".
+DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
+# RFC 1123 subdomain, as Kubernetes requires for object names.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# Operator-minted call ids: "c-" and 12 hex characters.
+CALL_ID_PATTERN = r"^c-[0-9a-f]{12}$"
+MAX_RUN_NAME = 63
+MAX_RESULT_BYTES = 4096
+
+_SET: JsonDict = {"x-kubernetes-list-type": "set"}
+_FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
+
+
+class _Model(BaseModel):
+    # camelCase on the wire (Kubernetes convention), snake_case in Python.
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        use_attribute_docstrings=False,
+    )
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the run's namespace, read as the run's service account."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Name of the Secret, in the run's namespace.",
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Key within the Secret whose value is the API key.",
+    )
+
+
+class ModelSpec(_Model):
+    """The LLM the run talks to; fields left out take the operator's defaults."""
+
+    provider: Literal["openai"] = Field(
+        default="openai",
+        description="API flavour. 'openai' means any OpenAI-compatible chat endpoint "
+        "(OpenAI, vLLM, Ollama, LiteLLM).",
+    )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Model name sent to the endpoint. Default: the operator's AGENTRUN_MODEL_NAME.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        alias="baseURL",
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="Base URL of the OpenAI-compatible API, e.g. http://vllm.ai:8000/v1. "
+        "Must match the operator's allow-list (AGENTRUN_MODEL_BASE_URL_ALLOW). "
+        "Default: the operator's AGENTRUN_MODEL_BASE_URL.",
+    )
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret holding the API key, read with the rights of the run's "
+        "service account. Default: the operator's AGENTRUN_MODEL_API_KEY.",
+    )
+    temperature: float | None = Field(
+        default=None,
+        ge=0,
+        le=2,
+        description="Sampling temperature, 0 to 2. Default: the endpoint's own.",
+    )
+
+
+class Approvers(_Model):
+    """Who may decide this run's ToolApprovals. Both empty: anyone RBAC lets patch them."""
+
+    users: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        json_schema_extra=_SET,
+        description="User names (as the API server authenticates them) allowed to decide.",
+    )
+    groups: list[str] = Field(
+        default_factory=list,
+        max_length=100,
+        json_schema_extra=_SET,
+        description="Groups whose members are allowed to decide.",
+    )
+
+
+class ApprovalPolicy(_Model):
+    """Which tool calls wait for a human, who decides, and what happens on timeout."""
+
+    required: list[ToolName] = Field(
+        default=list(MUTATING_TOOLS),
+        max_length=len(ALL_TOOLS),
+        json_schema_extra=_SET,
+        description="Tools whose every call needs an approved ToolApproval before it runs. "
+        "Default: every mutating tool.",
+    )
+    approvers: Approvers = Field(
+        default_factory=Approvers,
+        description="Who may decide. Empty: anyone RBAC lets patch toolapprovals.",
+    )
+    min_approvals: int = Field(
+        default=1,
+        ge=1,
+        le=10,
+        description="Distinct approvers that must approve before a call runs; any denial denies.",
+    )
+    timeout: str = Field(
+        default="1h",
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="How long an approval waits for a decision, as a duration like "
+        "'30m' or '1h30m'.",
+    )
+    on_timeout: Literal["deny", "stop"] = Field(
+        default="deny",
+        description="What an expired approval does: 'deny' continues without the tool, "
+        "'stop' stops the run.",
+    )
+    allow_self_approval: bool = Field(
+        default=False,
+        description="Whether the run's creator may decide its approvals.",
+    )
+
+
+class Limits(_Model):
+    """Bounds on a run; reaching one fails the run with a reason."""
+
+    max_steps: int = Field(
+        default=25,
+        ge=1,
+        le=1000,
+        description="Most plan/act/verify steps before the run fails.",
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens (input plus output, all LLM calls) before the run fails.",
+    )
+    max_cost_usd: float | None = Field(
+        default=None,
+        alias="maxCostUSD",
+        ge=0,
+        description="Most spend in US dollars (from the operator's price table) before the "
+        "run fails.",
+    )
+    timeout: str = Field(
+        default="30m",
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="Wall-clock bound on the run, excluding time spent waiting for "
+        "approval, as a duration like '10m'.",
+    )
+
+
+class AgentRunSpec(_Model):
+    """Desired state of an agent run, written by people or GitOps; only 'stop' may change."""
+
+    goal: str = Field(
+        min_length=1,
+        max_length=16384,
+        description="What the agent should achieve, in plain language.",
+    )
+    model: ModelSpec = Field(
+        default_factory=ModelSpec,
+        description="The LLM endpoint and model. Fields left out take operator defaults.",
+    )
+    tools: list[ToolName] = Field(
+        default=list(READ_ONLY_TOOLS),
+        max_length=len(ALL_TOOLS),
+        json_schema_extra=_SET,
+        description="Tools the agent may call. Default: the read-only set (k8s_get, "
+        "k8s_list, k8s_describe, k8s_logs, k8s_events).",
+    )
+    approval: ApprovalPolicy = Field(
+        default_factory=ApprovalPolicy,
+        description="Which tool calls need a human decision, and who gives it.",
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ServiceAccount in the run's namespace whose rights the tools use "
+        "(the operator impersonates it). Empty: the namespace's 'default' account.",
+    )
+    limits: Limits = Field(
+        default_factory=Limits,
+        description="Step, token, cost and time bounds.",
+    )
+    stop: bool = Field(
+        default=False,
+        description="Set true to stop the run at once. The only field that may change "
+        "after creation.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        description="Delete the run (and its event stream) this many seconds after it "
+        "finishes. Unset: keep it.",
+    )
+
+
+class Condition(_Model):
+    """A standard Kubernetes condition."""
+
+    type: str = Field(max_length=316, description="Type of condition, e.g. Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(
+        description="Status of the condition: True, False or Unknown."
+    )
+    reason: str = Field(
+        default="",
+        max_length=1024,
+        description="One-word CamelCase reason for the last transition.",
+    )
+    message: str = Field(
+        default="",
+        max_length=32768,
+        description="Human-readable detail about the last transition.",
+    )
+    last_transition_time: datetime | None = Field(
+        default=None, description="When the status last changed."
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation this condition reflects."
+    )
+
+
+class Usage(_Model):
+    """Token, cost and latency totals of the run's LLM and tool calls."""
+
+    input_tokens: int = Field(default=0, ge=0, description="Prompt tokens, all LLM calls.")
+    output_tokens: int = Field(default=0, ge=0, description="Completion tokens, all LLM calls.")
+    total_tokens: int = Field(default=0, ge=0, description="Input plus output tokens.")
+    cached_tokens: int = Field(
+        default=0, ge=0, description="Prompt tokens the endpoint served from its cache."
+    )
+    cost_usd: float = Field(
+        default=0, alias="costUSD", ge=0, description="Spend in US dollars, from the price table."
+    )
+    ttft_ms: int | None = Field(
+        default=None,
+        ge=0,
+        description="Time to first token of the first LLM call, in milliseconds.",
+    )
+    llm_calls: int = Field(default=0, ge=0, description="LLM calls made.")
+    tool_calls: int = Field(default=0, ge=0, description="Tool calls made.")
+
+
+class AgentRunStatus(_Model):
+    """Observed state of the run, written only by the operator."""
+
+    phase: RunPhase | None = Field(
+        default=None,
+        description="Pending, Running, AwaitingApproval, Succeeded, Failed or Stopped.",
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Standard conditions (Queued, Running, AwaitingApproval, Finished...).",
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation the operator last acted on."
+    )
+    started_at: datetime | None = Field(default=None, description="When the run started.")
+    finished_at: datetime | None = Field(default=None, description="When the run finished.")
+    step: int | None = Field(default=None, ge=0, description="Current workflow step.")
+    pending_approvals: list[str] = Field(
+        default_factory=list,
+        description="Names of the ToolApprovals this run is waiting for.",
+    )
+    pending_approval_count: int | None = Field(
+        default=None, ge=0, description="How many ToolApprovals this run is waiting for."
+    )
+    usage: Usage | None = Field(default=None, description="Token, cost and latency totals.")
+    created_by: str | None = Field(
+        default=None, description="User who created the run, as the API server authenticated."
+    )
+    stopped_by: str | None = Field(
+        default=None, description="User who set spec.stop, as the API server authenticated."
+    )
+    last_event_id: str | None = Field(
+        default=None, description="Id of the last event written to the run's stream."
+    )
+    stream_path: str | None = Field(
+        default=None, description="Path of the run's SSE stream on the agentrun server."
+    )
+    result: str | None = Field(
+        default=None,
+        max_length=MAX_RESULT_BYTES,
+        description="The agent's final answer (at most 4 KiB; the full text is in the stream).",
+    )
+    message: str | None = Field(
+        default=None, max_length=32768, description="Human-readable summary of the state."
+    )
+
+
+class UserInfo(_Model):
+    """An identity as the API server authenticated it (from an admission request)."""
+
+    username: str = Field(description="User name.")
+    groups: list[str] = Field(default_factory=list, description="Groups of the user.")
+
+
+class Vote(_Model):
+    """One person's decision on a ToolApproval, recorded by the admission webhook."""
+
+    username: str = Field(description="Who decided, as the API server authenticated.")
+    groups: list[str] = Field(default_factory=list, description="Their groups.")
+    decision: Decision = Field(description="Approved or Denied.")
+    comment: str = Field(default="", max_length=2048, description="Their note to the agent.")
+    at: datetime = Field(description="When the decision was admitted.")
+
+
+class ToolApprovalSpec(_Model):
+    """A tool call waiting for a human decision. Written by the operator, decided by people."""
+
+    run_name: str = Field(
+        min_length=1, max_length=MAX_RUN_NAME, description="The AgentRun that made the call."
+    )
+    call_id: str = Field(
+        pattern=CALL_ID_PATTERN,
+        description="Operator-minted id of the call ('c-' and 12 hex characters).",
+    )
+    tool: ToolName = Field(description="The tool the agent wants to call.")
+    arguments: dict[str, Any] = Field(
+        default_factory=dict,
+        json_schema_extra=_FREE_FORM,
+        description="The call's arguments, as the agent gave them.",
+    )
+    reason: str = Field(
+        default="", max_length=16384, description="Why the agent wants to make the call."
+    )
+    decision: Decision | None = Field(
+        default=None,
+        description="Set to Approved or Denied to decide: kubectl patch ta NAME --type merge "
+        '-p \'{"spec":{"decision":"Approved"}}\'.',
+    )
+    comment: str | None = Field(
+        default=None, max_length=2048, description="Optional note passed to the agent."
+    )
+    decided_by: UserInfo | None = Field(
+        default=None,
+        description="Who decided; written by the admission webhook, never by clients.",
+    )
+    votes: list[Vote] = Field(
+        default_factory=list,
+        max_length=100,
+        description="Every decision so far; appended by the admission webhook.",
+    )
+
+
+class ToolApprovalStatus(_Model):
+    """Observed state of the approval, written only by the operator."""
+
+    state: ApprovalState | None = Field(
+        default=None, description="Pending, Approved, Denied, Expired or Cancelled."
+    )
+    decided_by: UserInfo | None = Field(default=None, description="Who settled the approval.")
+    decided_at: datetime | None = Field(default=None, description="When it was settled.")
+    expires_at: datetime | None = Field(
+        default=None, description="When it expires if nobody decides."
+    )
+    approvals: int | None = Field(default=None, ge=0, description="Approving votes so far.")
+    approvals_needed: int | None = Field(
+        default=None, ge=0, description="Approving votes still needed."
+    )
+    message: str | None = Field(default=None, description="Human-readable detail.")

@@ -1,0 +1,243 @@
+"""The CRDs against a real kube-apiserver (1.20): the examples are accepted, a table of bad
+manifests is rejected with an error naming the field, printer columns and `kubectl explain`
+work, and RBAC decides who may create runs."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from support import Kubectl, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def agentrun(name: str = "bad", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": name},
+        "spec": {"goal": "look around", **spec},
+    }
+
+
+def toolapproval(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "ToolApproval",
+        "metadata": {"name": "bad-ta"},
+        "spec": {"runName": "r", "callId": "c-0123456789ab", "tool": "k8s_scale", **spec},
+    }
+
+
+def without_goal() -> dict[str, Any]:
+    doc = agentrun()
+    del doc["spec"]["goal"]
+    return doc
+
+
+def without_spec() -> dict[str, Any]:
+    doc = agentrun()
+    del doc["spec"]
+    return doc
+
+
+# (case id, manifest, the field the error must name)
+BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
+    ("missing goal", without_goal(), "spec.goal"),
+    ("missing spec", without_spec(), "spec"),
+    ("empty goal", agentrun(goal=""), "spec.goal"),
+    ("huge goal", agentrun(goal="x" * 16385), "spec.goal"),
+    ("goal of wrong type", agentrun(goal=["a", "list"]), "spec.goal"),
+    ("unknown tool name", agentrun(tools=["k8s_nuke"]), "spec.tools"),
+    ("tools not a list", agentrun(tools="k8s_get"), "spec.tools"),
+    ("duplicate tool", agentrun(tools=["k8s_get", "k8s_get"]), "spec.tools"),
+    ("negative maxSteps", agentrun(limits={"maxSteps": -1}), "spec.limits.maxSteps"),
+    ("zero maxTokens", agentrun(limits={"maxTokens": 0}), "spec.limits.maxTokens"),
+    ("negative maxCostUSD", agentrun(limits={"maxCostUSD": -0.5}), "spec.limits.maxCostUSD"),
+    ("maxSteps as string", agentrun(limits={"maxSteps": "ten"}), "spec.limits.maxSteps"),
+    ("bad run timeout", agentrun(limits={"timeout": "5 minutes"}), "spec.limits.timeout"),
+    ("days in approval timeout", agentrun(approval={"timeout": "1d"}), "spec.approval.timeout"),
+    ("unknown onTimeout", agentrun(approval={"onTimeout": "ignore"}), "spec.approval.onTimeout"),
+    ("unknown required tool", agentrun(approval={"required": ["rm"]}), "spec.approval.required"),
+    ("zero minApprovals", agentrun(approval={"minApprovals": 0}), "spec.approval.minApprovals"),
+    (
+        "approvers users not a list",
+        agentrun(approval={"approvers": {"users": "alice"}}),
+        "spec.approval.approvers.users",
+    ),
+    ("unknown provider", agentrun(model={"provider": "anthropic"}), "spec.model.provider"),
+    ("temperature too high", agentrun(model={"temperature": 3}), "spec.model.temperature"),
+    ("non-http baseURL", agentrun(model={"baseURL": "ftp://x/v1"}), "spec.model.baseURL"),
+    (
+        "secret ref without key",
+        agentrun(model={"apiKeySecretRef": {"name": "llm"}}),
+        "spec.model.apiKeySecretRef.key",
+    ),
+    (
+        "invalid service account",
+        agentrun(serviceAccountName="Not_A_Name"),
+        "spec.serviceAccountName",
+    ),
+    ("negative ttl", agentrun(ttlSecondsAfterFinished=-5), "spec.ttlSecondsAfterFinished"),
+    ("stop as string", agentrun(stop="yes"), "spec.stop"),
+    ("name over 63 characters", agentrun(name="r" * 64), "metadata.name"),
+    ("bad call id", toolapproval(callId="call_1"), "spec.callId"),
+    ("unknown decision", toolapproval(decision="Maybe"), "spec.decision"),
+    ("unknown approval tool", toolapproval(tool="bash"), "spec.tool"),
+    ("arguments not an object", toolapproval(arguments="rm -rf"), "spec.arguments"),
+]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "field"),
+    [pytest.param(m, f, id=i) for i, m, f in BAD_MANIFESTS],
+)
+def test_invalid_manifests_are_rejected_naming_the_field(
+    kubectl: Kubectl, namespace: str, manifest: dict[str, Any], field: str
+) -> None:
+    # --validate=false: the API server, not kubectl's client-side check, must refuse it.
+    proc = kubectl(
+        "create",
+        "--validate=false",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(manifest),
+        check=False,
+    )
+    assert proc.returncode != 0, f"accepted: {json.dumps(manifest)[:200]}"
+    assert "is invalid" in proc.stderr, proc.stderr
+    # The API server names the path, with an index for list items: spec.tools[1]: ...
+    assert re.search(re.escape(field) + r"(\[\d+\])?[: ]", proc.stderr), proc.stderr
+    listed = kubectl("get", "agentruns,toolapprovals", "-n", namespace, "-o", "name")
+    assert listed.stdout.strip() == "", "nothing may be stored after a rejection"
+
+
+def test_the_table_covers_enough_cases() -> None:
+    assert len(BAD_MANIFESTS) >= 15
+
+
+def test_examples_are_accepted_as_they_are(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
+    names = kubectl("get", "agentruns", "-n", namespace, "-o", "name").stdout.split()
+    expected = {
+        f"agentrun.agentrun.dev/{doc['metadata']['name']}"
+        for path in (ROOT / "examples").glob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc and doc["kind"] == "AgentRun"
+    }
+    assert expected and set(names) == expected
+
+
+def test_the_api_server_fills_in_spec_defaults(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("defaults")))
+    spec = json.loads(kubectl("get", "ar", "defaults", "-n", namespace, "-o", "json").stdout)[
+        "spec"
+    ]
+    assert spec["tools"] == ["k8s_get", "k8s_list", "k8s_describe", "k8s_logs", "k8s_events"]
+    assert spec["approval"]["required"][0] == "k8s_scale"
+    assert spec["approval"]["timeout"] == "1h"
+    assert spec["limits"] == {"maxSteps": 25, "timeout": "30m"}
+    assert spec["stop"] is False
+
+
+def test_status_sent_with_a_create_is_dropped(kubectl: Kubectl, namespace: str) -> None:
+    doc = agentrun("with-status")
+    doc["status"] = {"phase": "Succeeded"}
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    stored = json.loads(kubectl("get", "ar", "with-status", "-n", namespace, "-o", "json").stdout)
+    assert "phase" not in stored.get("status", {})
+
+
+def test_status_subresource_enforces_the_phase_enum(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("phased")))
+    stored = json.loads(kubectl("get", "ar", "phased", "-n", namespace, "-o", "json").stdout)
+    stored["status"] = {"phase": "Exploded"}
+    path = f"/apis/agentrun.dev/v1alpha1/namespaces/{namespace}/agentruns/phased/status"
+    proc = kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(stored), check=False)
+    assert proc.returncode != 0 and "status.phase" in proc.stderr, proc.stderr
+    stored["status"] = {"phase": "Running", "step": 2}
+    kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(stored))
+    phase = kubectl("get", "ar", "phased", "-n", namespace, "-o", "jsonpath={.status.phase}")
+    assert phase.stdout == "Running"
+
+
+def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -> None:
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("columns")))
+    header = kubectl("get", "ar", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "STEP", "APPROVALS", "TOKENS", "COST", "AGE"]
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(toolapproval()))
+    header = kubectl("get", "ta", "-n", namespace).stdout.splitlines()[0].split()
+    assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "AGE"]
+
+
+def test_both_kinds_are_in_the_agentrun_category(kubectl: Kubectl) -> None:
+    discovery = json.loads(kubectl("get", "--raw", "/apis/agentrun.dev/v1alpha1").stdout)
+    kinds = {r["kind"]: r for r in discovery["resources"] if "/" not in r["name"]}
+    assert set(kinds) == {"AgentRun", "ToolApproval"}
+    for kind, short in (("AgentRun", "ar"), ("ToolApproval", "ta")):
+        assert kinds[kind]["categories"] == ["agentrun"]
+        assert kinds[kind]["shortNames"] == [short]
+        assert kinds[kind]["namespaced"] is True
+
+
+def test_kubectl_explain_teaches_the_approval_fields(kubectl: Kubectl) -> None:
+    # The API server publishes CRD schemas to /openapi/v2 a moment after they are established.
+    def explained() -> str | None:
+        proc = kubectl("explain", "agentrun.spec.approval", check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    text = str(
+        wait_for("kubectl explain agentrun.spec.approval", explained, timeout=60, interval=1)
+    )
+    for field in ("required", "approvers", "timeout", "onTimeout", "allowSelfApproval"):
+        assert field in text
+    assert "Which tool calls need a human decision" in text
+
+
+def test_a_user_without_rbac_rights_cannot_create_a_run(kubectl: Kubectl, namespace: str) -> None:
+    doc = json.dumps(agentrun("forbidden"))
+    proc = kubectl.as_user("nobody")("create", "-n", namespace, "-f", "-", input=doc, check=False)
+    assert proc.returncode != 0 and "forbidden" in proc.stderr.lower(), proc.stderr
+
+
+def test_a_role_granting_create_lets_the_creator_in(kubectl: Kubectl, namespace: str) -> None:
+    doc = json.dumps(agentrun("allowed"))
+    creator = kubectl.as_user("creator")
+    denied = creator("create", "-n", namespace, "-f", "-", input=doc, check=False)
+    assert denied.returncode != 0 and "forbidden" in denied.stderr.lower()
+    kubectl(
+        "create",
+        "role",
+        "run-creator",
+        "-n",
+        namespace,
+        "--verb=create,get",
+        "--resource=agentruns.agentrun.dev",
+    )
+    kubectl(
+        "create",
+        "rolebinding",
+        "run-creator",
+        "-n",
+        namespace,
+        "--role=run-creator",
+        "--user=creator",
+    )
+    wait_for(
+        "the creator's new role to take effect",
+        lambda: (
+            creator(
+                "auth", "can-i", "create", "agentruns.agentrun.dev", "-n", namespace, check=False
+            ).stdout.strip()
+            == "yes"
+        ),
+    )
+    creator("create", "-n", namespace, "-f", "-", input=doc)
