@@ -1,44 +1,95 @@
 #!/usr/bin/env bash
-# `make demo`: a local control plane, Redis, the CRDs and an example run.
+# `make demo`: a local control plane, Redis, the mock LLM and the operator; then it applies
+# examples/ and streams the example run's events in this terminal.
 # `scripts/demo.sh down` stops what it started. Everything lives under .work/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORK=.work/demo
 PY=.venv/bin/python
+NS=agentrun-demo
+RUN=why-is-web-pending
 mkdir -p "$WORK"
 say() { printf '\033[1m[demo]\033[0m %s\n' "$*"; }
-
+alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+free_port() { "$PY" -c 'from agentrun_operator.testing.controlplane import free_port; print(free_port())'; }
 stop_pidfile() {
-  local f="$1"
-  if [ -f "$f" ]; then kill "$(cat "$f")" 2>/dev/null || true; rm -f "$f"; fi
+  if [ -f "$1" ]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi
 }
 
 if [ "${1:-}" = "down" ]; then
-  stop_pidfile "$WORK/redis.pid"
-  [ -x "$PY" ] && "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
+  for p in operator mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
+  if [ -x "$PY" ]; then
+    "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
+  fi
   say "stopped"
   exit 0
 fi
 
-say "control plane (etcd + kube-apiserver + kube-controller-manager, Kubernetes 1.20.2)"
-KUBECONFIG_FILE=$("$PY" -m agentrun_operator.testing.controlplane up --dir "$WORK/controlplane")
-export KUBECONFIG="$KUBECONFIG_FILE"
+say "control plane: etcd + kube-apiserver + kube-controller-manager (Kubernetes 1.20.2)"
+KUBECONFIG=$("$PY" -m agentrun_operator.testing.controlplane up --dir "$WORK/controlplane")
+export KUBECONFIG
 KUBECTL=$("$PY" -c 'from agentrun_operator.testing.controlplane import default_bin_dir; print(default_bin_dir() / "kubectl")')
 
-if [ -f "$WORK/redis.pid" ] && kill -0 "$(cat "$WORK/redis.pid")" 2>/dev/null; then
+if alive "$WORK/redis.pid"; then
   say "reusing Redis on port $(cat "$WORK/redis.port")"
 else
-  port=$("$PY" -c 'from agentrun_operator.testing.controlplane import free_port; print(free_port())')
-  say "starting Redis on 127.0.0.1:$port"
-  redis-server --bind 127.0.0.1 --port "$port" --dir "$WORK" --appendonly yes --save '' \
+  port=$(free_port)
+  say "Redis on 127.0.0.1:$port (AOF on)"
+  redis-server --bind 127.0.0.1 --port "$port" --dir "$PWD/$WORK" --appendonly yes --save '' \
     --daemonize yes --pidfile "$PWD/$WORK/redis.pid" --logfile "$PWD/$WORK/redis.log"
   echo "$port" > "$WORK/redis.port"
+  for _ in $(seq 50); do [ -f "$WORK/redis.pid" ] && break; sleep 0.1; done
 fi
+REDIS_URL="redis://127.0.0.1:$(cat "$WORK/redis.port")/0"
+
+if alive "$WORK/mockllm.pid"; then
+  say "reusing the mock LLM on port $(cat "$WORK/mockllm.port")"
+else
+  port=$(free_port)
+  say "mock LLM (OpenAI-compatible) on 127.0.0.1:$port, 25 tokens/s"
+  nohup .venv/bin/agentrun mock-llm --port "$port" --tokens-per-second 25 \
+    > "$WORK/mockllm.log" 2>&1 &
+  echo $! > "$WORK/mockllm.pid"
+  echo "$port" > "$WORK/mockllm.port"
+fi
+LLM_URL="http://127.0.0.1:$(cat "$WORK/mockllm.port")/v1"
 
 say "installing the CRDs"
 "$KUBECTL" apply -f crds/ >/dev/null
-"$KUBECTL" wait --for=condition=Established crd/agentruns.agentrun.dev crd/toolapprovals.agentrun.dev >/dev/null
-say "applying examples/"
-"$KUBECTL" apply -f examples/
-"$KUBECTL" get agentruns
-say "KUBECONFIG=$KUBECONFIG_FILE  (stop everything with: make demo-down)"
+"$KUBECTL" wait --for=condition=Established --timeout=60s \
+  crd/agentruns.agentrun.dev crd/toolapprovals.agentrun.dev >/dev/null
+
+if alive "$WORK/operator.pid"; then
+  say "reusing the operator (log: $WORK/operator.log)"
+else
+  health=$(free_port)
+  say "operator (log: $WORK/operator.log)"
+  AGENTRUN_REDIS_URL="$REDIS_URL" AGENTRUN_MODEL_BASE_URL="$LLM_URL" AGENTRUN_MODEL_NAME=mock \
+  AGENTRUN_HEALTH_HOST=127.0.0.1 AGENTRUN_HEALTH_PORT="$health" \
+    nohup "$PY" -m agentrun_operator --verbose > "$WORK/operator.log" 2>&1 &
+  echo $! > "$WORK/operator.pid"
+  for _ in $(seq 150); do
+    curl -fs "http://127.0.0.1:$health/healthz" >/dev/null 2>&1 && break
+    alive "$WORK/operator.pid" || { tail -30 "$WORK/operator.log"; exit 1; }
+    sleep 0.2
+  done
+fi
+
+say "applying examples/ in namespace $NS"
+"$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+# A fresh run each time, so there is something to watch.
+"$KUBECTL" delete agentruns --all -n "$NS" --wait=true >/dev/null 2>&1 || true
+"$KUBECTL" apply -n "$NS" -f examples/
+say "streaming $NS/$RUN (Ctrl-C stops watching, not the run):"
+AGENTRUN_REDIS_URL="$REDIS_URL" .venv/bin/agentrun watch "$NS/$RUN" || true
+echo
+"$KUBECTL" get agentruns -n "$NS"
+cat <<MSG
+
+  KUBECONFIG=$KUBECONFIG
+  REDIS=$REDIS_URL
+  kubectl get agentruns -n $NS          # phase, step, tokens, cost
+  kubectl describe agentrun $RUN -n $NS # the story as Kubernetes Events
+  AGENTRUN_REDIS_URL=$REDIS_URL .venv/bin/agentrun watch $NS/$RUN   # replay the stream
+  make demo-down                        # stop everything
+MSG

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir
 from agentrun_operator.testing.redisserver import RedisServer
 
-from support import Kubectl
+from support import Kubectl, fresh_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,15 +71,8 @@ def kubectl(cluster: ControlPlane) -> Kubectl:
 
 @pytest.fixture
 def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace per test; on failure its events are printed before it goes."""
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kubectl("create", "namespace", name)
-    yield name
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        events = kubectl("get", "events", "-n", name, check=False)
-        print(f"--- events in {name} ---\n{events.stdout}{events.stderr}")
-    kubectl("delete", "namespace", name, "--wait=false", check=False)
+    """A fresh namespace per test, outside every operator's watch ("t-" prefix)."""
+    yield from fresh_namespace(kubectl, request, "t-")
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

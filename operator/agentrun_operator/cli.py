@@ -9,11 +9,46 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import metadata
+from pathlib import Path
 
 
 def _version(_: argparse.Namespace) -> int:
     print(f"agentrun {metadata.version('agentrun')}")
     return 0
+
+
+def _mock_llm(args: argparse.Namespace) -> int:
+    # Imported here: starlette and uvicorn load only for this subcommand.
+    from agentrun_operator.testing import mockllm
+
+    return mockllm.serve(
+        host=args.host,
+        port=args.port,
+        script=args.script,
+        tokens_per_second=args.tokens_per_second,
+        api_key=args.api_key,
+    )
+
+
+def _watch(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentrun_operator import config, watch
+
+    namespace, _, name = args.run.rpartition("/")
+    if not namespace or not name:
+        print("agentrun watch: give the run as NAMESPACE/NAME", file=sys.stderr)
+        return 2
+    try:
+        redis_url = args.redis_url or config.load().redis_url
+    except config.ConfigError as e:
+        print(f"agentrun watch: {e}", file=sys.stderr)
+        return 2
+    try:
+        phase = asyncio.run(watch.watch(namespace=namespace, name=name, redis_url=redis_url))
+    except KeyboardInterrupt:
+        return 130
+    return 0 if phase == "Succeeded" else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
+    mock = sub.add_parser("mock-llm", help="serve an OpenAI-compatible mock LLM (tests, demo)")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=8000)
+    mock.add_argument("--script", type=Path, help="YAML or JSON rules (see testing/mockllm.py)")
+    mock.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
+    mock.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    mock.set_defaults(func=_mock_llm)
+    watch = sub.add_parser("watch", help="print a run's events live (reads its Redis stream)")
+    watch.add_argument("run", metavar="NAMESPACE/NAME")
+    watch.add_argument("--redis-url", help="default: AGENTRUN_REDIS_URL")
+    watch.set_defaults(func=_watch)
     return parser
 
 

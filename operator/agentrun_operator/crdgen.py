@@ -23,6 +23,11 @@ from agentrun_operator import models
 
 Schema = dict[str, Any]
 
+# Not "agentrun": kubectl expands a category before it looks up resource names, so a
+# category equal to the singular name would turn `kubectl get agentrun NAME` into a get of
+# both kinds ("you must specify only one resource"). `kubectl get agentrun-all` lists both.
+CATEGORY = "agentrun-all"
+
 _KEEP = {
     "type",
     "description",
@@ -148,7 +153,7 @@ def _crd(
                 "plural": plural,
                 "singular": kind.lower(),
                 "shortNames": [short],
-                "categories": ["agentrun"],
+                "categories": [CATEGORY],
             },
             "versions": [
                 {

@@ -178,12 +178,12 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -
     assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "AGE"]
 
 
-def test_both_kinds_are_in_the_agentrun_category(kubectl: Kubectl) -> None:
+def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl) -> None:
     discovery = json.loads(kubectl("get", "--raw", "/apis/agentrun.dev/v1alpha1").stdout)
     kinds = {r["kind"]: r for r in discovery["resources"] if "/" not in r["name"]}
     assert set(kinds) == {"AgentRun", "ToolApproval"}
     for kind, short in (("AgentRun", "ar"), ("ToolApproval", "ta")):
-        assert kinds[kind]["categories"] == ["agentrun"]
+        assert kinds[kind]["categories"] == ["agentrun-all"]
         assert kinds[kind]["shortNames"] == [short]
         assert kinds[kind]["namespaced"] is True
 

@@ -1,0 +1,270 @@
+"""The event contract and the Redis keys of a run: the one place the operator and the SSE
+server both import.
+
+Owns: key names (every key of a run carries the Redis Cluster hash tag ``{<uid>}``), the
+event envelope, the run lease with its fencing number, and the single Lua script through
+which every event is appended (fence check, ``seq`` increment and ``XADD`` in one step, so
+two operators can never interleave, duplicate or reorder a run's events).
+Never: talks to Kubernetes, decides workflow logic, or writes a key of another run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+EVENT_VERSION = 1
+EventType = Literal["workflow", "token", "tool", "approval", "metrics", "fault", "end"]
+EVENT_TYPES: tuple[str, ...] = ("workflow", "token", "tool", "approval", "metrics", "fault", "end")
+WorkflowState = Literal[
+    "pending",
+    "planning",
+    "executing",
+    "awaiting_approval",
+    "verifying",
+    "resumed",
+    "succeeded",
+    "failed",
+    "stopped",
+]
+
+
+def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+    """A client that reconnects by itself after a Redis restart and retries meanwhile.
+
+    A blocking pool: hundreds of concurrent runs wait briefly for a connection instead of
+    failing with MaxConnectionsError.
+    """
+    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=30,
+        decode_responses=False,
+        health_check_interval=10,
+        socket_keepalive=True,
+        socket_connect_timeout=5,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+    return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+def _key(uid: str, suffix: str) -> str:
+    return f"agentrun:{{{uid}}}:{suffix}"
+
+
+def events_key(uid: str) -> str:
+    return _key(uid, "events")
+
+
+def control_key(uid: str) -> str:
+    """Pub/sub channel for instant control messages (stop)."""
+    return _key(uid, "control")
+
+
+def owner_key(uid: str) -> str:
+    return _key(uid, "owner")
+
+
+def fence_key(uid: str) -> str:
+    return _key(uid, "fence")
+
+
+def seq_key(uid: str) -> str:
+    return _key(uid, "seq")
+
+
+def calls_key(uid: str) -> str:
+    """Hash: call id -> JSON record of a tool call's intent and outcome (exactly-once)."""
+    return _key(uid, "calls")
+
+
+def run_keys_pattern(uid: str) -> str:
+    # Braces are literal in Redis glob patterns; only * ? [ ] and \ are special.
+    return f"agentrun:{{{uid}}}:*"
+
+
+CONTROL_PATTERN = "agentrun:{*}:control"
+
+
+def uid_from_control_channel(channel: str) -> str | None:
+    prefix, suffix = "agentrun:{", "}:control"
+    if channel.startswith(prefix) and channel.endswith(suffix):
+        return channel[len(prefix) : -len(suffix)]
+    return None
+
+
+def stream_path(namespace: str, name: str) -> str:
+    return f"/api/v1/runs/{namespace}/{name}/events"
+
+
+def now_rfc3339() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Fenced(RuntimeError):
+    """This process no longer owns the run: another operator took it over."""
+
+
+# KEYS: owner, seq, events. ARGV: owner token, maxlen, JSON before seq, JSON after seq.
+_APPEND = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED run owned by another operator')
+end
+local seq = redis.call('INCR', KEYS[2])
+local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'data',
+                      ARGV[3] .. seq .. ARGV[4])
+return {id, seq}
+"""
+
+# KEYS: owner, calls. ARGV: owner token, call id, record JSON.
+_RECORD_CALL = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('FENCED run owned by another operator')
+end
+return redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+"""
+
+# KEYS: owner, fence. ARGV: operator id, ttl ms. Takes a free lease, or our own one back
+# after a restart of this same operator (same id), always with a new fencing number.
+_ACQUIRE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, string.len(ARGV[1]) + 1) ~= ARGV[1] .. '|' then
+  return false
+end
+local fence = redis.call('INCR', KEYS[2])
+local token = ARGV[1] .. '|' .. fence
+redis.call('SET', KEYS[1], token, 'PX', ARGV[2])
+return token
+"""
+
+# KEYS: owner. ARGV: token, ttl ms (0 = release).
+_RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(ARGV[2]) == 0 then redis.call('DEL', KEYS[1]) else
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
+@dataclass
+class Lease:
+    """Ownership of one run by one operator process, with a fencing token."""
+
+    redis: aioredis.Redis
+    uid: str
+    token: str
+    ttl_ms: int
+
+    @classmethod
+    async def acquire(
+        cls, redis: aioredis.Redis, *, uid: str, operator_id: str, ttl_seconds: float
+    ) -> Lease | None:
+        ttl_ms = int(ttl_seconds * 1000)
+        token = await redis.eval(_ACQUIRE, 2, owner_key(uid), fence_key(uid), operator_id, ttl_ms)
+        if not token:
+            return None
+        return cls(redis, uid, _text(token), ttl_ms)
+
+    async def renew(self) -> bool:
+        ok = await self.redis.eval(_RENEW, 1, owner_key(self.uid), self.token, self.ttl_ms)
+        return bool(ok)
+
+    async def release(self) -> None:
+        await self.redis.eval(_RENEW, 1, owner_key(self.uid), self.token, 0)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class EventWriter:
+    """Appends a run's events through the fenced Lua script; one per run and owner."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        uid: str,
+        run: str,
+        lease: Lease,
+        maxlen: int,
+    ) -> None:
+        self._redis = redis
+        self._uid = uid
+        self._run = run
+        self._lease = lease
+        self._maxlen = maxlen
+        self._script = redis.register_script(_APPEND)
+        self._record = redis.register_script(_RECORD_CALL)
+        self.last_id: str | None = None
+        self.last_seq = 0
+
+    async def append(self, type: EventType, data: Mapping[str, Any]) -> str:
+        ts = now_rfc3339()
+        # The envelope is split around seq, which only the script knows.
+        head = (
+            f'{{"v":{EVENT_VERSION},"run":{json.dumps(self._run)},'
+            f'"uid":{json.dumps(self._uid)},"seq":'
+        )
+        tail = (
+            f',"type":{json.dumps(type)},"ts":{json.dumps(ts)},'
+            f'"data":{json.dumps(data, separators=(",", ":"), default=str)}}}'
+        )
+        try:
+            result = await self._script(
+                keys=[owner_key(self._uid), seq_key(self._uid), events_key(self._uid)],
+                args=[self._lease.token, self._maxlen, head, tail],
+            )
+        except aioredis.ResponseError as e:
+            if "FENCED" in str(e):
+                raise Fenced(f"run {self._run}: lease lost, another operator owns it") from e
+            raise
+        event_id, seq = cast(list[Any], result)
+        self.last_id = _text(event_id)
+        self.last_seq = int(seq)
+        return self.last_id
+
+    async def record_call(self, call_id: str, record: str) -> None:
+        """Store a tool call's intent or outcome, fenced like every event."""
+        try:
+            await self._record(
+                keys=[owner_key(self._uid), calls_key(self._uid)],
+                args=[self._lease.token, call_id, record],
+            )
+        except aioredis.ResponseError as e:
+            if "FENCED" in str(e):
+                raise Fenced(f"run {self._run}: lease lost, another operator owns it") from e
+            raise
+
+
+def decode(event_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> dict[str, Any]:
+    """One stream entry as the event dict, with its stream id under ``id``."""
+    raw = fields.get(b"data", fields.get("data"))
+    event: dict[str, Any] = json.loads(raw if raw is not None else "{}")
+    event["id"] = _text(event_id)
+    return event
+
+
+async def delete_run_keys(redis: aioredis.Redis, uid: str) -> int:
+    """Delete every key of one run (events, lease, calls, checkpoints). Returns the count."""
+    deleted = 0
+    batch: list[Any] = []
+    async for key in redis.scan_iter(match=run_keys_pattern(uid), count=500):
+        batch.append(key)
+        if len(batch) >= 500:
+            deleted += await redis.unlink(*batch)
+            batch = []
+    if batch:
+        deleted += await redis.unlink(*batch)
+    return deleted

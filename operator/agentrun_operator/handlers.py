@@ -1,0 +1,98 @@
+"""Every kopf registration of the operator: thin handlers that delegate to ``runs``.
+
+Importing this module registers the handlers, so both ``python -m agentrun_operator`` and
+``kopf run -m agentrun_operator.handlers`` work. Never holds run logic and never writes
+``spec``: kopf's own bookkeeping lives in ``status.kopf`` so GitOps tools see no drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from redis import asyncio as aioredis
+
+from agentrun_operator import checkpoint, config, events, kube, models, runs
+
+GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
+FINALIZER = "agentrun.dev/finalizer"
+
+
+@dataclass
+class State:
+    settings: config.Settings
+    kube: kube.Kube
+    redis: aioredis.Redis
+    registry: runs.Registry
+    control: asyncio.Task[None]
+
+
+def _state(memo: kopf.Memo) -> State:
+    state: State = memo["agentrun"]
+    return state
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    cfg: config.Settings = memo.get("settings") or config.load()
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
+    settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
+        field="status.kopf.last-handled-configuration"
+    )
+    # Handler outcomes are not news for `kubectl describe`; the registry posts the story.
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True  # ownership of a run is the Redis lease's job
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.networking.request_timeout = 60
+    k = await kube.Kube.from_env()
+    redis = events.connect(cfg.redis_url)
+    registry = runs.Registry(
+        settings=cfg, k8s=k, redis=redis, saver=checkpoint.RedisCheckpointSaver(redis)
+    )
+    control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
+    memo["agentrun"] = State(cfg, k, redis, registry, control)
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    state = _state(memo)
+    await state.registry.close()
+    state.control.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await state.control
+    await state.redis.aclose()
+    await state.kube.close()
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+async def run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _state(memo).registry.ensure(body)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.stop", new=True)
+async def stop(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    annotations = body.metadata.annotations
+    await _state(memo).registry.stop(body, by=annotations.get("agentrun.dev/stopped-by"))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL)
+async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    state = _state(memo)
+    # Bounded: Redis down for long must never wedge the deletion of an AgentRun.
+    try:
+        await asyncio.wait_for(
+            state.registry.forget(body), timeout=state.settings.redis_cleanup_seconds
+        )
+    except Exception as e:
+        logger.error(
+            f"gave up deleting the Redis keys of run uid {body.metadata.uid} "
+            f"({type(e).__name__}: {e}); delete them by hand: redis-cli --scan --pattern "
+            f"'agentrun:{{{body.metadata.uid}}}:*' | xargs redis-cli unlink"
+        )

@@ -1,0 +1,594 @@
+"""The one module that talks to the Kubernetes API (besides kopf's own watches).
+
+Owns: the connection (in-cluster config or a kubeconfig), the few calls the operator makes
+with its own identity (read an AgentRun, patch its ``/status``, post Events, delete it),
+discovery (kind names resolved the way kubectl does, cached), and clients that act as a
+run's service account through impersonation, for the tools and the model's API key.
+
+Never: writes an AgentRun's ``spec``; acts for a run with the operator's own rights (tools
+and Secret reads go through :class:`ServiceAccountKube`); puts a Secret's value in a log line
+or an error message; decides anything about runs (that is the callers' business).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import quote
+
+import aiohttp
+from kubernetes_asyncio import client, config
+
+from agentrun_operator import models
+
+logger = logging.getLogger(__name__)
+
+FIELD_MANAGER = "agentrun"
+COMPONENT = "agentrun-operator"
+PatchType = Literal["merge", "strategic", "json"]
+EventType = Literal["Normal", "Warning"]
+
+_CONTENT_TYPES: dict[str, str] = {
+    "merge": "application/merge-patch+json",
+    "strategic": "application/strategic-merge-patch+json",
+    "json": "application/json-patch+json",
+    "apply": "application/apply-patch+yaml",
+}
+_REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
+# Discovery is read again after this long, or sooner when a kind is not found (a CRD may
+# have been installed since), but never more often than the minimum.
+_DISCOVERY_TTL = 600.0
+_DISCOVERY_MIN_REFRESH = 10.0
+
+
+class KubeError(Exception):
+    """An error answer from the API server (``status`` 0: it could not be reached)."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{reason} ({status}): {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class UnknownKindError(KubeError):
+    """No resource type the server serves matches the kind (and apiVersion) asked for."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(404, "UnknownKind", message)
+
+
+@dataclass(frozen=True)
+class ResourceType:
+    """One resource type from discovery, e.g. apps/v1 deployments."""
+
+    group: str
+    version: str
+    kind: str
+    plural: str
+    singular: str
+    short_names: tuple[str, ...]
+    namespaced: bool
+    preferred: bool
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    def path(
+        self, *, namespace: str | None, name: str | None = None, subresource: str | None = None
+    ) -> str:
+        parts = ["/api/v1"] if not self.group else [f"/apis/{self.group}/{self.version}"]
+        if self.namespaced and namespace:
+            parts += ["namespaces", _segment(namespace, "namespace")]
+        parts.append(self.plural)
+        if name is not None:
+            parts.append(_segment(name, "name"))
+        if subresource:
+            parts.append(subresource)
+        return "/".join(parts)
+
+
+def _segment(value: str, what: str) -> str:
+    # A name becomes one URL path segment; "..", "/" or "%" would let it address another.
+    if not value or value in (".", "..") or "/" in value or "%" in value:
+        raise KubeError(400, "BadRequest", f"invalid {what} {value!r}")
+    return quote(value, safe="")
+
+
+AGENTRUNS = ResourceType(
+    group=models.GROUP,
+    version=models.VERSION,
+    kind="AgentRun",
+    plural="agentruns",
+    singular="agentrun",
+    short_names=("ar",),
+    namespaced=True,
+    preferred=True,
+)
+EVENTS = ResourceType(
+    group="",
+    version="v1",
+    kind="Event",
+    plural="events",
+    singular="event",
+    short_names=("ev",),
+    namespaced=True,
+    preferred=True,
+)
+PODS = ResourceType(
+    group="",
+    version="v1",
+    kind="Pod",
+    plural="pods",
+    singular="pod",
+    short_names=("po",),
+    namespaced=True,
+    preferred=True,
+)
+SECRETS = ResourceType(
+    group="",
+    version="v1",
+    kind="Secret",
+    plural="secrets",
+    singular="secret",
+    short_names=(),
+    namespaced=True,
+    preferred=True,
+)
+
+
+class Kube:
+    """The API server, as the operator. Built once at start; ``close()`` at the end."""
+
+    def __init__(self, api: client.ApiClient) -> None:
+        self._api = api
+        self._api.user_agent = COMPONENT
+        self._discovery = _Discovery(self)
+        self._accounts: dict[tuple[str, str], ServiceAccountKube] = {}
+
+    @classmethod
+    async def from_env(cls) -> Kube:
+        """In-cluster config when running in a pod, else ``$KUBECONFIG`` or ~/.kube/config."""
+        configuration = client.Configuration()
+        try:
+            config.load_incluster_config(client_configuration=configuration)
+        except config.ConfigException:
+            # Read here, not at import: the library reads $KUBECONFIG once when imported.
+            path = os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+            return await cls.from_kubeconfig(path)
+        return cls(client.ApiClient(configuration))
+
+    @classmethod
+    async def from_kubeconfig(
+        cls, path: str | os.PathLike[str], *, context: str | None = None
+    ) -> Kube:
+        configuration = client.Configuration()
+        await config.load_kube_config(
+            config_file=os.fspath(path),
+            context=context,
+            client_configuration=configuration,
+            persist_config=False,
+        )
+        return cls(client.ApiClient(configuration))
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    # -- the operator's own calls ----------------------------------------------------------
+    async def get_agentrun(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self.request(
+                "GET", AGENTRUNS.path(namespace=namespace, name=name)
+            )
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+        return found
+
+    async def patch_agentrun_status(
+        self, *, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """JSON merge patch of ``status`` through the status subresource."""
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            AGENTRUNS.path(namespace=namespace, name=name, subresource="status"),
+            body={"status": status},
+            content_type=_CONTENT_TYPES["merge"],
+        )
+        return result
+
+    async def delete_agentrun(self, *, namespace: str, name: str) -> None:
+        try:
+            await self.request("DELETE", AGENTRUNS.path(namespace=namespace, name=name))
+        except KubeError as e:
+            if e.status != 404:
+                raise
+
+    async def post_event(
+        self, *, involved: dict[str, Any], type: EventType, reason: str, message: str
+    ) -> None:
+        """A core/v1 Event about ``involved`` (an object body); logs instead of raising."""
+        meta = involved.get("metadata", {})
+        namespace = meta.get("namespace") or "default"
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{meta.get('name', 'agentrun')}.",
+                "namespace": namespace,
+            },
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", models.API_VERSION),
+                "kind": involved.get("kind", "AgentRun"),
+                "name": meta.get("name"),
+                "namespace": namespace,
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "type": type,
+            "reason": reason[:128],
+            # kubectl and kopf cut messages at 1 KiB: Events are for people, not payloads.
+            "message": message if len(message) <= 1024 else message[:1021] + "...",
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        try:
+            await self.request("POST", EVENTS.path(namespace=namespace), body=body)
+        except Exception as e:  # an Event is a courtesy: it must never fail a run
+            logger.warning(
+                "could not post event %s on %s/%s: %s", reason, namespace, meta.get("name"), e
+            )
+
+    def as_service_account(self, *, namespace: str, name: str | None) -> ServiceAccountKube:
+        """A client acting as ``system:serviceaccount:<namespace>:<name or default>``."""
+        key = (namespace, name or "default")
+        account = self._accounts.get(key)
+        if account is None:
+            account = self._accounts[key] = ServiceAccountKube(self, namespace=key[0], name=key[1])
+        return account
+
+    async def resolve(self, *, kind: str, api_version: str | None = None) -> ResourceType:
+        """The resource type for a kind, plural, singular or short name (kubectl's rules)."""
+        return await self._discovery.resolve(kind=kind, api_version=api_version)
+
+    # -- HTTP ------------------------------------------------------------------------------
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str | int | bool | None] | None = None,
+        body: Any = None,
+        content_type: str = "application/json",
+        impersonate: str | None = None,
+        text: bool = False,
+    ) -> Any:
+        """One API call; the JSON answer (or text, for logs). Raises :class:`KubeError`."""
+        headers = {"Content-Type": content_type, "Accept": "application/json, */*"}
+        if impersonate:
+            # Only the user: for a service account name the API server adds exactly its
+            # groups (system:serviceaccounts, system:serviceaccounts:<ns>,
+            # system:authenticated) itself. Sending Impersonate-Group would also need the
+            # `impersonate` verb on groups, which would let the operator claim any group.
+            headers["Impersonate-User"] = impersonate
+        params = [
+            (k, ("true" if v else "false") if isinstance(v, bool) else str(v))
+            for k, v in (query or {}).items()
+            if v is not None
+        ]
+        try:
+            resp = await self._api.call_api(
+                path,
+                method,
+                query_params=params,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=_REQUEST_TIMEOUT,
+            )
+            try:
+                raw = await resp.read()
+            finally:
+                resp.release()
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise KubeError(0, "Unreachable", f"{method} {path}: {type(e).__name__}: {e}") from e
+        if not 200 <= resp.status < 300:
+            raise _error(resp.status, resp.reason, raw)
+        if text:
+            return raw.decode("utf-8", errors="replace")
+        if not raw:
+            return {}
+        return json.loads(raw)
+
+
+def _error(status: int, reason: str | None, raw: bytes) -> KubeError:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("kind") == "Status":
+        return KubeError(
+            int(doc.get("code") or status),
+            str(doc.get("reason") or reason or "Error"),
+            str(doc.get("message") or ""),
+        )
+    return KubeError(status, reason or "Error", raw.decode("utf-8", errors="replace")[:1000])
+
+
+class ServiceAccountKube:
+    """The API server as one service account (impersonated): a run has exactly its rights."""
+
+    def __init__(self, kube: Kube, *, namespace: str, name: str) -> None:
+        self._kube = kube
+        self.namespace = namespace
+        self.name = name
+        self.username = f"system:serviceaccount:{namespace}:{name}"
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        return await self._kube.request(method, path, impersonate=self.username, **kwargs)
+
+    async def resolve(self, *, kind: str, api_version: str | None = None) -> ResourceType:
+        return await self._kube.resolve(kind=kind, api_version=api_version)
+
+    async def read_secret_key(self, *, name: str, key: str) -> str:
+        """The value of one key of a Secret in this account's namespace."""
+        where = f"Secret {self.namespace}/{name}"
+        try:
+            secret = await self._call("GET", SECRETS.path(namespace=self.namespace, name=name))
+        except KubeError as e:
+            raise KubeError(
+                e.status, e.reason, f"cannot read {where} as {self.username}: {e.message}"
+            ) from None
+        data = secret.get("data") or {}
+        if key not in data:
+            raise KubeError(404, "KeyNotFound", f"{where} has no key {key!r}")
+        try:
+            value = base64.b64decode(data[key], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            raise KubeError(422, "Invalid", f"key {key!r} of {where} is not UTF-8 text") from None
+        # `echo "$KEY" | kubectl create secret ...` leaves a newline no endpoint wants.
+        return value.strip()
+
+    async def get_object(
+        self, *, kind: str, name: str, namespace: str, api_version: str | None = None
+    ) -> dict[str, Any]:
+        rt = await self.resolve(kind=kind, api_version=api_version)
+        result: dict[str, Any] = await self._call("GET", rt.path(namespace=namespace, name=name))
+        return result
+
+    async def list_objects(
+        self,
+        *,
+        kind: str,
+        namespace: str | None,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        api_version: str | None = None,
+        limit: int | None = None,
+    ) -> dict[str, Any]:
+        """A List; ``namespace`` None lists a namespaced kind across all namespaces."""
+        rt = await self.resolve(kind=kind, api_version=api_version)
+        query: dict[str, Any] = {
+            "labelSelector": label_selector,
+            "fieldSelector": field_selector,
+            "limit": limit,
+        }
+        result: dict[str, Any] = await self._call("GET", rt.path(namespace=namespace), query=query)
+        return result
+
+    async def patch_object(
+        self,
+        *,
+        kind: str,
+        name: str,
+        namespace: str,
+        patch: dict[str, Any] | list[Any],
+        patch_type: PatchType = "merge",
+        api_version: str | None = None,
+        subresource: str | None = None,
+    ) -> dict[str, Any]:
+        rt = await self.resolve(kind=kind, api_version=api_version)
+        result: dict[str, Any] = await self._call(
+            "PATCH",
+            rt.path(namespace=namespace, name=name, subresource=subresource),
+            body=patch,
+            content_type=_CONTENT_TYPES[patch_type],
+        )
+        return result
+
+    async def delete_object(
+        self,
+        *,
+        kind: str,
+        name: str,
+        namespace: str,
+        api_version: str | None = None,
+        uid: str | None = None,
+    ) -> dict[str, Any]:
+        """Delete; with ``uid``, only that incarnation of the name (a precondition)."""
+        rt = await self.resolve(kind=kind, api_version=api_version)
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        result: dict[str, Any] = await self._call(
+            "DELETE", rt.path(namespace=namespace, name=name), body=body
+        )
+        return result
+
+    async def apply_object(
+        self, *, manifest: dict[str, Any], namespace: str, force: bool = False
+    ) -> dict[str, Any]:
+        """Server-side apply with field manager ``agentrun``; ``namespace`` fills a gap."""
+        meta = manifest.get("metadata") or {}
+        rt = await self.resolve(
+            kind=str(manifest.get("kind", "")), api_version=manifest.get("apiVersion")
+        )
+        body = {**manifest, "apiVersion": rt.api_version, "kind": rt.kind}
+        ns = meta.get("namespace") or namespace
+        if rt.namespaced:
+            body["metadata"] = {**meta, "namespace": ns}
+        result: dict[str, Any] = await self._call(
+            "PATCH",
+            rt.path(namespace=ns, name=str(meta.get("name", ""))),
+            body=body,
+            content_type=_CONTENT_TYPES["apply"],
+            query={"fieldManager": FIELD_MANAGER, "force": force},
+        )
+        return result
+
+    async def pod_logs(
+        self,
+        *,
+        name: str,
+        namespace: str,
+        container: str | None = None,
+        tail_lines: int | None = None,
+        previous: bool = False,
+        limit_bytes: int | None = None,
+    ) -> str:
+        query: dict[str, Any] = {
+            "container": container,
+            "tailLines": tail_lines,
+            "previous": previous,
+            "limitBytes": limit_bytes,
+        }
+        path = PODS.path(namespace=namespace, name=name, subresource="log")
+        result: str = await self._call("GET", path, query=query, text=True)
+        return result
+
+    async def list_events(
+        self,
+        *,
+        namespace: str,
+        kind: str | None = None,
+        name: str | None = None,
+        uid: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """core/v1 Events in a namespace, filtered on the involved object, oldest first."""
+        selectors = [
+            f"involvedObject.{field}={value}"
+            for field, value in (("kind", kind), ("name", name), ("uid", uid))
+            if value
+        ]
+        result = await self._call(
+            "GET",
+            EVENTS.path(namespace=namespace),
+            query={"fieldSelector": ",".join(selectors) or None},
+        )
+        items: list[dict[str, Any]] = result.get("items") or []
+        return sorted(items, key=_event_time)
+
+
+def _event_time(event: dict[str, Any]) -> str:
+    return str(
+        event.get("lastTimestamp")
+        or event.get("eventTime")
+        or event.get("firstTimestamp")
+        or event.get("metadata", {}).get("creationTimestamp")
+        or ""
+    )
+
+
+class _Discovery:
+    """Which resource types the server serves, read once and cached (as the operator:
+    discovery is open to every authenticated identity, so sharing it leaks nothing)."""
+
+    def __init__(self, kube: Kube) -> None:
+        self._kube = kube
+        self._types: list[ResourceType] = []
+        self._loaded_at = -_DISCOVERY_TTL
+        self._lock = asyncio.Lock()
+
+    async def resolve(self, *, kind: str, api_version: str | None) -> ResourceType:
+        age = time.monotonic() - self._loaded_at
+        if age > _DISCOVERY_TTL:
+            await self._load()
+        found = self._match(kind, api_version)
+        if found is None and time.monotonic() - self._loaded_at > _DISCOVERY_MIN_REFRESH:
+            await self._load()
+            found = self._match(kind, api_version)
+        if found is None:
+            where = f" in {api_version}" if api_version else ""
+            raise UnknownKindError(f"the server has no resource type {kind!r}{where}")
+        return found
+
+    def _match(self, kind: str, api_version: str | None) -> ResourceType | None:
+        want = kind.strip().lower()
+        group: str | None = None
+        if not api_version and "." in want:
+            # kubectl's "deployments.apps" / "agentruns.agentrun.dev" form.
+            want, group = want.split(".", 1)
+        candidates = [
+            rt
+            for rt in self._types
+            if (api_version is None or rt.api_version == api_version.strip())
+            and (group is None or rt.group == group)
+        ]
+        if not api_version:
+            # Each group's preferred version first, as kubectl does.
+            candidates.sort(key=lambda rt: not rt.preferred)
+        # Resource names first (plural, singular, short names), then Kinds: 1.20 serves
+        # an empty singularName for built-in types, so "deployment" matches by Kind.
+        for rt in candidates:
+            if want in (rt.plural, rt.singular) or want in rt.short_names:
+                return rt
+        for rt in candidates:
+            if want == rt.kind.lower():
+                return rt
+        return None
+
+    async def _load(self) -> None:
+        async with self._lock:
+            if time.monotonic() - self._loaded_at < 1.0:
+                return  # another task just loaded it
+            versions: list[tuple[str, str, bool]] = [("", "v1", True)]
+            groups = await self._kube.request("GET", "/apis")
+            for g in groups.get("groups") or []:
+                preferred = (g.get("preferredVersion") or {}).get("version")
+                versions += [
+                    (g["name"], v["version"], v["version"] == preferred)
+                    for v in g.get("versions") or []
+                ]
+            lists = await asyncio.gather(*(self._resources(*v) for v in versions))
+            self._types = [rt for one in lists for rt in one]
+            self._loaded_at = time.monotonic()
+
+    async def _resources(self, group: str, version: str, preferred: bool) -> list[ResourceType]:
+        path = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        try:
+            doc = await self._kube.request("GET", path)
+        except KubeError as e:
+            # An aggregated API whose backend is down (503) must not hide every other kind.
+            logger.info("discovery of %s skipped: %s", path, e)
+            return []
+        return [
+            ResourceType(
+                group=group,
+                version=version,
+                kind=r["kind"],
+                plural=r["name"],
+                singular=r.get("singularName") or r["kind"].lower(),
+                short_names=tuple(r.get("shortNames") or ()),
+                namespaced=bool(r.get("namespaced")),
+                preferred=preferred,
+            )
+            for r in doc.get("resources") or []
+            if "/" not in r["name"]
+        ]

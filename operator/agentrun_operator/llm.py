@@ -1,0 +1,123 @@
+"""The OpenAI-compatible chat model: building it, streaming one call, and accounting for it.
+
+Owns: ChatOpenAI construction (any OpenAI-compatible endpoint: OpenAI, vLLM, Ollama,
+LiteLLM), one streamed call with its token callback, usage (input, output and cached
+tokens as the endpoint reports them; nothing is counted locally, so no tokenizer data is
+ever downloaded), TTFT/TTR, and cost from the price table.
+Never: talks to Kubernetes or Redis, or logs the API key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_openai import ChatOpenAI
+from pydantic import SecretStr
+
+from agentrun_operator import config
+
+TokenSink = Callable[[str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A run's resolved model: spec.model merged with the operator's defaults."""
+
+    name: str
+    base_url: str
+    api_key: str = field(repr=False)
+    temperature: float | None = None
+
+
+def build(model: ModelConfig, *, timeout: float, max_retries: int) -> BaseChatModel:
+    kwargs: dict[str, Any] = {}
+    if model.temperature is not None:
+        kwargs["temperature"] = model.temperature
+    return ChatOpenAI(
+        model=model.name,
+        base_url=model.base_url,
+        # OpenAI-compatible servers without auth still need some key in the header.
+        api_key=SecretStr(model.api_key or "unused"),
+        streaming=True,
+        # Ask for usage in the stream (stream_options.include_usage).
+        stream_usage=True,
+        timeout=timeout,
+        max_retries=max_retries,
+        **kwargs,
+    )
+
+
+@dataclass
+class CallMetrics:
+    """One LLM call's figures, as the `metrics` event carries them."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_ms: int | None = None
+    ttr_ms: int = 0
+
+
+def cost(usage: CallMetrics, *, model: str, prices: dict[str, config.Price]) -> float:
+    price = prices.get(model)
+    if price is None:
+        # Dated variants ("gpt-4o-2024-08-06") share the base model's price.
+        base = max((p for p in prices if model.startswith(p)), key=len, default=None)
+        price = prices[base] if base else None
+    if price is None:
+        return 0.0
+    cached = min(usage.cached_tokens, usage.input_tokens)
+    cached_price = price.cached if price.cached is not None else price.input
+    dollars = (
+        (usage.input_tokens - cached) * price.input
+        + cached * cached_price
+        + usage.output_tokens * price.output
+    ) / 1_000_000
+    return round(dollars, 8)
+
+
+async def stream_call(
+    chat: BaseChatModel,
+    messages: Sequence[BaseMessage],
+    *,
+    on_token: TokenSink,
+    model_name: str,
+    prices: dict[str, config.Price],
+) -> tuple[AIMessage, CallMetrics]:
+    """Stream one call, passing text to ``on_token``; return the whole message and figures."""
+    started = time.monotonic()
+    metrics = CallMetrics()
+    acc: AIMessageChunk | None = None
+    async for chunk in chat.astream(list(messages)):
+        if not isinstance(chunk, AIMessageChunk):
+            continue
+        text = chunk.content if isinstance(chunk.content, str) else ""
+        if metrics.ttft_ms is None and (text or chunk.tool_call_chunks):
+            metrics.ttft_ms = int((time.monotonic() - started) * 1000)
+        if text:
+            await on_token(text)
+        acc = chunk if acc is None else acc + chunk
+    metrics.ttr_ms = int((time.monotonic() - started) * 1000)
+    if acc is None:
+        acc = AIMessageChunk(content="")
+    usage: Mapping[str, Any] = acc.usage_metadata or {}
+    metrics.input_tokens = int(usage.get("input_tokens", 0))
+    metrics.output_tokens = int(usage.get("output_tokens", 0))
+    details: Mapping[str, Any] = usage.get("input_token_details") or {}
+    metrics.cached_tokens = int(details.get("cache_read", 0) or 0)
+    metrics.cost_usd = cost(metrics, model=model_name, prices=prices)
+    message = AIMessage(
+        content=acc.content,
+        tool_calls=acc.tool_calls,
+        invalid_tool_calls=acc.invalid_tool_calls,
+        usage_metadata=acc.usage_metadata,
+        id=acc.id,
+        response_metadata=acc.response_metadata,
+    )
+    return message, metrics

@@ -1,0 +1,997 @@
+"""The registry of running runs: start, resume, stop and finish AgentRuns as asyncio tasks.
+
+Owns one task per run uid (not kopf daemons: a daemon that ends is not restarted, and kopf
+applies a daemon's patches only when it exits), the concurrency limit with its queue
+(oldest first), each run's Redis lease, its event writer, its status writes (phase changes
+at once, progress at most every AGENTRUN_STATUS_INTERVAL_SECONDS, never per token), and
+exactly-once tool calls. Never writes ``spec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import logging
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+from langchain_core.messages import AIMessage, BaseMessage
+from langchain_core.runnables import RunnableConfig
+from langgraph.types import Command
+from redis import asyncio as aioredis
+
+from agentrun_operator import config, events, kube, llm, models, status, tools, workflow
+
+log = logging.getLogger("agentrun.runs")
+
+
+def _parse_duration(text: str) -> float:
+    """Go-style duration ("1h30m", "90s", "250ms") in seconds; the CRD pattern checked it."""
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text[i : i + 2] == "ms" else ch
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total
+
+
+parse_duration = _parse_duration
+
+
+@dataclass
+class RunRef:
+    namespace: str
+    name: str
+    uid: str
+    generation: int | None
+    created: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @classmethod
+    def of(cls, body: Mapping[str, Any]) -> RunRef:
+        meta = body["metadata"]
+        return cls(
+            namespace=meta["namespace"],
+            name=meta["name"],
+            uid=meta["uid"],
+            generation=meta.get("generation"),
+            created=meta.get("creationTimestamp", ""),
+        )
+
+    def involved(self) -> dict[str, Any]:
+        return {
+            "apiVersion": models.API_VERSION,
+            "kind": "AgentRun",
+            "metadata": {"name": self.name, "namespace": self.namespace, "uid": self.uid},
+        }
+
+
+class RunFailed(Exception):
+    """The run cannot go on; ``code`` is the reason, ``message`` says what to fix."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_ms: int | None = None
+    llm_calls: int = 0
+    tool_calls: int = 0
+
+    def add(self, m: llm.CallMetrics) -> None:
+        self.input_tokens += m.input_tokens
+        self.output_tokens += m.output_tokens
+        self.cached_tokens += m.cached_tokens
+        self.cost_usd = round(self.cost_usd + m.cost_usd, 8)
+        self.llm_calls += 1
+        if self.ttft_ms is None:
+            self.ttft_ms = m.ttft_ms
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+    def as_status(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "inputTokens": self.input_tokens,
+            "outputTokens": self.output_tokens,
+            "totalTokens": self.total_tokens,
+            "cachedTokens": self.cached_tokens,
+            "costUSD": self.cost_usd,
+            "llmCalls": self.llm_calls,
+            "toolCalls": self.tool_calls,
+        }
+        if self.ttft_ms is not None:
+            body["ttftMs"] = self.ttft_ms
+        return body
+
+    @classmethod
+    def from_status(cls, body: Mapping[str, Any] | None) -> Usage:
+        body = body or {}
+        return cls(
+            input_tokens=int(body.get("inputTokens", 0)),
+            output_tokens=int(body.get("outputTokens", 0)),
+            cached_tokens=int(body.get("cachedTokens", 0)),
+            cost_usd=float(body.get("costUSD", 0.0)),
+            ttft_ms=body.get("ttftMs"),
+            llm_calls=int(body.get("llmCalls", 0)),
+            tool_calls=int(body.get("toolCalls", 0)),
+        )
+
+
+class StatusWriter:
+    """Phase changes go out at once; progress at most every ``interval`` seconds."""
+
+    def __init__(self, k: kube.Kube, ref: RunRef, *, current: dict[str, Any], interval: float):
+        self._kube = k
+        self._ref = ref
+        self.current = dict(current)
+        self._interval = interval
+        self._pending: dict[str, Any] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.writes = 0
+
+    async def _send(self, patch: dict[str, Any]) -> None:
+        for attempt in range(5):
+            try:
+                await self._kube.patch_agentrun_status(
+                    namespace=self._ref.namespace, name=self._ref.name, status=patch
+                )
+                self.writes += 1
+                self.current.update(patch)
+                return
+            except kube.KubeError as e:
+                if e.status == 404:
+                    return  # deleted meanwhile: nothing to report to
+                if attempt == 4:
+                    raise
+            except Exception:  # network trouble talking to the API server: retry a bit
+                if attempt == 4:
+                    raise
+            await asyncio.sleep(min(0.2 * 2**attempt, 3))
+
+    async def phase(
+        self, phase: str, *, reason: str, message: str, **fields: Any
+    ) -> dict[str, Any]:
+        patch = status.phase_patch(
+            current=self.current,
+            phase=phase,
+            reason=reason,
+            message=message,
+            generation=self._ref.generation,
+            now=events.now_rfc3339(),
+            **fields,
+        )
+        patch = {**self._pending, **patch}
+        self._pending = {}
+        await self._send(patch)
+        return patch
+
+    def progress(self, **fields: Any) -> None:
+        self._pending.update({k: v for k, v in fields.items() if v is not None})
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._interval)
+        if self._pending:
+            patch, self._pending = self._pending, {}
+            with contextlib.suppress(Exception):
+                await self._send(patch)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+
+
+class Emitter:
+    """A run's events in order: tokens coalesced into short batches, everything else at once."""
+
+    def __init__(self, writer: events.EventWriter, statusw: StatusWriter, *, flush_ms: int) -> None:
+        self._writer = writer
+        self._status = statusw
+        self._flush_s = flush_ms / 1000
+        self._lock = asyncio.Lock()
+        self._buf = ""
+        self._buf_node = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self.step = 0
+
+    async def emit(self, type: events.EventType, data: Mapping[str, Any]) -> str:
+        async with self._lock:
+            await self._flush_tokens_locked()
+            event_id = await self._writer.append(type, data)
+        if type != "token":
+            self._status.progress(lastEventId=event_id)
+        return event_id
+
+    async def token(self, text: str, node: str) -> None:
+        async with self._lock:
+            if self._buf and node != self._buf_node:
+                await self._flush_tokens_locked()
+            self._buf += text
+            self._buf_node = node
+            if len(self._buf) >= 256 or self._flush_s == 0:
+                await self._flush_tokens_locked()
+            elif self._timer is None:
+                loop = asyncio.get_running_loop()
+                self._timer = loop.call_later(self._flush_s, self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._timer = None
+        self._flusher = asyncio.create_task(self.flush())
+
+    async def flush(self) -> None:
+        async with self._lock:
+            await self._flush_tokens_locked()
+
+    async def _flush_tokens_locked(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buf:
+            text, self._buf = self._buf, ""
+            await self._writer.append("token", {"text": text, "node": self._buf_node})
+
+    async def workflow(self, state: str, *, node: str, step: int) -> None:
+        self.step = step
+        await self.emit("workflow", {"state": state, "node": node, "step": step})
+
+    async def fault(self, message: str, *, code: str, fatal: bool) -> None:
+        await self.emit("fault", {"message": message, "code": code, "fatal": fatal})
+
+
+class RunDeps:
+    """Implements workflow.Deps for one run: the LLM, events, limits and tools."""
+
+    def __init__(
+        self,
+        *,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        settings: config.Settings,
+        chat: Any,
+        model_name: str,
+        emitter: Emitter,
+        statusw: StatusWriter,
+        usage: Usage,
+        sa_kube: kube.ServiceAccountKube,
+        redis: aioredis.Redis,
+        writer: events.EventWriter,
+    ) -> None:
+        self.goal = spec.goal
+        self.namespace = ref.namespace
+        self.max_steps = spec.limits.max_steps
+        self.tools: Sequence[str] = list(spec.tools)
+        self.required: frozenset[str] = frozenset(spec.approval.required)
+        self._ref = ref
+        self._spec = spec
+        self._settings = settings
+        self._chat = chat
+        self._chat_tools = chat.bind_tools(tools.openai_tools(self.tools)) if self.tools else chat
+        self._model_name = model_name
+        self._emitter = emitter
+        self._status = statusw
+        self.usage = usage
+        self._kube = sa_kube
+        self._redis = redis
+        self._writer = writer
+        self._prices = settings.price_table()
+
+    def mint_call_id(self) -> str:
+        return "c-" + secrets.token_hex(6)
+
+    async def workflow_event(self, state: str, *, node: str, step: int) -> None:
+        await self._emitter.workflow(state, node=node, step=step)
+        self._status.progress(step=step)
+
+    async def llm(
+        self, messages: Sequence[BaseMessage], *, node: str, with_tools: bool
+    ) -> AIMessage:
+        chat = self._chat_tools if with_tools else self._chat
+
+        async def on_token(text: str) -> None:
+            await self._emitter.token(text, node)
+
+        try:
+            message, metrics = await llm.stream_call(
+                chat,
+                messages,
+                on_token=on_token,
+                model_name=self._model_name,
+                prices=self._prices,
+            )
+        except openai.APIStatusError as e:
+            raise RunFailed(
+                "ModelEndpointError",
+                f"model endpoint {self._base_url()} answered HTTP {e.status_code}: "
+                f"{_short(e.message)}",
+            ) from e
+        except openai.APIConnectionError as e:
+            raise RunFailed(
+                "ModelEndpointUnreachable",
+                f"model endpoint {self._base_url()} unreachable: {_short(str(e))}; check "
+                "spec.model.baseURL or the operator's AGENTRUN_MODEL_BASE_URL",
+            ) from e
+        await self._emitter.flush()
+        self.usage.add(metrics)
+        await self._emitter.emit(
+            "metrics",
+            {
+                "node": node,
+                "inputTokens": metrics.input_tokens,
+                "outputTokens": metrics.output_tokens,
+                "cachedTokens": metrics.cached_tokens,
+                "costUSD": metrics.cost_usd,
+                "ttftMs": metrics.ttft_ms,
+                "ttrMs": metrics.ttr_ms,
+                "total": self.usage.as_status(),
+            },
+        )
+        self._status.progress(usage=self.usage.as_status())
+        limits = self._spec.limits
+        if limits.max_tokens is not None and self.usage.total_tokens > limits.max_tokens:
+            raise workflow.LimitExceeded(
+                "MaxTokensExceeded",
+                f"token limit reached: {self.usage.total_tokens} tokens used, "
+                f"spec.limits.maxTokens is {limits.max_tokens}",
+            )
+        if limits.max_cost_usd is not None and self.usage.cost_usd > limits.max_cost_usd:
+            raise workflow.LimitExceeded(
+                "MaxCostExceeded",
+                f"cost limit reached: ${self.usage.cost_usd:.4f} spent, "
+                f"spec.limits.maxCostUSD is {limits.max_cost_usd}",
+            )
+        return message
+
+    def _base_url(self) -> str:
+        return str(getattr(self._chat, "openai_api_base", "") or "")
+
+    async def tool_call(
+        self,
+        *,
+        name: str,
+        arguments: dict[str, Any],
+        call_id: str,
+        decision: workflow.Decision | None,
+    ) -> str:
+        key = events.calls_key(self._ref.uid)
+        raw = await self._redis.hget(key, call_id)
+        record: dict[str, Any] = json.loads(raw) if raw else {}
+        if record.get("state") == "done":
+            return str(record["content"])  # already executed and reported once
+        base = {"callId": call_id, "name": name, "arguments": arguments}
+        if name in self.required and (decision or {}).get("decision") != "approved":
+            d = decision or {
+                "decision": "denied",
+                "by": "agentrun",
+                "comment": "approval is required and none was given",
+            }
+            content = json.dumps(
+                {
+                    "error": f"the call was {d.get('decision', 'denied')} by "
+                    f"{d.get('by') or 'nobody'}",
+                    "comment": d.get("comment", ""),
+                    "hint": "do not retry this call; continue without it",
+                }
+            )
+            await self._emitter.emit(
+                "tool", {**base, "status": "denied", "result": json.loads(content), "durationMs": 0}
+            )
+            await self._record(call_id, {"state": "done", "content": content})
+            return content
+        started = time.monotonic()
+        outcome: tools.ToolOutcome | None = None
+        if record.get("state") == "started" and name in models.MUTATING_TOOLS:
+            # We crashed after starting this call: did it land? Ask the object, not memory.
+            landed = await tools.landed(
+                self._kube,
+                name=name,
+                arguments=arguments,
+                namespace=self.namespace,
+                call_id=call_id,
+            )
+            if landed is True:
+                outcome = tools.ToolOutcome(
+                    status="succeeded",
+                    result={"note": "this call took effect before an operator restart"},
+                    error=None,
+                )
+            elif landed is None:
+                outcome = tools.ToolOutcome(
+                    status="unknown",
+                    result=None,
+                    error="the operator restarted during this call and cannot tell whether "
+                    "it took effect; check the object before trying again",
+                )
+        else:
+            await self._record(call_id, {"state": "started"})
+            await self._emitter.emit("tool", {**base, "status": "started"})
+        if outcome is None:
+            outcome = await tools.run_tool(
+                self._kube,
+                name=name,
+                arguments=arguments,
+                namespace=self.namespace,
+                call_id=call_id,
+                max_bytes=self._settings.tool_result_max_bytes,
+            )
+        self.usage.tool_calls += 1
+        payload: dict[str, Any] = {
+            **base,
+            "status": outcome.status,
+            "result": outcome.result if outcome.error is None else {"error": outcome.error},
+            "durationMs": int((time.monotonic() - started) * 1000),
+        }
+        await self._emitter.emit("tool", payload)
+        self._status.progress(usage=self.usage.as_status())
+        content = json.dumps(payload["result"], default=str)
+        await self._record(call_id, {"state": "done", "content": content})
+        return content
+
+    async def _record(self, call_id: str, record: dict[str, Any]) -> None:
+        await self._writer.record_call(call_id, json.dumps(record))
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass
+class _Slot:
+    ref: RunRef
+    task: asyncio.Task[None]
+    stop_by: str | None = None
+    stopping: bool = False
+
+
+@dataclass
+class Registry:
+    """Every run this operator process executes, keyed by uid."""
+
+    settings: config.Settings
+    k8s: kube.Kube
+    redis: aioredis.Redis
+    saver: Any
+    running: dict[str, _Slot] = field(default_factory=dict)
+    queued: dict[str, RunRef] = field(default_factory=dict)
+    ttl_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _closing: bool = False
+
+    # -- entry points from handlers -----------------------------------------------------
+    async def ensure(self, body: Mapping[str, Any]) -> None:
+        """Make sure a run that should be running is (create, resume, operator restart)."""
+        ref = RunRef.of(body)
+        st = body.get("status") or {}
+        spec = body.get("spec") or {}
+        phase = st.get("phase")
+        if phase in models.FINISHED_PHASES:
+            self._schedule_ttl(ref, spec, st)
+            return
+        if spec.get("stop"):
+            await self.stop(body, by=_stopped_by(body))
+            return
+        if ref.uid in self.running or ref.uid in self.queued:
+            return
+        if phase == "AwaitingApproval":
+            return  # holds no task; a decision resumes it
+        if len(self.running) >= self.settings.max_concurrent_runs:
+            self.queued[ref.uid] = ref
+            await self._mark_queued(ref, st)
+            return
+        self._start(ref)
+
+    async def stop(self, body: Mapping[str, Any], *, by: str | None) -> None:
+        ref = RunRef.of(body)
+        slot = self.running.get(ref.uid)
+        if slot is not None:
+            slot.stop_by = by or slot.stop_by or ""
+            slot.stopping = True
+            slot.task.cancel()
+            return
+        self.queued.pop(ref.uid, None)
+        st = body.get("status") or {}
+        if st.get("phase") in models.FINISHED_PHASES:
+            return
+        # Not running here (queued, waiting for approval, or never started): finish it now.
+        await self._finish_without_task(ref, st, by=by)
+
+    async def stop_uid(self, uid: str, *, by: str | None) -> bool:
+        """Stop from the Redis control channel: only a run this process executes."""
+        slot = self.running.get(uid)
+        if slot is None:
+            return False
+        slot.stop_by = by or slot.stop_by or ""
+        slot.stopping = True
+        slot.task.cancel()
+        return True
+
+    async def forget(self, body: Mapping[str, Any]) -> None:
+        """The AgentRun is being deleted: cancel its task and delete its Redis keys."""
+        ref = RunRef.of(body)
+        self.queued.pop(ref.uid, None)
+        ttl = self.ttl_tasks.pop(ref.uid, None)
+        if ttl is not None:
+            ttl.cancel()
+        slot = self.running.get(ref.uid)
+        if slot is not None:
+            slot.stopping = True
+            slot.stop_by = slot.stop_by or "deletion"
+            slot.task.cancel()
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(slot.task), timeout=10)
+        await events.delete_run_keys(self.redis, ref.uid)
+
+    async def close(self) -> None:
+        """Operator shutdown: cancel tasks without finishing runs, so they resume later."""
+        self._closing = True
+        for task in self.ttl_tasks.values():
+            task.cancel()
+        slots = list(self.running.values())
+        for slot in slots:
+            slot.task.cancel()
+        if slots:
+            await asyncio.gather(*(s.task for s in slots), return_exceptions=True)
+
+    # -- control channel -----------------------------------------------------------------
+    async def listen_control(self) -> None:
+        backoff = 0.5
+        while not self._closing:
+            try:
+                pubsub = self.redis.pubsub()
+                await pubsub.psubscribe(events.CONTROL_PATTERN)
+                backoff = 0.5
+                async for msg in pubsub.listen():
+                    if msg.get("type") != "pmessage":
+                        continue
+                    channel = msg["channel"]
+                    uid = events.uid_from_control_channel(
+                        channel.decode() if isinstance(channel, bytes) else str(channel)
+                    )
+                    try:
+                        data = json.loads(msg["data"])
+                    except (ValueError, TypeError):
+                        log.warning("ignoring a malformed control message on %s", channel)
+                        continue
+                    if uid and isinstance(data, dict) and data.get("action") == "stop":
+                        await self.stop_uid(uid, by=str(data.get("by") or "") or None)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("control channel lost (%s); reconnecting in %.1fs", e, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10)
+
+    # -- internals ----------------------------------------------------------------------
+    def _start(self, ref: RunRef) -> None:
+        task = asyncio.create_task(self._run(ref), name=f"agentrun:{ref.key}")
+        self.running[ref.uid] = _Slot(ref=ref, task=task)
+        uid = ref.uid
+        task.add_done_callback(lambda _t: self._done(uid))
+
+    def _done(self, uid: str) -> None:
+        self.running.pop(uid, None)
+        if self._closing or not self.queued:
+            return
+        # Oldest first (creationTimestamp, then name for a stable order).
+        nxt = min(self.queued.values(), key=lambda r: (r.created, r.key))
+        self.queued.pop(nxt.uid)
+        self._start(nxt)
+
+    async def _mark_queued(self, ref: RunRef, st: dict[str, Any]) -> None:
+        msg = (
+            f"waiting for a free slot: {len(self.running)} runs are executing "
+            f"(AGENTRUN_MAX_CONCURRENT_RUNS={self.settings.max_concurrent_runs})"
+        )
+        w = StatusWriter(self.k8s, ref, current=st, interval=self.settings.status_interval_seconds)
+        with contextlib.suppress(Exception):
+            await w.phase(
+                "Pending",
+                reason="Queued",
+                message=msg,
+                streamPath=events.stream_path(ref.namespace, ref.name),
+            )
+
+    async def _acquire(self, ref: RunRef) -> events.Lease:
+        """Wait until this process owns the run (another operator may hold it)."""
+        delay = 0.2
+        while True:
+            lease = await events.Lease.acquire(
+                self.redis,
+                uid=ref.uid,
+                operator_id=self.settings.operator_id,
+                ttl_seconds=self.settings.lease_seconds,
+            )
+            if lease is not None:
+                return lease
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.settings.lease_seconds / 3)
+
+    async def _keep_lease(self, lease: events.Lease, main: asyncio.Task[Any]) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                ok = await lease.renew()
+            except Exception as e:
+                log.warning("lease renewal of %s failed: %s", lease.uid, e)
+                continue
+            if not ok:
+                log.error("lost the lease of run %s; stopping local execution", lease.uid)
+                main.cancel()
+                return
+
+    async def _run(self, ref: RunRef) -> None:
+        body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
+        if body is None or body["metadata"]["uid"] != ref.uid:
+            return
+        st: dict[str, Any] = dict(body.get("status") or {})
+        try:
+            lease = await self._acquire(ref)
+        except asyncio.CancelledError:
+            slot = self.running.get(ref.uid)
+            if slot is None or not slot.stopping:
+                raise
+            _uncancel()
+            await self._finish_without_task(ref, st, by=slot.stop_by)
+            return
+        me = asyncio.current_task()
+        assert me is not None
+        keeper = asyncio.create_task(self._keep_lease(lease, me))
+        statusw = StatusWriter(
+            self.k8s, ref, current=st, interval=self.settings.status_interval_seconds
+        )
+        writer = events.EventWriter(
+            self.redis,
+            uid=ref.uid,
+            run=ref.key,
+            lease=lease,
+            maxlen=self.settings.stream_maxlen,
+        )
+        emitter = Emitter(writer, statusw, flush_ms=self.settings.token_flush_ms)
+        fenced = False
+        try:
+            await self._execute(ref, body, st, emitter, statusw, writer)
+        except events.Fenced:
+            fenced = True
+            log.warning("run %s is owned by another operator now", ref.key)
+        except asyncio.CancelledError:
+            slot = self.running.get(ref.uid)
+            if slot is None or not slot.stopping:
+                raise  # operator shutdown: leave the run as it is, to resume later
+            _uncancel()
+            await emitter.flush()
+            await self._finish(
+                ref,
+                emitter,
+                statusw,
+                phase="Stopped",
+                reason="Stopped",
+                message=f"stopped by {slot.stop_by or 'a stop request'}",
+                stopped_by=slot.stop_by,
+            )
+        finally:
+            keeper.cancel()
+            await statusw.close()
+            if not fenced:
+                with contextlib.suppress(Exception):
+                    await lease.release()
+
+    async def _execute(
+        self,
+        ref: RunRef,
+        body: Mapping[str, Any],
+        st: dict[str, Any],
+        emitter: Emitter,
+        statusw: StatusWriter,
+        writer: events.EventWriter,
+    ) -> None:
+        spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
+        last_usage = await self._last_usage(ref)
+        usage = last_usage or Usage.from_status(st.get("usage"))
+        config_: RunnableConfig = {
+            "configurable": {"thread_id": ref.uid},
+            "recursion_limit": spec.limits.max_steps * 4 + 20,
+        }
+        has_history = bool(await self.redis.exists(events.events_key(ref.uid)))
+        try:
+            sa_kube = self.k8s.as_service_account(
+                namespace=ref.namespace, name=spec.service_account_name
+            )
+            model = await self._resolve_model(spec, sa_kube)
+            chat = llm.build(
+                model,
+                timeout=self.settings.llm_timeout_seconds,
+                max_retries=self.settings.llm_max_retries,
+            )
+            deps = RunDeps(
+                ref=ref,
+                spec=spec,
+                settings=self.settings,
+                chat=chat,
+                model_name=model.name,
+                emitter=emitter,
+                statusw=statusw,
+                usage=usage,
+                sa_kube=sa_kube,
+                redis=self.redis,
+                writer=writer,
+            )
+            graph = workflow.build(deps, checkpointer=self.saver)
+            snapshot = await graph.aget_state(config_)
+            resuming = bool(snapshot.values)
+            if has_history:
+                await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
+            else:
+                await emitter.workflow("pending", node="", step=0)
+            if st.get("phase") != "Running":
+                await statusw.phase(
+                    "Running",
+                    reason="Resumed" if resuming else "Started",
+                    message="the agent is working" if not resuming else "resumed from checkpoint",
+                    streamPath=events.stream_path(ref.namespace, ref.name),
+                )
+                await self.k8s.post_event(
+                    involved=ref.involved(),
+                    type="Normal",
+                    reason="Running",
+                    message="run resumed" if resuming else "run started",
+                )
+            elapsed = _elapsed_since(statusw.current.get("startedAt"))
+            remaining = _parse_duration(spec.limits.timeout) - elapsed
+            if remaining <= 0:
+                raise workflow.LimitExceeded(
+                    "TimeoutExceeded",
+                    f"time limit reached: spec.limits.timeout is {spec.limits.timeout}",
+                )
+            inp: Any = None if resuming else workflow.initial_state(deps)
+            try:
+                async with asyncio.timeout(remaining):
+                    while True:
+                        result = await graph.ainvoke(inp, config_)
+                        interrupts = (
+                            result.get("__interrupt__") if isinstance(result, dict) else None
+                        )
+                        if not interrupts:
+                            break
+                        inp = Command(resume=self._decide_without_approvals(interrupts))
+            except TimeoutError:
+                raise workflow.LimitExceeded(
+                    "TimeoutExceeded",
+                    f"time limit reached: spec.limits.timeout is {spec.limits.timeout}",
+                ) from None
+            answer = str(result.get("result") or "")
+            await self._finish(
+                ref,
+                emitter,
+                statusw,
+                phase="Succeeded",
+                reason="Succeeded",
+                message="the agent finished",
+                result=answer,
+                usage=usage,
+            )
+        except workflow.LimitExceeded as e:
+            await self._fail(ref, emitter, statusw, code=e.code, message=e.message, usage=usage)
+        except RunFailed as e:
+            await self._fail(ref, emitter, statusw, code=e.code, message=e.message, usage=usage)
+
+    def _decide_without_approvals(self, interrupts: Any) -> dict[str, workflow.Decision]:
+        # Fail closed until ToolApprovals exist: a call that needs approval never runs.
+        decided: dict[str, workflow.Decision] = {}
+        for intr in interrupts:
+            for item in (getattr(intr, "value", None) or {}).get("approvals", []):
+                decided[item["callId"]] = {
+                    "decision": "denied",
+                    "by": "agentrun",
+                    "comment": "this call needs a human approval, which this operator "
+                    "cannot request yet; it was not executed",
+                }
+        return decided
+
+    async def _resolve_model(
+        self, spec: models.AgentRunSpec, sa_kube: kube.ServiceAccountKube
+    ) -> llm.ModelConfig:
+        m = spec.model
+        base_url = (m.base_url or self.settings.model_base_url).rstrip("/")
+        allowed = [u.rstrip("/") for u in self.settings.allowed_base_urls]
+        if not any(base_url == a or base_url.startswith(a + "/") for a in allowed):
+            raise RunFailed(
+                "ModelEndpointNotAllowed",
+                f"spec.model.baseURL {base_url} is not in the operator's allow-list "
+                f"(AGENTRUN_MODEL_BASE_URL_ALLOW: {', '.join(allowed)}); use one of those "
+                "or ask the operator's admin to allow it",
+            )
+        api_key = self.settings.model_api_key
+        if m.api_key_secret_ref is not None:
+            ref = m.api_key_secret_ref
+            try:
+                api_key = await sa_kube.read_secret_key(name=ref.name, key=ref.key)
+            except kube.KubeError as e:
+                raise RunFailed(
+                    "ModelSecretUnreadable",
+                    f"spec.model.apiKeySecretRef: cannot read key {ref.key!r} of Secret "
+                    f"{ref.name!r} as service account "
+                    f"{spec.service_account_name or 'default'}: {e}",
+                ) from e
+        return llm.ModelConfig(
+            name=m.name or self.settings.model_name,
+            base_url=base_url,
+            api_key=api_key,
+            temperature=m.temperature,
+        )
+
+    async def _last_usage(self, ref: RunRef) -> Usage | None:
+        """Running totals from the last metrics event: exact even after a crash."""
+        entries: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=200)
+        for event_id, fields in entries:
+            event = events.decode(event_id, fields)
+            if event.get("type") == "metrics":
+                total = (event.get("data") or {}).get("total")
+                if isinstance(total, dict):
+                    return Usage.from_status(total)
+        return None
+
+    async def _fail(
+        self,
+        ref: RunRef,
+        emitter: Emitter,
+        statusw: StatusWriter,
+        *,
+        code: str,
+        message: str,
+        usage: Usage,
+    ) -> None:
+        await emitter.fault(message, code=code, fatal=True)
+        await self._finish(
+            ref, emitter, statusw, phase="Failed", reason=code, message=message, usage=usage
+        )
+
+    async def _finish(
+        self,
+        ref: RunRef,
+        emitter: Emitter,
+        statusw: StatusWriter,
+        *,
+        phase: str,
+        reason: str,
+        message: str,
+        result: str | None = None,
+        stopped_by: str | None = None,
+        usage: Usage | None = None,
+    ) -> None:
+        state = {"Succeeded": "succeeded", "Failed": "failed", "Stopped": "stopped"}[phase]
+        await emitter.workflow(state, node="", step=emitter.step)
+        await emitter.emit(
+            "end", {"phase": phase, "result": result or "", "stoppedBy": stopped_by or ""}
+        )
+        await statusw.phase(
+            phase,
+            reason=reason,
+            message=message,
+            result=status.cap_result(result) if result else None,
+            stoppedBy=stopped_by or None,
+            lastEventId=emitter._writer.last_id,
+            usage=usage.as_status() if usage else None,
+            pendingApprovals=[],
+            pendingApprovalCount=0,
+            streamPath=events.stream_path(ref.namespace, ref.name),
+        )
+        await self.k8s.post_event(
+            involved=ref.involved(),
+            type="Warning" if phase == "Failed" else "Normal",
+            reason=phase if phase != "Failed" else reason,
+            message=message,
+        )
+        body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
+        if body is not None:
+            self._schedule_ttl(ref, body.get("spec") or {}, statusw.current)
+
+    async def _finish_without_task(
+        self, ref: RunRef, st: dict[str, Any], *, by: str | None
+    ) -> None:
+        lease = await events.Lease.acquire(
+            self.redis,
+            uid=ref.uid,
+            operator_id=self.settings.operator_id,
+            ttl_seconds=self.settings.lease_seconds,
+        )
+        if lease is None:
+            # Another operator executes it; the control message or its own watch stops it.
+            await self.redis.publish(
+                events.control_key(ref.uid), json.dumps({"action": "stop", "by": by or ""})
+            )
+            return
+        statusw = StatusWriter(
+            self.k8s, ref, current=st, interval=self.settings.status_interval_seconds
+        )
+        writer = events.EventWriter(
+            self.redis, uid=ref.uid, run=ref.key, lease=lease, maxlen=self.settings.stream_maxlen
+        )
+        emitter = Emitter(writer, statusw, flush_ms=0)
+        emitter.step = int(st.get("step") or 0)
+        try:
+            await self._finish(
+                ref,
+                emitter,
+                statusw,
+                phase="Stopped",
+                reason="Stopped",
+                message=f"stopped by {by or 'a stop request'} before it ran",
+                stopped_by=by,
+            )
+        finally:
+            await statusw.close()
+            await lease.release()
+
+    def _schedule_ttl(self, ref: RunRef, spec: Mapping[str, Any], st: Mapping[str, Any]) -> None:
+        ttl = spec.get("ttlSecondsAfterFinished")
+        if ttl is None or ref.uid in self.ttl_tasks or self._closing:
+            return
+        finished = _parse_time(st.get("finishedAt")) or dt.datetime.now(dt.UTC)
+        delay = max(0.0, (finished - dt.datetime.now(dt.UTC)).total_seconds() + float(ttl))
+
+        async def expire() -> None:
+            await asyncio.sleep(delay)
+            log.info("deleting %s: ttlSecondsAfterFinished=%s elapsed", ref.key, ttl)
+            await self.k8s.delete_agentrun(namespace=ref.namespace, name=ref.name)
+
+        task = asyncio.create_task(expire(), name=f"agentrun-ttl:{ref.key}")
+        self.ttl_tasks[ref.uid] = task
+        uid = ref.uid
+        task.add_done_callback(lambda _t: self.ttl_tasks.pop(uid, None))
+
+
+def _uncancel() -> None:
+    # We handle this cancellation (a stop) and go on to finish the run cleanly.
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+
+
+def _stopped_by(body: Mapping[str, Any]) -> str | None:
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    return annotations.get("agentrun.dev/stopped-by")
+
+
+def _parse_time(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _elapsed_since(value: Any) -> float:
+    started = _parse_time(value)
+    if started is None:
+        return 0.0
+    return max(0.0, (dt.datetime.now(dt.UTC) - started).total_seconds())

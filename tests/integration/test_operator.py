@@ -1,0 +1,569 @@
+"""The operator end to end on real parts: kube-apiserver 1.20, redis-server, the operator as a
+real process, and the mock LLM over HTTP driven by the real langchain-openai client.
+
+Covers: the happy path with its event sequence; a tool call the service account may not
+make; each limit (steps, tokens, cost, time); stop during tokens, while waiting on the
+model, through the Redis control channel and before start; a tool that needs approval
+failing closed; kill -9 mid-run (the run finishes, the side effect happened once, the stream
+continues without gaps); delete mid-run; TTL; a model endpoint outside the allow-list and
+one that is down.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from agentrun_operator import events
+from agentrun_operator.testing.controlplane import ControlPlane, free_port
+from agentrun_operator.testing.mockllm import MockLLMThread
+from agentrun_operator.testing.redisserver import RedisServer
+
+from support import Kubectl, OperatorProcess, fresh_namespace, wait_for
+
+
+class Script:
+    """The mock LLM's rules, accumulated: each test adds rules keyed by a unique marker."""
+
+    def __init__(self, llm: MockLLMThread) -> None:
+        self.llm = llm
+        self.rules: list[dict[str, Any]] = []
+
+    def add(self, marker: str, replies: list[dict[str, Any]]) -> str:
+        self.rules.insert(0, {"match": marker, "replies": replies})
+        self.llm.set_script(self.rules)
+        return marker
+
+    def calls_for(self, marker: str) -> int:
+        count = 0
+        for call in self.llm.calls:
+            users = [m for m in call.get("messages", []) if m.get("role") == "user"]
+            if users and marker in str(users[0].get("content")):
+                count += 1
+        return count
+
+
+@pytest.fixture(scope="session")
+def script() -> Iterator[Script]:
+    llm = MockLLMThread(tokens_per_second=0)
+    llm.start()
+    try:
+        yield Script(llm)
+    finally:
+        llm.stop()
+
+
+@pytest.fixture
+def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace the test operator watches (it watches only "op-*")."""
+    yield from fresh_namespace(kubectl, request, "op-")
+
+
+@pytest.fixture(scope="session")
+def dead_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: ControlPlane,
+    redis_server: RedisServer,
+    script: Script,
+    dead_endpoint: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    proc = OperatorProcess(
+        plane=cluster,
+        redis_url=redis_server.url,
+        model_base_url=script.llm.base_url,
+        workdir=tmp_path_factory.mktemp("operator"),
+        env={
+            "AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}",
+            "AGENTRUN_LLM_MAX_RETRIES": "0",
+            # Only its own namespaces: other tests create AgentRuns it must not run.
+            "AGENTRUN_NAMESPACES": "op-*",
+        },
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis_sync.Redis]:
+    client = redis_sync.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def agent_sa(kubectl: Kubectl, namespace: str) -> str:
+    """A service account that may read pods and deployments and scale deployments."""
+    kubectl("create", "serviceaccount", "agent", "-n", namespace)
+    kubectl(
+        "create",
+        "role",
+        "agent",
+        "-n",
+        namespace,
+        "--verb=get,list,watch,patch",
+        "--resource=pods,deployments,deployments/scale,events",
+    )
+    kubectl(
+        "create",
+        "rolebinding",
+        "agent",
+        "-n",
+        namespace,
+        "--role=agent",
+        f"--serviceaccount={namespace}:agent",
+    )
+    return "agent"
+
+
+@pytest.fixture
+def dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -> Iterator[None]:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"--- operator log ---\n{operator.log_tail(120)}")
+
+
+pytestmark = pytest.mark.usefixtures("operator", "dump_on_failure")
+
+
+def create_run(kubectl: Kubectl, namespace: str, name: str, **spec: Any) -> str:
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    return str(get_run(kubectl, namespace, name)["metadata"]["uid"])
+
+
+def get_run(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    out = kubectl("get", "agentrun", name, "-n", namespace, "-o", "json")
+    return dict(json.loads(out.stdout))
+
+
+def wait_phase(
+    kubectl: Kubectl, namespace: str, name: str, *phases: str, timeout: float = 60
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        st = get_run(kubectl, namespace, name).get("status") or {}
+        return st if st.get("phase") in phases else None
+
+    result = wait_for(f"{namespace}/{name} to reach {'/'.join(phases)}", reached, timeout=timeout)
+    assert isinstance(result, dict)
+    return result
+
+
+def stream(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
+    return [events.decode(i, f) for i, f in r.xrange(events.events_key(uid))]
+
+
+def wait_event(
+    r: redis_sync.Redis, uid: str, what: str, pred: Any, timeout: float = 30
+) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in stream(r, uid) if pred(e)), None)
+
+    result = wait_for(what, found, timeout=timeout, interval=0.05)
+    assert isinstance(result, dict)
+    return result
+
+
+def assert_clean_stream(evs: list[dict[str, Any]]) -> None:
+    """No gap, no duplicate, ids strictly increasing, and `end` last."""
+    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1)), [e["seq"] for e in evs]
+    ids = [tuple(int(p) for p in e["id"].split("-")) for e in evs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert evs[-1]["type"] == "end"
+    assert sum(1 for e in evs if e["type"] == "end") == 1
+
+
+def marker(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+# -- happy path ---------------------------------------------------------------------------
+
+
+def test_a_run_goes_from_apply_to_succeeded_with_every_event_in_order(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    goal = marker("happy") + ": why are the pods of web not ready?"
+    uid = create_run(
+        kubectl,
+        namespace,
+        "happy",
+        goal=goal,
+        serviceAccountName=agent_sa,
+        tools=["k8s_list", "k8s_get"],
+    )
+    st = wait_phase(kubectl, namespace, "happy", "Succeeded", "Failed")
+    assert st["phase"] == "Succeeded", st
+    evs = stream(r, uid)
+    assert_clean_stream(evs)
+    states = [e["data"]["state"] for e in evs if e["type"] == "workflow"]
+    assert states == ["pending", "planning", "executing", "executing", "verifying", "succeeded"]
+    tool_events = [e["data"] for e in evs if e["type"] == "tool"]
+    assert [(t["name"], t["status"]) for t in tool_events] == [
+        ("k8s_list", "started"),
+        ("k8s_list", "succeeded"),
+    ]
+    assert tool_events[0]["callId"] == tool_events[1]["callId"]
+    assert tool_events[0]["callId"].startswith("c-") and len(tool_events[0]["callId"]) == 14
+    assert any(e["type"] == "token" and e["data"]["text"] for e in evs)
+    metrics = [e["data"] for e in evs if e["type"] == "metrics"]
+    assert len(metrics) == 4 and all(m["ttftMs"] is not None for m in metrics)
+    assert all(m["ttrMs"] >= m["ttftMs"] for m in metrics)
+    end = evs[-1]["data"]
+    assert end["phase"] == "Succeeded" and end["result"]
+    # Status mirrors the stream.
+    assert st["result"] == end["result"]
+    assert st["usage"]["llmCalls"] == 4 and st["usage"]["toolCalls"] == 1
+    assert st["usage"]["totalTokens"] == sum(m["inputTokens"] + m["outputTokens"] for m in metrics)
+    assert st["usage"]["costUSD"] > 0
+    assert st["lastEventId"] == evs[-1]["id"]
+    assert st["streamPath"] == f"/api/v1/runs/{namespace}/happy/events"
+    conditions = {c["type"]: c["status"] for c in st["conditions"]}
+    assert conditions["Finished"] == "True" and conditions["Running"] == "False"
+    described = kubectl("describe", "agentrun", "happy", "-n", namespace).stdout
+    assert "run started" in described and "Succeeded" in described
+
+
+def test_the_operator_never_writes_spec(kubectl: Kubectl, namespace: str) -> None:
+    create_run(kubectl, namespace, "gitops", goal=marker("gitops") + " look around")
+    wait_phase(kubectl, namespace, "gitops", "Succeeded", "Failed")
+    body = get_run(kubectl, namespace, "gitops")
+    managers = {
+        m["manager"]
+        for m in body["metadata"]["managedFields"]
+        if "f:spec" in json.dumps(m.get("fieldsV1", {}))
+    }
+    assert managers == {"kubectl-create"}, managers
+    assert "kopf.zalando.org/last-handled-configuration" not in (
+        body["metadata"].get("annotations") or {}
+    )
+
+
+def test_a_tool_call_the_service_account_may_not_make_is_an_error_the_agent_sees(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis
+) -> None:
+    uid = create_run(kubectl, namespace, "forbidden", goal=marker("forbidden") + " list pods")
+    st = wait_phase(kubectl, namespace, "forbidden", "Succeeded", "Failed")
+    assert st["phase"] == "Succeeded"
+    done = [
+        e["data"]
+        for e in stream(r, uid)
+        if e["type"] == "tool" and e["data"]["status"] != "started"
+    ]
+    assert done and done[0]["status"] == "failed"
+    assert "forbidden" in json.dumps(done[0]["result"]).lower()
+
+
+# -- limits -------------------------------------------------------------------------------
+
+
+def test_the_step_limit_fails_the_run_with_a_reason(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    m = script.add(
+        marker("steps"),
+        [{"text": "plan"}, {"tool_calls": [{"name": "k8s_list", "arguments": {"kind": "pods"}}]}],
+    )
+    uid = create_run(
+        kubectl,
+        namespace,
+        "steps",
+        goal=m,
+        serviceAccountName=agent_sa,
+        tools=["k8s_list"],
+        limits={"maxSteps": 2},
+    )
+    st = wait_phase(kubectl, namespace, "steps", "Failed", "Succeeded")
+    assert st["phase"] == "Failed"
+    finished = next(c for c in st["conditions"] if c["type"] == "Finished")
+    assert finished["reason"] == "MaxStepsExceeded" and "maxSteps is 2" in st["message"]
+    evs = stream(r, uid)
+    fault = next(e["data"] for e in evs if e["type"] == "fault")
+    assert fault == {"message": st["message"], "code": "MaxStepsExceeded", "fatal": True}
+    assert evs[-1]["data"]["phase"] == "Failed"
+    assert_clean_stream(evs)
+
+
+def test_the_token_limit_fails_the_run(kubectl: Kubectl, namespace: str) -> None:
+    create_run(
+        kubectl, namespace, "tokens", goal=marker("tokens") + " look", limits={"maxTokens": 5}
+    )
+    st = wait_phase(kubectl, namespace, "tokens", "Failed", "Succeeded")
+    assert st["phase"] == "Failed" and "spec.limits.maxTokens is 5" in st["message"]
+
+
+def test_the_cost_limit_fails_the_run(kubectl: Kubectl, namespace: str, script: Script) -> None:
+    m = script.add(
+        marker("cost"),
+        [{"text": "plan", "usage": {"prompt_tokens": 1_000_000, "completion_tokens": 10}}],
+    )
+    create_run(kubectl, namespace, "cost", goal=m, limits={"maxCostUSD": 0.01})
+    st = wait_phase(kubectl, namespace, "cost", "Failed", "Succeeded")
+    assert st["phase"] == "Failed" and "spec.limits.maxCostUSD is 0.01" in st["message"]
+    assert st["usage"]["costUSD"] > 0.01
+
+
+def test_the_time_limit_fails_a_run_stuck_on_the_model(
+    kubectl: Kubectl, namespace: str, script: Script
+) -> None:
+    m = script.add(marker("timeout"), [{"hang": True}])
+    create_run(kubectl, namespace, "slow", goal=m, limits={"timeout": "2s"})
+    st = wait_phase(kubectl, namespace, "slow", "Failed", "Succeeded", timeout=30)
+    assert st["phase"] == "Failed" and "spec.limits.timeout is 2s" in st["message"]
+
+
+# -- stop ---------------------------------------------------------------------------------
+
+LONG_TEXT = " ".join(f"word{i}" for i in range(400))
+
+
+def test_stop_by_kubectl_patch_during_tokens(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    m = script.add(marker("stop-tokens"), [{"text": LONG_TEXT, "tokens_per_second": 20}])
+    uid = create_run(kubectl, namespace, "stoppable", goal=m)
+    wait_event(r, uid, "a first token", lambda e: e["type"] == "token")
+    started = time.monotonic()
+    kubectl(
+        "patch",
+        "agentrun",
+        "stoppable",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"stop":true}}',
+    )
+    st = wait_phase(kubectl, namespace, "stoppable", "Stopped", "Succeeded", "Failed")
+    elapsed = time.monotonic() - started
+    assert st["phase"] == "Stopped", st
+    evs = stream(r, uid)
+    assert_clean_stream(evs)
+    assert evs[-2]["type"] == "workflow" and evs[-2]["data"]["state"] == "stopped"
+    assert evs[-1]["data"]["phase"] == "Stopped"
+    tokens = "".join(e["data"]["text"] for e in evs if e["type"] == "token")
+    assert len(tokens) < len(LONG_TEXT), "the stream went on after the stop"
+    calls = script.calls_for(m)
+    time.sleep(0.5)  # nothing may follow the stop; give a straggler the chance to show
+    assert script.calls_for(m) == calls == 1
+    print(f"stop by patch → Stopped in {elapsed:.2f}s")
+
+
+def test_stop_through_the_redis_control_channel_while_waiting_on_the_model(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    m = script.add(marker("stop-control"), [{"hang": True}])
+    uid = create_run(kubectl, namespace, "ctl", goal=m)
+    wait_event(
+        r,
+        uid,
+        "planning to start",
+        lambda e: e["type"] == "workflow" and e["data"]["state"] == "planning",
+    )
+    wait_for("the model call to begin", lambda: script.calls_for(m) >= 1)
+    r.publish(events.control_key(uid), json.dumps({"action": "stop", "by": "alice"}))
+    st = wait_phase(kubectl, namespace, "ctl", "Stopped", "Failed", timeout=15)
+    assert st["phase"] == "Stopped" and st["stoppedBy"] == "alice"
+    assert stream(r, uid)[-1]["data"] == {"phase": "Stopped", "result": "", "stoppedBy": "alice"}
+
+
+def test_a_run_created_stopped_never_calls_the_model(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    m = marker("stop-early")
+    uid = create_run(kubectl, namespace, "early", goal=m, stop=True)
+    st = wait_phase(kubectl, namespace, "early", "Stopped", "Succeeded", "Failed")
+    assert st["phase"] == "Stopped"
+    assert script.calls_for(m) == 0
+    assert stream(r, uid)[-1]["data"]["phase"] == "Stopped"
+
+
+# -- approvals (until the approvals issue: fail closed) ----------------------------------
+
+
+def test_a_tool_that_needs_approval_does_not_run(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    m = script.add(
+        marker("needs-approval"),
+        [
+            {"text": "plan"},
+            {
+                "tool_calls": [
+                    {
+                        "name": "k8s_scale",
+                        "arguments": {"kind": "Deployment", "name": "web", "replicas": 5},
+                    }
+                ]
+            },
+            {"text": "could not scale"},
+        ],
+    )
+    uid = create_run(
+        kubectl, namespace, "gated", goal=m, serviceAccountName=agent_sa, tools=["k8s_scale"]
+    )
+    wait_phase(kubectl, namespace, "gated", "Succeeded", "Failed")
+    tool = [e["data"] for e in stream(r, uid) if e["type"] == "tool"]
+    assert [t["status"] for t in tool] == ["denied"]
+    replicas = kubectl("get", "deploy", "web", "-n", namespace, "-o", "jsonpath={.spec.replicas}")
+    assert replicas.stdout == "1"
+
+
+# -- crash, delete, TTL -------------------------------------------------------------------
+
+
+def test_kill_9_mid_run_resumes_without_repeating_the_side_effect(
+    kubectl: Kubectl,
+    namespace: str,
+    agent_sa: str,
+    r: redis_sync.Redis,
+    script: Script,
+    operator: OperatorProcess,
+) -> None:
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    m = script.add(
+        marker("crash"),
+        [
+            {"text": "plan: scale web to 3"},
+            {
+                "tool_calls": [
+                    {
+                        "name": "k8s_scale",
+                        "arguments": {"kind": "Deployment", "name": "web", "replicas": 3},
+                    }
+                ]
+            },
+            {"text": LONG_TEXT, "tokens_per_second": 40},
+        ],
+    )
+    uid = create_run(
+        kubectl,
+        namespace,
+        "crashy",
+        goal=m,
+        serviceAccountName=agent_sa,
+        tools=["k8s_scale", "k8s_get"],
+        approval={"required": []},
+    )
+    scaled = wait_event(
+        r,
+        uid,
+        "the scale call to succeed",
+        lambda e: e["type"] == "tool" and e["data"]["status"] == "succeeded",
+    )
+    wait_event(
+        r,
+        uid,
+        "tokens after the tool call",
+        lambda e: e["type"] == "token" and e["id"] > scaled["id"],
+    )
+    operator.kill()
+    operator.start()
+    st = wait_phase(kubectl, namespace, "crashy", "Succeeded", "Failed", timeout=90)
+    assert st["phase"] == "Succeeded"
+    evs = stream(r, uid)
+    assert_clean_stream(evs)
+    assert any(e["type"] == "workflow" and e["data"]["state"] == "resumed" for e in evs)
+    outcomes = [e["data"] for e in evs if e["type"] == "tool" and e["data"]["status"] != "started"]
+    assert [o["status"] for o in outcomes] == ["succeeded"], "the scale was reported once"
+    deploy = json.loads(kubectl("get", "deploy", "web", "-n", namespace, "-o", "json").stdout)
+    assert deploy["spec"]["replicas"] == 3
+    assert deploy["metadata"]["generation"] == 2, "scaled exactly once"
+    stamp = deploy["metadata"]["annotations"]["agentrun.dev/last-call-id"]
+    assert stamp == scaled["data"]["callId"]
+
+
+def test_deleting_a_run_mid_stream_stops_it_and_removes_its_redis_keys(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    m = script.add(marker("delete"), [{"text": LONG_TEXT, "tokens_per_second": 20}])
+    uid = create_run(kubectl, namespace, "doomed", goal=m)
+    wait_event(r, uid, "a first token", lambda e: e["type"] == "token")
+    kubectl("delete", "agentrun", "doomed", "-n", namespace, "--timeout=30s")
+    wait_for(
+        "the run's Redis keys to go", lambda: r.keys(f"agentrun:{{{uid}}}:*") == [], timeout=15
+    )
+
+
+def test_ttl_deletes_a_finished_run_and_its_stream(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis
+) -> None:
+    uid = create_run(
+        kubectl, namespace, "shortlived", goal=marker("ttl") + " look", ttlSecondsAfterFinished=1
+    )
+    wait_for(
+        "the finished run to be deleted by its TTL",
+        lambda: (
+            kubectl("get", "agentrun", "shortlived", "-n", namespace, check=False).returncode != 0
+        ),
+        timeout=60,
+    )
+    wait_for("its Redis keys to go", lambda: r.keys(f"agentrun:{{{uid}}}:*") == [], timeout=15)
+
+
+# -- model endpoint -----------------------------------------------------------------------
+
+
+def test_a_model_endpoint_outside_the_allow_list_fails_with_a_clear_message(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    create_run(
+        kubectl,
+        namespace,
+        "exfil",
+        goal=marker("exfil"),
+        model={"baseURL": "http://198.51.100.7/v1"},
+    )
+    st = wait_phase(kubectl, namespace, "exfil", "Failed", "Succeeded")
+    assert st["phase"] == "Failed"
+    assert (
+        "spec.model.baseURL http://198.51.100.7/v1 is not in the operator's allow-list"
+        in (st["message"])
+    )
+
+
+def test_a_model_endpoint_that_is_down_fails_with_a_clear_message(
+    kubectl: Kubectl, namespace: str, dead_endpoint: str, r: redis_sync.Redis
+) -> None:
+    uid = create_run(
+        kubectl, namespace, "down", goal=marker("down"), model={"baseURL": dead_endpoint}
+    )
+    st = wait_phase(kubectl, namespace, "down", "Failed", "Succeeded", timeout=60)
+    assert st["phase"] == "Failed" and "unreachable" in st["message"], st["message"]
+    fault = next(e["data"] for e in stream(r, uid) if e["type"] == "fault")
+    assert fault["code"] == "ModelEndpointUnreachable"
+
+
+def test_an_unreadable_api_key_secret_fails_naming_the_field(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    create_run(
+        kubectl,
+        namespace,
+        "nokey",
+        goal=marker("nokey"),
+        model={"apiKeySecretRef": {"name": "llm", "key": "token"}},
+    )
+    st = wait_phase(kubectl, namespace, "nokey", "Failed", "Succeeded")
+    assert st["phase"] == "Failed" and "spec.model.apiKeySecretRef" in st["message"]
+    assert "Secret 'llm'" in st["message"]
