@@ -471,6 +471,8 @@ class _Slot:
     task: asyncio.Task[None]
     stop_by: str | None = None
     stopping: bool = False
+    finishing: bool = False
+    enforcer: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -513,9 +515,7 @@ class Registry:
         ref = RunRef.of(body)
         slot = self.running.get(ref.uid)
         if slot is not None:
-            slot.stop_by = by or slot.stop_by or ""
-            slot.stopping = True
-            slot.task.cancel()
+            self._cancel(slot, by=by)
             return
         self.queued.pop(ref.uid, None)
         st = body.get("status") or {}
@@ -529,10 +529,26 @@ class Registry:
         slot = self.running.get(uid)
         if slot is None:
             return False
+        self._cancel(slot, by=by)
+        return True
+
+    def _cancel(self, slot: _Slot, *, by: str | None) -> None:
         slot.stop_by = by or slot.stop_by or ""
         slot.stopping = True
         slot.task.cancel()
-        return True
+        if slot.enforcer is None:
+            slot.enforcer = asyncio.create_task(self._enforce_stop(slot))
+
+    async def _enforce_stop(self, slot: _Slot) -> None:
+        # Python 3.11's asyncio.wait_for (used inside client libraries) can swallow a
+        # cancellation that races with its inner future; a stop must never be lost, so
+        # cancel again until the run is finishing.
+        for _ in range(150):
+            await asyncio.sleep(0.2)
+            if slot.task.done() or slot.finishing:
+                return
+            log.warning("run %s did not stop yet; cancelling again", slot.ref.key)
+            slot.task.cancel()
 
     async def forget(self, body: Mapping[str, Any]) -> None:
         """The AgentRun is being deleted: cancel its task and delete its Redis keys."""
@@ -543,9 +559,7 @@ class Registry:
             ttl.cancel()
         slot = self.running.get(ref.uid)
         if slot is not None:
-            slot.stopping = True
-            slot.stop_by = slot.stop_by or "deletion"
-            slot.task.cancel()
+            self._cancel(slot, by=slot.stop_by or "deletion")
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(slot.task), timeout=10)
         await events.delete_run_keys(self.redis, ref.uid)
@@ -555,11 +569,13 @@ class Registry:
         self._closing = True
         for task in self.ttl_tasks.values():
             task.cancel()
-        slots = list(self.running.values())
-        for slot in slots:
-            slot.task.cancel()
-        if slots:
-            await asyncio.gather(*(s.task for s in slots), return_exceptions=True)
+        pending = {slot.task for slot in self.running.values()}
+        for _ in range(40):  # re-cancel: a cancellation can be swallowed (see _enforce_stop)
+            if not pending:
+                break
+            for task in pending:
+                task.cancel()
+            _done, pending = await asyncio.wait(pending, timeout=0.5)
 
     # -- control channel -----------------------------------------------------------------
     async def listen_control(self) -> None:
@@ -659,6 +675,7 @@ class Registry:
             slot = self.running.get(ref.uid)
             if slot is None or not slot.stopping:
                 raise
+            slot.finishing = True
             _uncancel()
             await self._finish_without_task(ref, st, by=slot.stop_by)
             return
@@ -686,6 +703,7 @@ class Registry:
             slot = self.running.get(ref.uid)
             if slot is None or not slot.stopping:
                 raise  # operator shutdown: leave the run as it is, to resume later
+            slot.finishing = True
             _uncancel()
             await emitter.flush()
             await self._finish(
@@ -972,7 +990,7 @@ class Registry:
 def _uncancel() -> None:
     # We handle this cancellation (a stop) and go on to finish the run cleanly.
     task = asyncio.current_task()
-    if task is not None:
+    while task is not None and task.cancelling():
         task.uncancel()
 
 

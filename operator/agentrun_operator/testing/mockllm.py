@@ -160,7 +160,11 @@ DEFAULT_SCRIPT: list[Rule] = parse_script(
             "replies": [
                 {"text": _PLAN},
                 {"text": "I have no tools here, so I can only reason about the goal."},
-                {"text": "Summary: nothing was inspected or changed; no tools were offered."},
+                # Also the verify turn of a run that used tools (verify offers none).
+                {
+                    "text": "Final answer: I listed the pods in this namespace and reported "
+                    "their state above. I changed nothing."
+                },
             ],
         },
     ]
