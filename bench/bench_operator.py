@@ -45,7 +45,9 @@ class Api:
         self.plane = plane
         self.ctx = ssl.create_default_context(cafile=str(plane.ca_file))
 
-    def call(self, method: str, path: str, body: Any = None, ctype: str = "application/json") -> Any:
+    def call(
+        self, method: str, path: str, body: Any = None, ctype: str = "application/json"
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
             self.plane.server + path,
@@ -57,14 +59,18 @@ class Api:
             return json.loads(r.read() or b"{}")
 
     def create_run(self, ns: str, name: str, **spec: Any) -> str:
-        doc = {"apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRun",
-               "metadata": {"name": name}, "spec": spec}
+        doc = {
+            "apiVersion": "agentrun.dev/v1alpha1",
+            "kind": "AgentRun",
+            "metadata": {"name": name},
+            "spec": spec,
+        }
         return str(self.call("POST", f"{BASE}/namespaces/{ns}/agentruns", doc)["metadata"]["uid"])
 
     def phase(self, ns: str, name: str) -> str | None:
-        return (self.call("GET", f"{BASE}/namespaces/{ns}/agentruns/{name}").get("status") or {}).get(
-            "phase"
-        )
+        return (
+            self.call("GET", f"{BASE}/namespaces/{ns}/agentruns/{name}").get("status") or {}
+        ).get("phase")
 
 
 def wait_first(r: redis_sync.Redis, uid: str, pred: Any, timeout: float = 60) -> float:
@@ -93,7 +99,7 @@ def wait_phase(api: Api, ns: str, name: str, phase: str, timeout: float = 60) ->
 
 def pct(values: list[float], p: float) -> float:
     values = sorted(values)
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def rss_kib(pid: int) -> int:
@@ -124,19 +130,38 @@ def main() -> None:
         redis_url=redis_server.url,
         model_base_url=llm.base_url,
         workdir=work / "op",
-        env={"AGENTRUN_MAX_CONCURRENT_RUNS": str(args.runs + 10),
-             "AGENTRUN_STATUS_INTERVAL_SECONDS": "2"},
+        env={
+            "AGENTRUN_MAX_CONCURRENT_RUNS": str(args.runs + 10),
+            "AGENTRUN_STATUS_INTERVAL_SECONDS": "2",
+        },
     )
     api = Api(plane)
     r = redis_sync.Redis.from_url(redis_server.url)
     try:
         import subprocess
 
-        subprocess.run([str(plane.kubectl), f"--kubeconfig={plane.kubeconfig()}", "apply", "-f",
-                        str(ROOT / "crds")], check=True, capture_output=True)
-        subprocess.run([str(plane.kubectl), f"--kubeconfig={plane.kubeconfig()}", "wait",
-                        "--for=condition=Established", "crd/agentruns.agentrun.dev"],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [
+                str(plane.kubectl),
+                f"--kubeconfig={plane.kubeconfig()}",
+                "apply",
+                "-f",
+                str(ROOT / "crds"),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                str(plane.kubectl),
+                f"--kubeconfig={plane.kubeconfig()}",
+                "wait",
+                "--for=condition=Established",
+                "crd/agentruns.agentrun.dev",
+            ],
+            check=True,
+            capture_output=True,
+        )
         operator.start()
         ns = "bench"
         api.call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
@@ -152,10 +177,16 @@ def main() -> None:
                 wait_first(r, uid, lambda e: e["type"] == "token")
                 t1 = time.monotonic()
                 if how == "patch":
-                    api.call("PATCH", f"{BASE}/namespaces/{ns}/agentruns/{name}",
-                             {"spec": {"stop": True}}, "application/merge-patch+json")
+                    api.call(
+                        "PATCH",
+                        f"{BASE}/namespaces/{ns}/agentruns/{name}",
+                        {"spec": {"stop": True}},
+                        "application/merge-patch+json",
+                    )
                 else:
-                    r.publish(events.control_key(uid), json.dumps({"action": "stop", "by": "bench"}))
+                    r.publish(
+                        events.control_key(uid), json.dumps({"action": "stop", "by": "bench"})
+                    )
                 t_end = wait_first(r, uid, lambda e: e["type"] == "end")
                 t_phase = wait_phase(api, ns, name, "Stopped")
                 (patch_end if how == "patch" else ctl_end).append(t_end - t1)
@@ -191,8 +222,12 @@ def main() -> None:
         while True:
             peak = max(peak, rss_kib(pid))
             items = api.call("GET", f"{BASE}/namespaces/{ns}/agentruns?labelSelector=")["items"]
-            done = [i for i in items if i["metadata"]["name"].startswith("load-")
-                    and (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+            done = [
+                i
+                for i in items
+                if i["metadata"]["name"].startswith("load-")
+                and (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+            ]
             if len(done) == len(names):
                 break
             if time.monotonic() - t0 > 900:
@@ -213,12 +248,18 @@ def main() -> None:
         print(f"stop patch → Stopped       {ms(patch_phase)}")
         print(f"redis control → end event  {ms(ctl_end)}")
         print(f"redis control → Stopped    {ms(ctl_phase)}")
-        print(f"{args.runs} concurrent runs       wall {wall:6.1f} s (creates took {created:.1f} s), "
-              f"{len(failed)} failed")
-        print(f"operator RSS               before {rss_before / 1024:.0f} MiB, "
-              f"peak {peak / 1024:.0f} MiB")
-        print(f"object writes per run      median {statistics.median(per_run):.0f}, "
-              f"max {max(per_run)} (status + kopf bookkeeping, from a watch)")
+        print(
+            f"{args.runs} concurrent runs       wall {wall:6.1f} s (creates took {created:.1f} s), "
+            f"{len(failed)} failed"
+        )
+        print(
+            f"operator RSS               before {rss_before / 1024:.0f} MiB, "
+            f"peak {peak / 1024:.0f} MiB"
+        )
+        print(
+            f"object writes per run      median {statistics.median(per_run):.0f}, "
+            f"max {max(per_run)} (status + kopf bookkeeping, from a watch)"
+        )
     finally:
         operator.stop()
         llm.stop()
