@@ -13,11 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis as redis_sync
 
-from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir
+from agentrun_operator import webhooks as webhook_configs
+from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir, free_port
+from agentrun_operator.testing.mockllm import MockLLMThread
+from agentrun_operator.testing.operatorproc import OperatorProcess, WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
 
-from support import Kubectl, fresh_namespace
+from support import Kubectl, Script, fresh_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +105,144 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if "e2e" in parts:
             item.add_marker(pytest.mark.e2e)
     os.environ.setdefault("AGENTRUN_TEST_ROOT", str(ROOT))
+
+
+# -- the product's own processes ------------------------------------------------------------
+
+WEBHOOK_LABEL = "agentrun-test/webhooks"
+
+
+@pytest.fixture(scope="session")
+def rbac(kubectl: Kubectl) -> None:
+    """agentrun's ClusterRoles, bound to the product's own test identities."""
+    kubectl("apply", "-f", str(ROOT / "manifests" / "rbac.yaml"))
+    for user in ("agentrun-operator", "agentrun-webhooks"):
+        kubectl("create", "clusterrolebinding", user, f"--clusterrole={user}", f"--user={user}")
+
+
+@pytest.fixture(scope="session")
+def webhooks(
+    cluster: ControlPlane,
+    rbac: None,
+    kubectl: Kubectl,
+    script: Script,
+    dead_endpoint: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[WebhookProcess]:
+    """The admission webhook server, registered for namespaces labelled for it only, so
+    tests of bare CRDs elsewhere are not judged by it."""
+    import base64
+    import json
+
+    proc = WebhookProcess(
+        plane=cluster,
+        workdir=tmp_path_factory.mktemp("webhooks"),
+        env={"AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}"},
+    )
+    proc.start()
+    ca = base64.b64encode(cluster.ca_file.read_bytes()).decode()
+    configs = webhook_configs.configurations(
+        client_config={"url": proc.url},
+        ca_bundle=ca,
+        name="agentrun-test",
+        namespace_selector={"matchLabels": {WEBHOOK_LABEL: "on"}},
+    )
+    kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": configs})
+    )
+    try:
+        yield proc
+    finally:
+        kubectl(
+            "delete",
+            "mutatingwebhookconfiguration,validatingwebhookconfiguration",
+            "agentrun-test",
+            check=False,
+        )
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def script() -> Iterator[Script]:
+    llm = MockLLMThread(tokens_per_second=0)
+    llm.start()
+    try:
+        yield Script(llm)
+    finally:
+        llm.stop()
+
+
+@pytest.fixture(scope="session")
+def dead_endpoint() -> str:
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+@pytest.fixture(scope="session")
+def operator(
+    cluster: ControlPlane,
+    rbac: None,
+    webhooks: WebhookProcess,
+    redis_server: RedisServer,
+    script: Script,
+    dead_endpoint: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    """The operator as a real process with its least-privilege identity, watching "op-*"."""
+    proc = OperatorProcess(
+        plane=cluster,
+        redis_url=redis_server.url,
+        model_base_url=script.llm.base_url,
+        workdir=tmp_path_factory.mktemp("operator"),
+        user="agentrun-operator",
+        env={
+            "AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}",
+            "AGENTRUN_LLM_MAX_RETRIES": "0",
+            # Only its own namespaces: other tests create AgentRuns it must not run.
+            "AGENTRUN_NAMESPACES": "op-*",
+        },
+    )
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def op_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace the test operator watches and the webhooks judge."""
+    for name in fresh_namespace(kubectl, request, "op-"):
+        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
+        yield name
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis_sync.Redis]:
+    client = redis_sync.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def agent_sa(kubectl: Kubectl, namespace: str) -> str:
+    """A service account that may read pods and deployments and scale deployments."""
+    kubectl("create", "serviceaccount", "agent", "-n", namespace)
+    kubectl(
+        "create",
+        "role",
+        "agent",
+        "-n",
+        namespace,
+        "--verb=get,list,watch,patch",
+        "--resource=pods,deployments,deployments/scale,events",
+    )
+    kubectl(
+        "create",
+        "rolebinding",
+        "agent",
+        "-n",
+        namespace,
+        "--role=agent",
+        f"--serviceaccount={namespace}:agent",
+    )
+    return "agent"

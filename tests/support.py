@@ -3,6 +3,7 @@ waited for."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 import uuid
@@ -10,10 +11,26 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis as redis_sync
+
+from agentrun_operator import events
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.operatorproc import OperatorProcess
 
-__all__ = ["Kubectl", "OperatorProcess", "fresh_namespace", "wait_for"]
+__all__ = [
+    "Kubectl",
+    "OperatorProcess",
+    "Script",
+    "assert_clean_stream",
+    "create_run",
+    "fresh_namespace",
+    "get_run",
+    "marker",
+    "stream",
+    "wait_event",
+    "wait_for",
+    "wait_phase",
+]
 
 
 @dataclass
@@ -63,3 +80,83 @@ def fresh_namespace(kubectl: Kubectl, request: Any, prefix: str) -> Iterator[str
         events = kubectl("get", "events", "-n", name, check=False)
         print(f"--- events in {name} ---\n{events.stdout}{events.stderr}")
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+class Script:
+    """The mock LLM's rules, accumulated: each test adds rules keyed by a unique marker."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+        self.rules: list[dict[str, Any]] = []
+
+    def add(self, marker: str, replies: list[dict[str, Any]]) -> str:
+        self.rules.insert(0, {"match": marker, "replies": replies})
+        self.llm.set_script(self.rules)
+        return marker
+
+    def calls_for(self, marker: str) -> int:
+        count = 0
+        for call in self.llm.calls:
+            users = [m for m in call.get("messages", []) if m.get("role") == "user"]
+            if users and marker in str(users[0].get("content")):
+                count += 1
+        return count
+
+
+# -- runs, as the tests see them ------------------------------------------------------
+
+
+def create_run(kubectl: Kubectl, namespace: str, name: str, **spec: Any) -> str:
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    return str(get_run(kubectl, namespace, name)["metadata"]["uid"])
+
+
+def get_run(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    out = kubectl("get", "agentrun", name, "-n", namespace, "-o", "json")
+    return dict(json.loads(out.stdout))
+
+
+def wait_phase(
+    kubectl: Kubectl, namespace: str, name: str, *phases: str, timeout: float = 60
+) -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        st = get_run(kubectl, namespace, name).get("status") or {}
+        return st if st.get("phase") in phases else None
+
+    result = wait_for(f"{namespace}/{name} to reach {'/'.join(phases)}", reached, timeout=timeout)
+    assert isinstance(result, dict)
+    return result
+
+
+def stream(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
+    return [events.decode(i, f) for i, f in r.xrange(events.events_key(uid))]
+
+
+def wait_event(
+    r: redis_sync.Redis, uid: str, what: str, pred: Any, timeout: float = 30
+) -> dict[str, Any]:
+    def found() -> dict[str, Any] | None:
+        return next((e for e in stream(r, uid) if pred(e)), None)
+
+    result = wait_for(what, found, timeout=timeout, interval=0.05)
+    assert isinstance(result, dict)
+    return result
+
+
+def assert_clean_stream(evs: list[dict[str, Any]]) -> None:
+    """No gap, no duplicate, ids strictly increasing, and `end` last."""
+    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1)), [e["seq"] for e in evs]
+    ids = [tuple(int(p) for p in e["id"].split("-")) for e in evs]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert evs[-1]["type"] == "end"
+    assert sum(1 for e in evs if e["type"] == "end") == 1
+
+
+def marker(name: str) -> str:
+    return f"{name}-{uuid.uuid4().hex[:8]}"

@@ -90,6 +90,12 @@ class Settings(BaseModel):
     metrics_port: int = Field(default=9090, ge=0, le=65535, alias="AGENTRUN_METRICS_PORT")
     redis_cleanup_seconds: float = Field(default=30.0, ge=0, alias="AGENTRUN_REDIS_CLEANUP_SECONDS")
 
+    operator_usernames: list[str] = Field(default_factory=list, alias="AGENTRUN_OPERATOR_USERNAMES")
+    webhook_host: str = Field(default="0.0.0.0", alias="AGENTRUN_WEBHOOK_HOST")
+    webhook_port: int = Field(default=9443, ge=1, le=65535, alias="AGENTRUN_WEBHOOK_PORT")
+    webhook_cert_file: str = Field(default="", alias="AGENTRUN_WEBHOOK_CERT_FILE")
+    webhook_key_file: str = Field(default="", alias="AGENTRUN_WEBHOOK_KEY_FILE")
+
     @field_validator("model_base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -108,7 +114,11 @@ class Settings(BaseModel):
         return table
 
 
-_LIST_FIELDS = {"AGENTRUN_MODEL_BASE_URL_ALLOW", "AGENTRUN_NAMESPACES"}
+_LIST_FIELDS = {
+    "AGENTRUN_MODEL_BASE_URL_ALLOW",
+    "AGENTRUN_NAMESPACES",
+    "AGENTRUN_OPERATOR_USERNAMES",
+}
 _JSON_FIELDS = {"AGENTRUN_PRICES"}
 
 

@@ -89,6 +89,11 @@ def calls_key(uid: str) -> str:
     return _key(uid, "calls")
 
 
+def meta_key(uid: str) -> str:
+    """Hash of run bookkeeping that must survive restarts (time spent awaiting approval)."""
+    return _key(uid, "meta")
+
+
 def run_keys_pattern(uid: str) -> str:
     # Braces are literal in Redis glob patterns; only * ? [ ] and \ are special.
     return f"agentrun:{{{uid}}}:*"

@@ -29,6 +29,7 @@ class State:
     redis: aioredis.Redis
     registry: runs.Registry
     control: asyncio.Task[None]
+    expiries: asyncio.Task[None]
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -56,16 +57,18 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         settings=cfg, k8s=k, redis=redis, saver=checkpoint.RedisCheckpointSaver(redis)
     )
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
-    memo["agentrun"] = State(cfg, k, redis, registry, control)
+    expiries = asyncio.create_task(registry.watch_expiries(), name="agentrun-expiries")
+    memo["agentrun"] = State(cfg, k, redis, registry, control, expiries)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     await state.registry.close()
-    state.control.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await state.control
+    for task in (state.control, state.expiries):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await state.redis.aclose()
     await state.kube.close()
 
@@ -80,6 +83,11 @@ async def run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 async def stop(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     annotations = body.metadata.annotations
     await _state(memo).registry.stop(body, by=annotations.get("agentrun.dev/stopped-by"))
+
+
+@kopf.on.field(GROUP, VERSION, "toolapprovals", field="spec.votes")
+async def voted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _state(memo).registry.decided(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -115,6 +115,16 @@ AGENTRUNS = ResourceType(
     namespaced=True,
     preferred=True,
 )
+TOOLAPPROVALS = ResourceType(
+    group=models.GROUP,
+    version=models.VERSION,
+    kind="ToolApproval",
+    plural="toolapprovals",
+    singular="toolapproval",
+    short_names=("ta",),
+    namespaced=True,
+    preferred=True,
+)
 EVENTS = ResourceType(
     group="",
     version="v1",
@@ -214,6 +224,65 @@ class Kube:
         except KubeError as e:
             if e.status != 404:
                 raise
+
+    async def create_toolapproval(self, *, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Create a ToolApproval; an existing one of the same name is returned as it is."""
+        try:
+            created: dict[str, Any] = await self.request(
+                "POST", TOOLAPPROVALS.path(namespace=namespace), body=body
+            )
+            return created
+        except KubeError as e:
+            if e.status != 409:
+                raise
+        existing: dict[str, Any] = await self.request(
+            "GET", TOOLAPPROVALS.path(namespace=namespace, name=body["metadata"]["name"])
+        )
+        return existing
+
+    async def list_toolapprovals(
+        self, *, namespace: str, label_selector: str
+    ) -> list[dict[str, Any]]:
+        found = await self.request(
+            "GET",
+            TOOLAPPROVALS.path(namespace=namespace),
+            query={"labelSelector": label_selector},
+        )
+        return list(found.get("items") or [])
+
+    async def get_toolapproval(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self.request(
+                "GET", TOOLAPPROVALS.path(namespace=namespace, name=name)
+            )
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+        return found
+
+    async def patch_toolapproval_status(
+        self, *, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            TOOLAPPROVALS.path(namespace=namespace, name=name, subresource="status"),
+            body={"status": status},
+            content_type=_CONTENT_TYPES["merge"],
+        )
+        return result
+
+    async def patch_toolapproval(
+        self, *, namespace: str, name: str, patch: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Merge patch of the object (people's decisions go through the webhooks)."""
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            TOOLAPPROVALS.path(namespace=namespace, name=name),
+            body=patch,
+            content_type=_CONTENT_TYPES["merge"],
+        )
+        return result
 
     async def post_event(
         self, *, involved: dict[str, Any], type: EventType, reason: str, message: str

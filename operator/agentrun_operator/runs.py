@@ -26,7 +26,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 from redis import asyncio as aioredis
 
-from agentrun_operator import config, events, kube, llm, models, status, tools, workflow
+from agentrun_operator import approvals, config, events, kube, llm, models, status, tools, workflow
 
 log = logging.getLogger("agentrun.runs")
 
@@ -260,6 +260,10 @@ class Emitter:
             text, self._buf = self._buf, ""
             await self._writer.append("token", {"text": text, "node": self._buf_node})
 
+    @property
+    def last_id(self) -> str | None:
+        return self._writer.last_id
+
     async def workflow(self, state: str, *, node: str, step: int) -> None:
         self.step = step
         await self.emit("workflow", {"state": state, "node": node, "step": step})
@@ -486,6 +490,7 @@ class Registry:
     running: dict[str, _Slot] = field(default_factory=dict)
     queued: dict[str, RunRef] = field(default_factory=dict)
     ttl_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    expiries: dict[str, tuple[dt.datetime, RunRef]] = field(default_factory=dict)
     _closing: bool = False
 
     # -- entry points from handlers -----------------------------------------------------
@@ -503,8 +508,8 @@ class Registry:
             return
         if ref.uid in self.running or ref.uid in self.queued:
             return
-        if phase == "AwaitingApproval":
-            return  # holds no task; a decision resumes it
+        # AwaitingApproval holds no task; starting one checks the decisions (made while
+        # the operator was down, too) and ends at once if people have not decided yet.
         if len(self.running) >= self.settings.max_concurrent_runs:
             self.queued[ref.uid] = ref
             await self._mark_queued(ref, st)
@@ -523,6 +528,14 @@ class Registry:
             return
         # Not running here (queued, waiting for approval, or never started): finish it now.
         await self._finish_without_task(ref, st, by=by)
+
+    async def decided(self, approval: Mapping[str, Any]) -> None:
+        """Someone voted on a ToolApproval: let its run look at the decisions."""
+        namespace = approval["metadata"]["namespace"]
+        run = (approval.get("spec") or {}).get("runName")
+        body = await self.k8s.get_agentrun(namespace=namespace, name=run) if run else None
+        if body is not None and (body.get("status") or {}).get("phase") == "AwaitingApproval":
+            await self.ensure(body)
 
     async def stop_uid(self, uid: str, *, by: str | None) -> bool:
         """Stop from the Redis control channel: only a run this process executes."""
@@ -611,10 +624,12 @@ class Registry:
         task = asyncio.create_task(self._run(ref), name=f"agentrun:{ref.key}")
         self.running[ref.uid] = _Slot(ref=ref, task=task)
         uid = ref.uid
-        task.add_done_callback(lambda _t: self._done(uid))
+        task.add_done_callback(lambda t: self._done(uid, t))
 
-    def _done(self, uid: str) -> None:
+    def _done(self, uid: str, task: asyncio.Task[None]) -> None:
         self.running.pop(uid, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("run task %s crashed", task.get_name(), exc_info=task.exception())
         if self._closing or not self.queued:
             return
         # Oldest first (creationTimestamp, then name for a stable order).
@@ -765,16 +780,24 @@ class Registry:
             graph = workflow.build(deps, checkpointer=self.saver)
             snapshot = await graph.aget_state(config_)
             resuming = bool(snapshot.values)
+            inp: Any = None if resuming else workflow.initial_state(deps)
+            if snapshot.interrupts:
+                # Waiting at the approval gate: go on only once every call is settled.
+                inp = await self._gate(ref, spec, snapshot.interrupts, emitter, statusw)
+                if inp is None:
+                    return
             if has_history:
                 await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
             else:
                 await emitter.workflow("pending", node="", step=0)
-            if st.get("phase") != "Running":
+            if statusw.current.get("phase") != "Running":
                 await statusw.phase(
                     "Running",
                     reason="Resumed" if resuming else "Started",
                     message="the agent is working" if not resuming else "resumed from checkpoint",
                     streamPath=events.stream_path(ref.namespace, ref.name),
+                    pendingApprovals=[],
+                    pendingApprovalCount=0,
                 )
                 await self.k8s.post_event(
                     involved=ref.involved(),
@@ -782,14 +805,14 @@ class Registry:
                     reason="Running",
                     message="run resumed" if resuming else "run started",
                 )
-            elapsed = _elapsed_since(statusw.current.get("startedAt"))
+            waited = float(await self.redis.hget(events.meta_key(ref.uid), "waited") or 0)
+            elapsed = _elapsed_since(statusw.current.get("startedAt")) - waited
             remaining = _parse_duration(spec.limits.timeout) - elapsed
             if remaining <= 0:
                 raise workflow.LimitExceeded(
                     "TimeoutExceeded",
                     f"time limit reached: spec.limits.timeout is {spec.limits.timeout}",
                 )
-            inp: Any = None if resuming else workflow.initial_state(deps)
             try:
                 async with asyncio.timeout(remaining):
                     while True:
@@ -799,7 +822,9 @@ class Registry:
                         )
                         if not interrupts:
                             break
-                        inp = Command(resume=self._decide_without_approvals(interrupts))
+                        inp = await self._gate(ref, spec, interrupts, emitter, statusw)
+                        if inp is None:
+                            return  # waits for people; this task ends, the checkpoint stays
             except TimeoutError:
                 raise workflow.LimitExceeded(
                     "TimeoutExceeded",
@@ -820,19 +845,237 @@ class Registry:
             await self._fail(ref, emitter, statusw, code=e.code, message=e.message, usage=usage)
         except RunFailed as e:
             await self._fail(ref, emitter, statusw, code=e.code, message=e.message, usage=usage)
+        except (events.Fenced, asyncio.CancelledError):
+            raise
+        except kube.KubeError as e:
+            # The API server refused what the operator itself needed (not a tool call).
+            log.exception("run %s: Kubernetes API error", ref.key)
+            await self._fail(
+                ref,
+                emitter,
+                statusw,
+                code="KubernetesAPIError",
+                message=f"the operator could not complete a Kubernetes API call: {e}",
+                usage=usage,
+            )
 
-    def _decide_without_approvals(self, interrupts: Any) -> dict[str, workflow.Decision]:
-        # Fail closed until ToolApprovals exist: a call that needs approval never runs.
-        decided: dict[str, workflow.Decision] = {}
+    async def _gate(
+        self,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        interrupts: Any,
+        emitter: Emitter,
+        statusw: StatusWriter,
+    ) -> Command[Any] | None:
+        """Create or read the run's ToolApprovals; the resume command once all are settled.
+
+        Idempotent: it runs again after a restart, a decision or an expiry, and creates,
+        reports and settles each approval once.
+        """
+        items: list[dict[str, Any]] = []
+        reason = ""
         for intr in interrupts:
-            for item in (getattr(intr, "value", None) or {}).get("approvals", []):
-                decided[item["callId"]] = {
-                    "decision": "denied",
-                    "by": "agentrun",
-                    "comment": "this call needs a human approval, which this operator "
-                    "cannot request yet; it was not executed",
-                }
-        return decided
+            value = getattr(intr, "value", None) or {}
+            items += list(value.get("approvals") or [])
+            reason = reason or str(value.get("reason") or "")
+        policy = spec.approval
+        now = dt.datetime.now(dt.UTC)
+        existing = {
+            (ta.get("spec") or {}).get("callId"): ta
+            for ta in await self.k8s.list_toolapprovals(
+                namespace=ref.namespace, label_selector=f"{approvals.RUN_LABEL}={ref.name}"
+            )
+        }
+        decisions: dict[str, workflow.Decision] = {}
+        waiting: list[tuple[str, dt.datetime | None]] = []
+        expired_stop = False
+        for item in items:
+            call_id = item["callId"]
+            ta = existing.get(call_id)
+            if ta is None:
+                ta = await self.k8s.create_toolapproval(
+                    namespace=ref.namespace,
+                    body=approvals.toolapproval_body(
+                        namespace=ref.namespace,
+                        run=ref.name,
+                        run_uid=ref.uid,
+                        call_id=call_id,
+                        tool=item["tool"],
+                        arguments=item.get("arguments") or {},
+                        reason=reason,
+                    ),
+                )
+            name = ta["metadata"]["name"]
+            if not (ta.get("status") or {}).get("state"):
+                expires = now + dt.timedelta(seconds=_parse_duration(policy.timeout))
+                ta = await self.k8s.patch_toolapproval_status(
+                    namespace=ref.namespace,
+                    name=name,
+                    status={
+                        "state": "Pending",
+                        "expiresAt": approvals.rfc3339(expires),
+                        "approvals": 0,
+                        "approvalsNeeded": policy.min_approvals,
+                    },
+                )
+                await emitter.emit(
+                    "approval",
+                    {
+                        "callId": call_id,
+                        "approval": name,
+                        "tool": item["tool"],
+                        "arguments": item.get("arguments") or {},
+                        "state": "pending",
+                        "decidedBy": "",
+                    },
+                )
+            settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
+            if settled is None:
+                votes = (ta.get("spec") or {}).get("votes") or []
+                approved, _ = approvals.tally(votes)
+                if (ta.get("status") or {}).get("approvals") != len(approved):
+                    await self.k8s.patch_toolapproval_status(
+                        namespace=ref.namespace,
+                        name=name,
+                        status={
+                            "approvals": len(approved),
+                            "approvalsNeeded": max(0, policy.min_approvals - len(approved)),
+                        },
+                    )
+                waiting.append(
+                    (name, approvals.parse_time((ta.get("status") or {}).get("expiresAt")))
+                )
+                continue
+            state = {"approved": "Approved", "denied": "Denied", "expired": "Expired"}[
+                settled.outcome
+            ]
+            if (ta.get("status") or {}).get("state") != state:
+                decided_by = (ta.get("spec") or {}).get("decidedBy") or {"username": settled.by}
+                approved, _ = approvals.tally(settled.voters)
+                await self.k8s.patch_toolapproval_status(
+                    namespace=ref.namespace,
+                    name=name,
+                    status={
+                        "state": state,
+                        "decidedBy": decided_by if settled.outcome != "expired" else None,
+                        "decidedAt": approvals.rfc3339(now),
+                        "approvals": len(approved),
+                        "approvalsNeeded": max(0, policy.min_approvals - len(approved)),
+                        "message": settled.comment or None,
+                    },
+                )
+                await emitter.emit(
+                    "approval",
+                    {
+                        "callId": call_id,
+                        "approval": name,
+                        "tool": item["tool"],
+                        "arguments": item.get("arguments") or {},
+                        "state": settled.outcome,
+                        "decidedBy": settled.by if settled.outcome != "expired" else "",
+                    },
+                )
+                await self.k8s.post_event(
+                    involved=ref.involved(),
+                    type="Normal" if settled.outcome == "approved" else "Warning",
+                    reason=f"Approval{state}",
+                    message=f"{item['tool']} call {call_id} {settled.outcome}"
+                    + (f" by {settled.by}" if settled.outcome != "expired" else ""),
+                )
+            if settled.outcome == "expired" and policy.on_timeout == "stop":
+                expired_stop = True
+            decisions[call_id] = {
+                "decision": settled.outcome,
+                "by": settled.by,
+                "comment": settled.comment,
+            }
+        meta = events.meta_key(ref.uid)
+        if expired_stop:
+            await self._finish(
+                ref,
+                emitter,
+                statusw,
+                phase="Stopped",
+                reason="ApprovalExpired",
+                message="an approval expired and spec.approval.onTimeout is stop",
+                stopped_by="approval-timeout",
+            )
+            return None
+        if waiting:
+            names = [n for n, _ in waiting]
+            if statusw.current.get("phase") != "AwaitingApproval":
+                await self.redis.hsetnx(meta, "awaiting_since", str(time.time()))
+                await emitter.workflow("awaiting_approval", node="gate", step=emitter.step)
+                await statusw.phase(
+                    "AwaitingApproval",
+                    reason="AwaitingApproval",
+                    message=f"waiting for a decision on {', '.join(names)}",
+                    pendingApprovals=names,
+                    pendingApprovalCount=len(names),
+                    lastEventId=emitter.last_id,
+                )
+                await self.k8s.post_event(
+                    involved=ref.involved(),
+                    type="Normal",
+                    reason="AwaitingApproval",
+                    message=f"waiting for a decision on {', '.join(names)}",
+                )
+            elif statusw.current.get("pendingApprovals") != names:
+                await statusw.phase(
+                    "AwaitingApproval",
+                    reason="AwaitingApproval",
+                    message=f"waiting for a decision on {', '.join(names)}",
+                    pendingApprovals=names,
+                    pendingApprovalCount=len(names),
+                )
+            expiries = [e for _, e in waiting if e is not None]
+            if expiries:
+                self.expiries[ref.uid] = (min(expiries), ref)
+            return None
+        self.expiries.pop(ref.uid, None)
+        since = await self.redis.hget(meta, "awaiting_since")
+        if since is not None:
+            await self.redis.hincrbyfloat(meta, "waited", max(0.0, time.time() - float(since)))
+            await self.redis.hdel(meta, "awaiting_since")
+        return Command(resume=decisions)
+
+    async def _cancel_pending_approvals(self, ref: RunRef, emitter: Emitter) -> None:
+        for ta in await self.k8s.list_toolapprovals(
+            namespace=ref.namespace, label_selector=f"{approvals.RUN_LABEL}={ref.name}"
+        ):
+            if (ta.get("status") or {}).get("state") not in (None, "Pending"):
+                continue
+            spec = ta.get("spec") or {}
+            await self.k8s.patch_toolapproval_status(
+                namespace=ref.namespace,
+                name=ta["metadata"]["name"],
+                status={
+                    "state": "Cancelled",
+                    "decidedAt": events.now_rfc3339(),
+                    "message": "the run finished",
+                },
+            )
+            await emitter.emit(
+                "approval",
+                {
+                    "callId": spec.get("callId"),
+                    "approval": ta["metadata"]["name"],
+                    "tool": spec.get("tool"),
+                    "arguments": spec.get("arguments") or {},
+                    "state": "cancelled",
+                    "decidedBy": "",
+                },
+            )
+
+    async def watch_expiries(self) -> None:
+        """One loop for all runs waiting on people: wake a run when an approval expires."""
+        while not self._closing:
+            await asyncio.sleep(1)
+            now = dt.datetime.now(dt.UTC)
+            for uid, (when, ref) in list(self.expiries.items()):
+                if when <= now and uid not in self.running:
+                    self.expiries.pop(uid, None)
+                    self._start(ref)
 
     async def _resolve_model(
         self, spec: models.AgentRunSpec, sa_kube: kube.ServiceAccountKube
@@ -906,6 +1149,9 @@ class Registry:
         usage: Usage | None = None,
     ) -> None:
         state = {"Succeeded": "succeeded", "Failed": "failed", "Stopped": "stopped"}[phase]
+        self.expiries.pop(ref.uid, None)
+        with contextlib.suppress(kube.KubeError):
+            await self._cancel_pending_approvals(ref, emitter)
         await emitter.workflow(state, node="", step=emitter.step)
         await emitter.emit(
             "end", {"phase": phase, "result": result or "", "stoppedBy": stopped_by or ""}
@@ -916,7 +1162,7 @@ class Registry:
             message=message,
             result=status.cap_result(result) if result else None,
             stoppedBy=stopped_by or None,
-            lastEventId=emitter._writer.last_id,
+            lastEventId=emitter.last_id,
             usage=usage.as_status() if usage else None,
             pendingApprovals=[],
             pendingApprovalCount=0,

@@ -13,120 +13,32 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis as redis_sync
 
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
-from agentrun_operator.testing.mockllm import MockLLMThread
-from agentrun_operator.testing.redisserver import RedisServer
 
-from support import Kubectl, OperatorProcess, fresh_namespace, wait_for
-
-
-class Script:
-    """The mock LLM's rules, accumulated: each test adds rules keyed by a unique marker."""
-
-    def __init__(self, llm: MockLLMThread) -> None:
-        self.llm = llm
-        self.rules: list[dict[str, Any]] = []
-
-    def add(self, marker: str, replies: list[dict[str, Any]]) -> str:
-        self.rules.insert(0, {"match": marker, "replies": replies})
-        self.llm.set_script(self.rules)
-        return marker
-
-    def calls_for(self, marker: str) -> int:
-        count = 0
-        for call in self.llm.calls:
-            users = [m for m in call.get("messages", []) if m.get("role") == "user"]
-            if users and marker in str(users[0].get("content")):
-                count += 1
-        return count
-
-
-@pytest.fixture(scope="session")
-def script() -> Iterator[Script]:
-    llm = MockLLMThread(tokens_per_second=0)
-    llm.start()
-    try:
-        yield Script(llm)
-    finally:
-        llm.stop()
+from support import (
+    Kubectl,
+    OperatorProcess,
+    Script,
+    assert_clean_stream,
+    create_run,
+    get_run,
+    marker,
+    stream,
+    wait_event,
+    wait_for,
+    wait_phase,
+)
 
 
 @pytest.fixture
-def namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh namespace the test operator watches (it watches only "op-*")."""
-    yield from fresh_namespace(kubectl, request, "op-")
-
-
-@pytest.fixture(scope="session")
-def dead_endpoint() -> str:
-    return f"http://127.0.0.1:{free_port()}/v1"
-
-
-@pytest.fixture(scope="session")
-def operator(
-    cluster: ControlPlane,
-    redis_server: RedisServer,
-    script: Script,
-    dead_endpoint: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[OperatorProcess]:
-    proc = OperatorProcess(
-        plane=cluster,
-        redis_url=redis_server.url,
-        model_base_url=script.llm.base_url,
-        workdir=tmp_path_factory.mktemp("operator"),
-        env={
-            "AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}",
-            "AGENTRUN_LLM_MAX_RETRIES": "0",
-            # Only its own namespaces: other tests create AgentRuns it must not run.
-            "AGENTRUN_NAMESPACES": "op-*",
-        },
-    )
-    proc.start()
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-@pytest.fixture
-def r(redis_server: RedisServer) -> Iterator[redis_sync.Redis]:
-    client = redis_sync.Redis.from_url(redis_server.url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def agent_sa(kubectl: Kubectl, namespace: str) -> str:
-    """A service account that may read pods and deployments and scale deployments."""
-    kubectl("create", "serviceaccount", "agent", "-n", namespace)
-    kubectl(
-        "create",
-        "role",
-        "agent",
-        "-n",
-        namespace,
-        "--verb=get,list,watch,patch",
-        "--resource=pods,deployments,deployments/scale,events",
-    )
-    kubectl(
-        "create",
-        "rolebinding",
-        "agent",
-        "-n",
-        namespace,
-        "--role=agent",
-        f"--serviceaccount={namespace}:agent",
-    )
-    return "agent"
+def namespace(op_namespace: str) -> str:
+    """Runs here live in namespaces the test operator watches (and the webhooks judge)."""
+    return op_namespace
 
 
 @pytest.fixture
@@ -138,62 +50,6 @@ def dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -
 
 
 pytestmark = pytest.mark.usefixtures("operator", "dump_on_failure")
-
-
-def create_run(kubectl: Kubectl, namespace: str, name: str, **spec: Any) -> str:
-    doc = {
-        "apiVersion": "agentrun.dev/v1alpha1",
-        "kind": "AgentRun",
-        "metadata": {"name": name},
-        "spec": spec,
-    }
-    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
-    return str(get_run(kubectl, namespace, name)["metadata"]["uid"])
-
-
-def get_run(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
-    out = kubectl("get", "agentrun", name, "-n", namespace, "-o", "json")
-    return dict(json.loads(out.stdout))
-
-
-def wait_phase(
-    kubectl: Kubectl, namespace: str, name: str, *phases: str, timeout: float = 60
-) -> dict[str, Any]:
-    def reached() -> dict[str, Any] | None:
-        st = get_run(kubectl, namespace, name).get("status") or {}
-        return st if st.get("phase") in phases else None
-
-    result = wait_for(f"{namespace}/{name} to reach {'/'.join(phases)}", reached, timeout=timeout)
-    assert isinstance(result, dict)
-    return result
-
-
-def stream(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
-    return [events.decode(i, f) for i, f in r.xrange(events.events_key(uid))]
-
-
-def wait_event(
-    r: redis_sync.Redis, uid: str, what: str, pred: Any, timeout: float = 30
-) -> dict[str, Any]:
-    def found() -> dict[str, Any] | None:
-        return next((e for e in stream(r, uid) if pred(e)), None)
-
-    result = wait_for(what, found, timeout=timeout, interval=0.05)
-    assert isinstance(result, dict)
-    return result
-
-
-def assert_clean_stream(evs: list[dict[str, Any]]) -> None:
-    """No gap, no duplicate, ids strictly increasing, and `end` last."""
-    assert [e["seq"] for e in evs] == list(range(1, len(evs) + 1)), [e["seq"] for e in evs]
-    ids = [tuple(int(p) for p in e["id"].split("-")) for e in evs]
-    assert ids == sorted(ids) and len(set(ids)) == len(ids)
-    assert evs[-1]["type"] == "end"
-    assert sum(1 for e in evs if e["type"] == "end") == 1
-
-
-def marker(name: str) -> str:
-    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 # -- happy path ---------------------------------------------------------------------------
@@ -397,38 +253,6 @@ def test_a_run_created_stopped_never_calls_the_model(
     assert stream(r, uid)[-1]["data"]["phase"] == "Stopped"
 
 
-# -- approvals (until the approvals issue: fail closed) ----------------------------------
-
-
-def test_a_tool_that_needs_approval_does_not_run(
-    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
-) -> None:
-    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
-    m = script.add(
-        marker("needs-approval"),
-        [
-            {"text": "plan"},
-            {
-                "tool_calls": [
-                    {
-                        "name": "k8s_scale",
-                        "arguments": {"kind": "Deployment", "name": "web", "replicas": 5},
-                    }
-                ]
-            },
-            {"text": "could not scale"},
-        ],
-    )
-    uid = create_run(
-        kubectl, namespace, "gated", goal=m, serviceAccountName=agent_sa, tools=["k8s_scale"]
-    )
-    wait_phase(kubectl, namespace, "gated", "Succeeded", "Failed")
-    tool = [e["data"] for e in stream(r, uid) if e["type"] == "tool"]
-    assert [t["status"] for t in tool] == ["denied"]
-    replicas = kubectl("get", "deploy", "web", "-n", namespace, "-o", "jsonpath={.spec.replicas}")
-    assert replicas.stdout == "1"
-
-
 # -- crash, delete, TTL -------------------------------------------------------------------
 
 
@@ -524,21 +348,19 @@ def test_ttl_deletes_a_finished_run_and_its_stream(
 # -- model endpoint -----------------------------------------------------------------------
 
 
-def test_a_model_endpoint_outside_the_allow_list_fails_with_a_clear_message(
+def test_a_model_endpoint_outside_the_allow_list_is_refused_at_apply(
     kubectl: Kubectl, namespace: str
 ) -> None:
-    create_run(
-        kubectl,
-        namespace,
-        "exfil",
-        goal=marker("exfil"),
-        model={"baseURL": "http://198.51.100.7/v1"},
-    )
-    st = wait_phase(kubectl, namespace, "exfil", "Failed", "Succeeded")
-    assert st["phase"] == "Failed"
-    assert (
-        "spec.model.baseURL http://198.51.100.7/v1 is not in the operator's allow-list"
-        in (st["message"])
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": "exfil"},
+        "spec": {"goal": marker("exfil"), "model": {"baseURL": "http://198.51.100.7/v1"}},
+    }
+    proc = kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert proc.returncode != 0
+    assert "spec.model.baseURL http://198.51.100.7/v1 is not in the operator's allow-list" in (
+        proc.stderr
     )
 
 

@@ -50,6 +50,9 @@ USERS: dict[str, User] = {
         User("viewer", "agentrun-viewer-token", ("viewers",)),
         User("creator", "agentrun-creator-token", ("creators",)),
         User("nobody", "agentrun-nobody-token", ()),
+        # The product's own identities, with the least-privilege roles of manifests/rbac.yaml.
+        User("agentrun-operator", "agentrun-operator-token", ()),
+        User("agentrun-webhooks", "agentrun-webhooks-token", ()),
     )
 }
 SERVICE_CIDR = "10.0.0.0/24"
@@ -157,6 +160,50 @@ def _write_certs(pki: Path, *, hosts: list[str]) -> None:
     )
     for f in pki.iterdir():
         f.chmod(0o600)
+
+
+def issue_server_cert(pki: Path, out: Path, *, hosts: list[str], name: str) -> tuple[Path, Path]:
+    """A serving certificate signed by the control plane's CA (for webhooks on loopback)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    sans: list[x509.GeneralName] = []
+    for h in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+        except ValueError:
+            sans.append(x509.DNSName(h))
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
 
 
 class ControlPlaneError(RuntimeError):

@@ -38,6 +38,7 @@ class OperatorProcess:
         model_base_url: str,
         workdir: Path,
         operator_id: str = "op-test",
+        user: str = "admin",
         env: dict[str, str] | None = None,
     ) -> None:
         self.plane = plane
@@ -45,7 +46,7 @@ class OperatorProcess:
         self.health_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")},
-            "KUBECONFIG": str(plane.kubeconfig("admin")),
+            "KUBECONFIG": str(plane.kubeconfig(user)),
             "AGENTRUN_REDIS_URL": redis_url,
             "AGENTRUN_MODEL_BASE_URL": model_base_url,
             "AGENTRUN_MODEL_NAME": "mock",
@@ -105,6 +106,81 @@ class OperatorProcess:
                 self.proc.wait()
 
     def log_tail(self, lines: int = 60) -> str:
+        if not self.log_path.exists():
+            return "(no log)"
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+class WebhookProcess:
+    """The admission webhook server as a real process, on HTTPS on loopback."""
+
+    def __init__(
+        self, *, plane: ControlPlane, workdir: Path, env: dict[str, str] | None = None
+    ) -> None:
+        from agentrun_operator.testing.controlplane import issue_server_cert
+
+        self.plane = plane
+        self.workdir = workdir
+        self.port = free_port()
+        self.cert, self.key = issue_server_cert(
+            plane.pki, workdir, hosts=["127.0.0.1", "localhost"], name="webhooks"
+        )
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")},
+            "KUBECONFIG": str(plane.kubeconfig("agentrun-webhooks")),
+            "AGENTRUN_WEBHOOK_HOST": "127.0.0.1",
+            "AGENTRUN_WEBHOOK_PORT": str(self.port),
+            "AGENTRUN_WEBHOOK_CERT_FILE": str(self.cert),
+            "AGENTRUN_WEBHOOK_KEY_FILE": str(self.key),
+            "AGENTRUN_OPERATOR_USERNAMES": "agentrun-operator",
+            **(env or {}),
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "webhooks.log"
+
+    def start(self, *, timeout: float = 30) -> None:
+        import ssl
+
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentrun_operator.webhooks"],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        ctx = ssl.create_default_context(cafile=str(self.plane.ca_file))
+
+        def healthy() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"webhook server exited at start:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=1, context=ctx) as r:
+                    return bool(r.status == 200)
+            except OSError:
+                return False
+
+        _wait("the webhook server", healthy, timeout)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,0 +1,325 @@
+"""ToolApprovals and the admission rules for them and for AgentRuns.
+
+Owns: ToolApproval names, labels and bodies; when an approval is settled (votes, quorum,
+expiry); and every admission decision as a pure function of (operation, requester, new
+object, old object, run). The webhook server only moves AdmissionReviews in and out.
+Pure: no I/O, no kopf, no Kubernetes client, no Redis. Identities come only from the
+admission request's userInfo, which the API server vouches for; nothing a client writes
+into decidedBy, votes or the agentrun.dev annotations is ever trusted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agentrun_operator import models
+
+RUN_LABEL = "agentrun.dev/run"
+CALL_LABEL = "agentrun.dev/call-id"
+CREATED_BY = "agentrun.dev/created-by"
+STOPPED_BY = "agentrun.dev/stopped-by"
+OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason")
+
+
+@dataclass(frozen=True)
+class User:
+    username: str
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, info: Mapping[str, Any]) -> User:
+        return cls(str(info.get("username") or ""), tuple(info.get("groups") or ()))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"username": self.username, "groups": list(self.groups)}
+
+
+def approval_name(run: str, call_id: str) -> str:
+    return f"{run}-{call_id}"
+
+
+def toolapproval_body(
+    *,
+    namespace: str,
+    run: str,
+    run_uid: str,
+    call_id: str,
+    tool: str,
+    arguments: Mapping[str, Any],
+    reason: str,
+) -> dict[str, Any]:
+    return {
+        "apiVersion": models.API_VERSION,
+        "kind": "ToolApproval",
+        "metadata": {
+            "name": approval_name(run, call_id),
+            "namespace": namespace,
+            "labels": {RUN_LABEL: run, CALL_LABEL: call_id},
+            "ownerReferences": [
+                {
+                    "apiVersion": models.API_VERSION,
+                    "kind": "AgentRun",
+                    "name": run,
+                    "uid": run_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": False,
+                }
+            ],
+        },
+        "spec": {
+            "runName": run,
+            "callId": call_id,
+            "tool": tool,
+            "arguments": dict(arguments),
+            # Empty strings are left out: the 1.20 API server of the test ground reads "" in a
+            # custom resource as null and refuses it.
+            **({"reason": reason[:16384]} if reason else {}),
+        },
+    }
+
+
+# -- settling -----------------------------------------------------------------------------
+
+Outcome = Literal["approved", "denied", "expired"]
+
+
+@dataclass
+class Settled:
+    outcome: Outcome
+    by: str
+    comment: str = ""
+    voters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def tally(votes: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[Mapping[str, Any]]]:
+    """Distinct approvers (in order) and the denying votes."""
+    approvers: list[str] = []
+    denials: list[Mapping[str, Any]] = []
+    for vote in votes:
+        if vote.get("decision") == "Denied":
+            denials.append(vote)
+        elif vote.get("decision") == "Approved" and vote.get("username") not in approvers:
+            approvers.append(str(vote.get("username")))
+    return approvers, denials
+
+
+def settle(ta: Mapping[str, Any], *, min_approvals: int, now: dt.datetime) -> Settled | None:
+    """The approval's outcome, or None while it still waits."""
+    spec = ta.get("spec") or {}
+    votes = list(spec.get("votes") or [])
+    approvers, denials = tally(votes)
+    if denials:
+        first = denials[0]
+        return Settled("denied", str(first.get("username")), str(first.get("comment") or ""), votes)
+    if len(approvers) >= min_approvals:
+        comments = "; ".join(str(v.get("comment")) for v in votes if v.get("comment"))
+        return Settled("approved", ", ".join(approvers), comments, votes)
+    expires = parse_time((ta.get("status") or {}).get("expiresAt"))
+    if expires is not None and now >= expires:
+        return Settled("expired", "timeout", "nobody decided in time")
+    return None
+
+
+def parse_time(value: Any) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def rfc3339(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- admission: ToolApproval --------------------------------------------------------------
+
+
+def _annotation_path(key: str) -> str:
+    return "/metadata/annotations/" + key.replace("~", "~0").replace("/", "~1")
+
+
+def mutate_toolapproval(
+    *,
+    operation: str,
+    user: User,
+    obj: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    operators: frozenset[str],
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """JSON patch: decidedBy and votes come from the API server's word, never the client's."""
+    spec = obj.get("spec") or {}
+    old_spec = (old or {}).get("spec") or {}
+    ops: list[dict[str, Any]] = []
+    votes = list(old_spec.get("votes") or []) if operation == "UPDATE" else []
+    decided_by = old_spec.get("decidedBy") if operation == "UPDATE" else None
+    casting = (
+        operation == "UPDATE"
+        and user.username not in operators
+        and spec.get("decision") in ("Approved", "Denied")
+    )
+    if casting:
+        vote = {**user.as_dict(), "decision": spec["decision"], "at": rfc3339(now)}
+        if spec.get("comment"):
+            vote["comment"] = str(spec["comment"])
+        votes.append(vote)
+        decided_by = user.as_dict()
+    # Overwrite whatever the client sent, present or not.
+    ops.append({"op": "add", "path": "/spec/votes", "value": votes})
+    if decided_by is not None:
+        ops.append({"op": "add", "path": "/spec/decidedBy", "value": decided_by})
+    elif "decidedBy" in spec:
+        ops.append({"op": "remove", "path": "/spec/decidedBy"})
+    return ops
+
+
+def validate_toolapproval(
+    *,
+    operation: str,
+    user: User,
+    obj: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    run: Mapping[str, Any] | None,
+    operators: frozenset[str],
+) -> str | None:
+    """None to allow, else the reason to refuse (shown to the person by kubectl)."""
+    spec = obj.get("spec") or {}
+    if operation == "CREATE":
+        if operators and user.username not in operators:
+            return "ToolApprovals are created by the agentrun operator only"
+        if spec.get("decision") or spec.get("votes") or spec.get("decidedBy"):
+            return "a ToolApproval cannot be created with a decision; patch spec.decision later"
+        return None
+    if operation != "UPDATE" or old is None:
+        return None
+    old_spec = old.get("spec") or {}
+    for name in OPERATOR_WRITTEN:
+        if spec.get(name) != old_spec.get(name):
+            return f"spec.{name} is written by the operator and cannot be changed"
+    labels, old_labels = _labels(obj), _labels(old)
+    for key in (RUN_LABEL, CALL_LABEL):
+        if labels.get(key) != old_labels.get(key):
+            return f"label {key} is written by the operator and cannot be changed"
+    old_votes = list(old_spec.get("votes") or [])
+    votes = list(spec.get("votes") or [])
+    if votes[: len(old_votes)] != old_votes or len(votes) > len(old_votes) + 1:
+        return "spec.votes is recorded by the admission webhook and cannot be edited"
+    if len(votes) == len(old_votes):
+        if old_spec.get("decision") and spec.get("decision") != old_spec.get("decision"):
+            return "a decision cannot be withdrawn or changed; it was recorded in spec.votes"
+        if spec.get("comment") != old_spec.get("comment") and old_spec.get("decision"):
+            return "spec.comment belongs to a decision that is already recorded"
+        return None
+    vote = votes[-1]
+    state = (old.get("status") or {}).get("state")
+    if state in ("Expired", "Cancelled", "Approved", "Denied"):
+        return f"this approval is already {state.lower()}; it cannot be decided any more"
+    if run is None:
+        return f"AgentRun {spec.get('runName')} not found; its approvals cannot be decided"
+    policy = models.AgentRunSpec.model_validate(run.get("spec") or {}).approval
+    approvers, denials = tally(old_votes)
+    if denials:
+        return f"already denied by {denials[0].get('username')}"
+    if len(approvers) >= policy.min_approvals:
+        return f"already approved by {', '.join(approvers)}"
+    if any(v.get("username") == user.username for v in old_votes):
+        return f"{user.username} has already decided this approval; one vote per person"
+    allowed = policy.approvers
+    if (allowed.users or allowed.groups) and not (
+        user.username in allowed.users or set(user.groups) & set(allowed.groups)
+    ):
+        return (
+            f"{user.username} is not among the approvers of run {spec.get('runName')} "
+            f"(spec.approval.approvers: users {allowed.users}, groups {allowed.groups})"
+        )
+    creator = ((run.get("metadata") or {}).get("annotations") or {}).get(CREATED_BY)
+    if (
+        vote.get("decision") == "Approved"
+        and creator
+        and creator == user.username
+        and not policy.allow_self_approval
+    ):
+        return (
+            f"{user.username} created run {spec.get('runName')} and may not approve its tool "
+            "calls (spec.approval.allowSelfApproval is false); ask another approver"
+        )
+    return None
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+# -- admission: AgentRun ------------------------------------------------------------------
+
+
+def mutate_agentrun(
+    *,
+    operation: str,
+    user: User,
+    obj: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+) -> list[dict[str, Any]]:
+    """Record the creator and the requester of spec.stop; restore them on any other edit."""
+    annotations = dict((obj.get("metadata") or {}).get("annotations") or {})
+    old_annotations = ((old or {}).get("metadata") or {}).get("annotations") or {}
+    wanted = dict(annotations)
+    for key in (CREATED_BY, STOPPED_BY):
+        wanted.pop(key, None)
+        if operation == "UPDATE" and key in old_annotations:
+            wanted[key] = old_annotations[key]
+    if operation == "CREATE":
+        wanted[CREATED_BY] = user.username
+    elif operation == "UPDATE":
+        stop = bool((obj.get("spec") or {}).get("stop"))
+        was = bool(((old or {}).get("spec") or {}).get("stop"))
+        if stop and not was:
+            wanted[STOPPED_BY] = user.username
+    if wanted == annotations:
+        return []
+    return [{"op": "add", "path": "/metadata/annotations", "value": wanted}]
+
+
+def validate_agentrun(
+    *,
+    operation: str,
+    obj: Mapping[str, Any],
+    old: Mapping[str, Any] | None,
+    allowed_base_urls: list[str],
+) -> str | None:
+    name = str((obj.get("metadata") or {}).get("name") or "")
+    spec = obj.get("spec") or {}
+    if operation == "CREATE":
+        if len(name) > models.MAX_RUN_NAME:
+            return (
+                f"metadata.name is {len(name)} characters; AgentRun names are at most "
+                f"{models.MAX_RUN_NAME} so they fit in label values"
+            )
+        base = ((spec.get("model") or {}).get("baseURL") or "").rstrip("/")
+        allowed = [u.rstrip("/") for u in allowed_base_urls]
+        if base and allowed and not any(base == a or base.startswith(a + "/") for a in allowed):
+            return (
+                f"spec.model.baseURL {base} is not in the operator's allow-list "
+                f"({', '.join(allowed)}); use one of those or ask the operator's admin"
+            )
+        return None
+    if operation != "UPDATE" or old is None:
+        return None
+    old_spec = old.get("spec") or {}
+    changed = sorted(
+        k for k in set(spec) | set(old_spec) if k != "stop" and spec.get(k) != old_spec.get(k)
+    )
+    if changed:
+        fields = ", ".join(f"spec.{k}" for k in changed)
+        return (
+            f"{fields}: an AgentRun's spec cannot change after creation (only spec.stop "
+            "can); create a new AgentRun instead"
+        )
+    if old_spec.get("stop") and not spec.get("stop"):
+        return "spec.stop cannot go back to false: a stopped run stays stopped"
+    return None

@@ -1,0 +1,265 @@
+"""The admission webhook server: ``python -m agentrun_operator.webhooks``.
+
+Its own process (and, in the chart, its own Deployment with 2 replicas), so decisions are
+judged while the operator is down or restarting. Owns the HTTPS endpoint, the translation of
+AdmissionReviews to the pure rules in ``approvals`` and back, and the webhook configuration
+objects that point the API server here. Never writes to the Kubernetes API; reads only the
+AgentRun a decision belongs to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from agentrun_operator import approvals, config, kube, models
+
+log = logging.getLogger("agentrun.webhooks")
+
+Handler = Callable[[dict[str, Any]], Awaitable[tuple[str | None, list[dict[str, Any]]]]]
+
+
+def _review(request: dict[str, Any], *, refusal: str | None, patch: list[dict[str, Any]]) -> Any:
+    response: dict[str, Any] = {"uid": request.get("uid", ""), "allowed": refusal is None}
+    if refusal is not None:
+        response["status"] = {"code": 403, "reason": "Forbidden", "message": refusal}
+    elif patch:
+        response["patchType"] = "JSONPatch"
+        response["patch"] = base64.b64encode(json.dumps(patch).encode()).decode()
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}
+
+
+class Webhooks:
+    def __init__(self, *, settings: config.Settings, k8s: kube.Kube | None) -> None:
+        self.settings = settings
+        self.k8s = k8s
+        self.operators = frozenset(settings.operator_usernames)
+
+    async def _run_of(self, ta: dict[str, Any]) -> dict[str, Any] | None:
+        if self.k8s is None:
+            return None
+        namespace = (ta.get("metadata") or {}).get("namespace") or ""
+        name = (ta.get("spec") or {}).get("runName") or ""
+        return await self.k8s.get_agentrun(namespace=namespace, name=name)
+
+    async def mutate_toolapproval(
+        self, req: dict[str, Any]
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        ops = approvals.mutate_toolapproval(
+            operation=req["operation"],
+            user=approvals.User.of(req.get("userInfo") or {}),
+            obj=req.get("object") or {},
+            old=req.get("oldObject"),
+            operators=self.operators,
+            now=dt.datetime.now(dt.UTC),
+        )
+        return None, ops
+
+    async def validate_toolapproval(
+        self, req: dict[str, Any]
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        obj = req.get("object") or {}
+        run = await self._run_of(obj) if req["operation"] == "UPDATE" else None
+        refusal = approvals.validate_toolapproval(
+            operation=req["operation"],
+            user=approvals.User.of(req.get("userInfo") or {}),
+            obj=obj,
+            old=req.get("oldObject"),
+            run=run,
+            operators=self.operators,
+        )
+        if refusal is not None:
+            log.info(
+                "refused a ToolApproval %s by %s: %s",
+                req["operation"],
+                (req.get("userInfo") or {}).get("username"),
+                refusal,
+            )
+        return refusal, []
+
+    async def mutate_agentrun(self, req: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+        ops = approvals.mutate_agentrun(
+            operation=req["operation"],
+            user=approvals.User.of(req.get("userInfo") or {}),
+            obj=req.get("object") or {},
+            old=req.get("oldObject"),
+        )
+        return None, ops
+
+    async def validate_agentrun(
+        self, req: dict[str, Any]
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        refusal = approvals.validate_agentrun(
+            operation=req["operation"],
+            obj=req.get("object") or {},
+            old=req.get("oldObject"),
+            allowed_base_urls=self.settings.allowed_base_urls,
+        )
+        return refusal, []
+
+
+def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            review = await request.json()
+            req = review["request"]
+        except (ValueError, KeyError, TypeError):
+            return JSONResponse({"error": "expected an AdmissionReview"}, status_code=400)
+        try:
+            refusal, patch = await handler(req)
+        except Exception as e:  # a bug must not admit: refuse, and say why
+            log.exception("webhook failure")
+            refusal, patch = f"agentrun webhook error: {type(e).__name__}: {e}", []
+        return JSONResponse(_review(req, refusal=refusal, patch=patch))
+
+    return endpoint
+
+
+def app(hooks: Webhooks, *, lifespan: Any = None) -> Starlette:
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"ok": True})
+
+    return Starlette(
+        lifespan=lifespan,
+        routes=[
+            Route("/healthz", healthz),
+            Route("/mutate/toolapprovals", _endpoint(hooks.mutate_toolapproval), methods=["POST"]),
+            Route(
+                "/validate/toolapprovals", _endpoint(hooks.validate_toolapproval), methods=["POST"]
+            ),
+            Route("/mutate/agentruns", _endpoint(hooks.mutate_agentrun), methods=["POST"]),
+            Route("/validate/agentruns", _endpoint(hooks.validate_agentrun), methods=["POST"]),
+        ],
+    )
+
+
+def configurations(
+    *,
+    client_config: dict[str, Any],
+    ca_bundle: str,
+    name: str = "agentrun",
+    namespace_selector: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The Mutating- and ValidatingWebhookConfiguration pointing at this server.
+
+    ``client_config`` is ``{"url": "https://host:port"}`` (tests) or
+    ``{"service": {"namespace", "name", "port"}}`` (the chart); paths are added here.
+    """
+
+    def client(path: str) -> dict[str, Any]:
+        cc: dict[str, Any] = json.loads(json.dumps(client_config))
+        if "url" in cc:
+            cc["url"] = cc["url"].rstrip("/") + path
+        else:
+            cc["service"]["path"] = path
+        cc["caBundle"] = ca_bundle
+        return cc
+
+    def hook(
+        kind: str, plural: str, ops: list[str], policy: str, suffix: str, mode: str
+    ) -> dict[str, Any]:
+        return {
+            "name": f"{mode}-{plural}{suffix}.agentrun.dev",
+            "clientConfig": client(f"/{mode}/{plural}"),
+            "rules": [
+                {
+                    "apiGroups": [models.GROUP],
+                    "apiVersions": [models.VERSION],
+                    "operations": ops,
+                    "resources": [plural],
+                    "scope": "Namespaced",
+                }
+            ],
+            # Identity facts are never waved through; nothing may ever block spec.stop.
+            "failurePolicy": policy,
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "timeoutSeconds": 5,
+            **({"namespaceSelector": namespace_selector} if namespace_selector else {}),
+        }
+
+    def hooks(mode: str) -> list[dict[str, Any]]:
+        return [
+            hook("ToolApproval", "toolapprovals", ["CREATE", "UPDATE"], "Fail", "", mode),
+            hook("AgentRun", "agentruns", ["CREATE"], "Fail", "-create", mode),
+            hook("AgentRun", "agentruns", ["UPDATE"], "Ignore", "-update", mode),
+        ]
+
+    mutating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{**h, "reinvocationPolicy": "Never"} for h in hooks("mutate")],
+    }
+    validating = {
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": hooks("validate"),
+    }
+    return [mutating, validating]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agentrun_operator.webhooks")
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--cert-file")
+    parser.add_argument("--key-file")
+    args = parser.parse_args(argv)
+    try:
+        settings = config.load(
+            webhook_host=args.host,
+            webhook_port=args.port,
+            webhook_cert_file=args.cert_file,
+            webhook_key_file=args.key_file,
+        )
+    except config.ConfigError as e:
+        print(f"agentrun-webhooks: configuration error: {e}", file=sys.stderr)
+        return 2
+    if not settings.webhook_cert_file or not settings.webhook_key_file:
+        print(
+            "agentrun-webhooks: AGENTRUN_WEBHOOK_CERT_FILE and AGENTRUN_WEBHOOK_KEY_FILE are "
+            "required: the API server only calls webhooks over HTTPS",
+            file=sys.stderr,
+        )
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    hooks = Webhooks(settings=settings, k8s=None)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        hooks.k8s = await kube.Kube.from_env()
+        try:
+            yield
+        finally:
+            await hooks.k8s.close()
+
+    application = app(hooks, lifespan=lifespan)
+    uvicorn.run(
+        application,
+        host=settings.webhook_host,
+        port=settings.webhook_port,
+        ssl_certfile=settings.webhook_cert_file,
+        ssl_keyfile=settings.webhook_key_file,
+        log_level="info",
+        access_log=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""Approvals on real parts: the operator process creates ToolApprovals, people decide them
+with kubectl as themselves, and the admission webhook server (called by kube-apiserver over
+HTTPS on loopback: real admission calls) records who decided and refuses what is not theirs.
+
+Covers: approve → the tool runs exactly once; deny → the agent is told; the viewer's patch
+→ 403 from RBAC; a decider outside `approvers`; the creator approving their own run; a
+forged decidedBy; a second decision; operator-written fields; timeout with `deny` and with
+`stop`; stop while waiting (approvals Cancelled); the operator killed while waiting with the
+decision made while it is down; two calls needing approval in one run; who created and
+who stopped a run; spec immutability.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import redis as redis_sync
+
+from support import (
+    Kubectl,
+    OperatorProcess,
+    Script,
+    create_run,
+    get_run,
+    marker,
+    stream,
+    wait_event,
+    wait_for,
+    wait_phase,
+)
+
+
+@pytest.fixture
+def namespace(op_namespace: str, kubectl: Kubectl) -> str:
+    """An operator-watched namespace where the test users have their agentrun roles."""
+    bindings = {
+        "approver": "agentrun-approver",
+        "approver2": "agentrun-approver",
+        "viewer": "agentrun-viewer",
+        "creator": "agentrun-editor",
+    }
+    for user, role in bindings.items():
+        kubectl(
+            "create",
+            "rolebinding",
+            f"{user}-{role}",
+            "-n",
+            op_namespace,
+            f"--clusterrole={role}",
+            f"--user={user}",
+        )
+    kubectl(
+        "create",
+        "rolebinding",
+        "creator-approves",
+        "-n",
+        op_namespace,
+        "--clusterrole=agentrun-approver",
+        "--user=creator",
+    )
+    for user in bindings:
+        wait_for(
+            f"{user}'s role binding to take effect",
+            lambda user=user: (
+                kubectl.as_user(user)(
+                    "auth",
+                    "can-i",
+                    "get",
+                    "agentruns.agentrun.dev",
+                    "-n",
+                    op_namespace,
+                    check=False,
+                ).stdout.strip()
+                == "yes"
+            ),
+        )
+    return op_namespace
+
+
+@pytest.fixture(autouse=True)
+def _dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -> Any:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"--- operator log ---\n{operator.log_tail(80)}")
+
+
+def scale_script(script: Script, name: str, *, replicas: int = 3, calls: int = 1) -> str:
+    tool_calls = [
+        {
+            "name": "k8s_scale",
+            "arguments": {"kind": "Deployment", "name": "web", "replicas": replicas + i},
+        }
+        for i in range(calls)
+    ]
+    return script.add(
+        marker(name),
+        [
+            {"text": "plan: scale web"},
+            {"tool_calls": tool_calls},
+            {"text": "done"},
+        ],
+    )
+
+
+def start_scaling_run(
+    kubectl: Kubectl, namespace: str, agent_sa: str, goal: str, name: str = "scale", **spec: Any
+) -> str:
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    approval = {"approvers": {"groups": ["approvers"]}, **spec.pop("approval", {})}
+    return create_run(
+        kubectl,
+        namespace,
+        name,
+        goal=goal,
+        serviceAccountName=agent_sa,
+        tools=["k8s_scale", "k8s_get"],
+        approval=approval,
+        **spec,
+    )
+
+
+def approvals_of(kubectl: Kubectl, namespace: str, run: str) -> list[dict[str, Any]]:
+    out = kubectl(
+        "get", "toolapprovals", "-n", namespace, "-l", f"agentrun.dev/run={run}", "-o", "json"
+    )
+    return list(json.loads(out.stdout)["items"])
+
+
+def wait_awaiting(kubectl: Kubectl, namespace: str, run: str, count: int = 1) -> list[str]:
+    st = wait_phase(kubectl, namespace, run, "AwaitingApproval", "Failed", "Succeeded")
+    assert st["phase"] == "AwaitingApproval", st
+    wait_for(
+        f"{count} pending approvals", lambda: len(approvals_of(kubectl, namespace, run)) == count
+    )
+    st = get_run(kubectl, namespace, run)["status"]
+    assert st["pendingApprovalCount"] == count
+    return list(st["pendingApprovals"])
+
+
+def decide(
+    kubectl: Kubectl, namespace: str, name: str, user: str, decision: str, **extra: Any
+) -> Any:
+    body = {"spec": {"decision": decision, **extra}}
+    return kubectl.as_user(user)(
+        "patch",
+        "toolapproval",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(body),
+        check=False,
+    )
+
+
+def replicas(kubectl: Kubectl, namespace: str) -> dict[str, Any]:
+    return dict(json.loads(kubectl("get", "deploy", "web", "-n", namespace, "-o", "json").stdout))
+
+
+def test_an_approved_call_runs_exactly_once_and_says_who_approved(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "approve"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    ta = approvals_of(kubectl, namespace, "scale")[0]
+    assert ta["spec"]["tool"] == "k8s_scale" and ta["spec"]["arguments"]["replicas"] == 3
+    assert ta["status"]["state"] == "Pending" and ta["status"]["expiresAt"]
+    assert ta["metadata"]["ownerReferences"][0]["uid"] == uid
+    assert ta["metadata"]["labels"]["agentrun.dev/call-id"] == ta["spec"]["callId"]
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1, "nothing runs before a decision"
+    columns = kubectl("get", "ta", "-n", namespace).stdout
+    assert "k8s_scale" in columns and "Pending" in columns
+
+    proc = decide(
+        kubectl,
+        namespace,
+        name,
+        "approver",
+        "Approved",
+        comment="go",
+        decidedBy={"username": "admin", "groups": ["system:masters"]},
+    )
+    assert proc.returncode == 0, proc.stderr
+    st = wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")
+    assert st["phase"] == "Succeeded"
+    ta = approvals_of(kubectl, namespace, "scale")[0]
+    assert ta["spec"]["decidedBy"]["username"] == "approver", "a forged decidedBy is overwritten"
+    assert ta["spec"]["votes"][0]["username"] == "approver"
+    assert ta["spec"]["votes"][0]["groups"] and "approvers" in ta["spec"]["votes"][0]["groups"]
+    assert ta["status"]["state"] == "Approved"
+    assert ta["status"]["decidedBy"]["username"] == "approver"
+    deploy = replicas(kubectl, namespace)
+    assert deploy["spec"]["replicas"] == 3 and deploy["metadata"]["generation"] == 2
+    evs = stream(r, uid)
+    approval_states = [e["data"]["state"] for e in evs if e["type"] == "approval"]
+    assert approval_states == ["pending", "approved"]
+    approved = next(
+        e["data"] for e in evs if e["type"] == "approval" and e["data"]["state"] == "approved"
+    )
+    assert approved["decidedBy"] == "approver" and approved["approval"] == name
+    tool = [(e["data"]["name"], e["data"]["status"]) for e in evs if e["type"] == "tool"]
+    assert tool == [("k8s_scale", "started"), ("k8s_scale", "succeeded")]
+    states = [e["data"]["state"] for e in evs if e["type"] == "workflow"]
+    assert "awaiting_approval" in states and "resumed" in states
+
+    # A second decision, by anyone, is refused: the approval is settled.
+    late = decide(kubectl, namespace, name, "approver2", "Denied")
+    assert late.returncode != 0 and "already" in late.stderr, late.stderr
+
+
+def test_a_denied_call_is_not_run_and_the_agent_is_told_why(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "deny"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    assert decide(kubectl, namespace, name, "approver", "Denied", comment="not now").returncode == 0
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
+    tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
+    assert tool["status"] == "denied" and tool["result"]["comment"] == "not now"
+    assert "denied by approver" in tool["result"]["error"]
+    prompts = [
+        c
+        for c in script.llm.calls
+        if any("not now" in str(m.get("content")) for m in c["messages"])
+    ]
+    assert prompts, "the agent saw the denial and its comment"
+
+
+def test_people_without_the_right_cannot_decide(
+    kubectl: Kubectl, namespace: str, agent_sa: str, script: Script
+) -> None:
+    start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "rights"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    viewer = decide(kubectl, namespace, name, "viewer", "Approved")
+    assert viewer.returncode != 0 and "forbidden" in viewer.stderr.lower()
+    assert "toolapprovals" in viewer.stderr, "RBAC, not the webhook, refused the viewer"
+    outsider = decide(kubectl, namespace, name, "creator", "Approved")
+    assert outsider.returncode != 0
+    assert "creator is not among the approvers of run scale" in outsider.stderr
+    assert "spec.approval.approvers" in outsider.stderr
+    forged_votes = kubectl.as_user("approver")(
+        "patch",
+        "ta",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps(
+            {
+                "spec": {
+                    "votes": [
+                        {"username": "boss", "decision": "Approved", "at": "2026-01-01T00:00:00Z"}
+                    ]
+                }
+            }
+        ),
+        check=False,
+    )
+    assert forged_votes.returncode == 0  # accepted, but the votes are the webhook's
+    assert approvals_of(kubectl, namespace, "scale")[0]["spec"]["votes"] == []
+    edit = kubectl.as_user("approver")(
+        "patch",
+        "ta",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        json.dumps({"spec": {"arguments": {"replicas": 100}}}),
+        check=False,
+    )
+    assert edit.returncode != 0 and "spec.arguments is written by the operator" in edit.stderr
+    assert get_run(kubectl, namespace, "scale")["status"]["phase"] == "AwaitingApproval"
+
+
+def test_the_creator_may_not_approve_their_own_run(
+    kubectl: Kubectl, namespace: str, agent_sa: str, script: Script
+) -> None:
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": "mine"},
+        "spec": {
+            "goal": scale_script(script, "self"),
+            "serviceAccountName": agent_sa,
+            "tools": ["k8s_scale"],
+        },
+    }
+    kubectl.as_user("creator")("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    run = get_run(kubectl, namespace, "mine")
+    assert run["metadata"]["annotations"]["agentrun.dev/created-by"] == "creator"
+    [name] = wait_awaiting(kubectl, namespace, "mine")
+    own = decide(kubectl, namespace, name, "creator", "Approved")
+    assert own.returncode != 0
+    assert "creator created run mine and may not approve" in own.stderr
+    assert "allowSelfApproval" in own.stderr
+    assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    assert wait_phase(kubectl, namespace, "mine", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+
+def test_a_forged_creator_annotation_is_overwritten(kubectl: Kubectl, namespace: str) -> None:
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": "forged", "annotations": {"agentrun.dev/created-by": "boss"}},
+        "spec": {"goal": marker("forged"), "stop": True},
+    }
+    kubectl.as_user("creator")("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    annotations = get_run(kubectl, namespace, "forged")["metadata"]["annotations"]
+    assert annotations["agentrun.dev/created-by"] == "creator"
+
+
+@pytest.mark.parametrize("policy", ["deny", "stop"])
+def test_an_approval_nobody_decides_expires(
+    kubectl: Kubectl,
+    namespace: str,
+    agent_sa: str,
+    r: redis_sync.Redis,
+    script: Script,
+    policy: str,
+) -> None:
+    uid = start_scaling_run(
+        kubectl,
+        namespace,
+        agent_sa,
+        scale_script(script, f"expire-{policy}"),
+        approval={"timeout": "2s", "onTimeout": policy},
+    )
+    wait_awaiting(kubectl, namespace, "scale")
+    st = wait_phase(kubectl, namespace, "scale", "Succeeded", "Stopped", "Failed", timeout=30)
+    ta = approvals_of(kubectl, namespace, "scale")[0]
+    assert ta["status"]["state"] == "Expired"
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
+    states = [e["data"]["state"] for e in stream(r, uid) if e["type"] == "approval"]
+    assert states == ["pending", "expired"]
+    if policy == "deny":
+        assert st["phase"] == "Succeeded"
+        tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
+        assert tool["status"] == "denied" and "expired" in tool["result"]["error"]
+    else:
+        assert st["phase"] == "Stopped" and st["stoppedBy"] == "approval-timeout"
+
+
+def test_stopping_a_waiting_run_cancels_its_approvals(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "stop-wait"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    kubectl.as_user("creator")(
+        "patch",
+        "agentrun",
+        "scale",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"stop":true}}',
+    )
+    st = wait_phase(kubectl, namespace, "scale", "Stopped", "Succeeded", "Failed")
+    assert st["phase"] == "Stopped" and st["stoppedBy"] == "creator"
+    assert st["pendingApprovalCount"] == 0
+    assert approvals_of(kubectl, namespace, "scale")[0]["status"]["state"] == "Cancelled"
+    evs = stream(r, uid)
+    assert [e["data"]["state"] for e in evs if e["type"] == "approval"] == ["pending", "cancelled"]
+    assert evs[-1]["data"] == {"phase": "Stopped", "result": "", "stoppedBy": "creator"}
+    late = decide(kubectl, namespace, name, "approver", "Approved")
+    assert late.returncode != 0 and "cancelled" in late.stderr
+
+
+def test_a_decision_made_while_the_operator_is_down_is_picked_up(
+    kubectl: Kubectl,
+    namespace: str,
+    agent_sa: str,
+    r: redis_sync.Redis,
+    script: Script,
+    operator: OperatorProcess,
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "down"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    operator.kill()
+    try:
+        # The webhooks have their own process: decisions are judged with the operator down.
+        assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    finally:
+        operator.start()
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    assert replicas(kubectl, namespace)["metadata"]["generation"] == 2
+    wait_event(r, uid, "the end event", lambda e: e["type"] == "end")
+
+
+def test_two_calls_in_one_turn_wait_for_both_decisions(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "two", calls=2))
+    first, second = wait_awaiting(kubectl, namespace, "scale", count=2)
+    assert decide(kubectl, namespace, first, "approver", "Approved").returncode == 0
+    wait_for(
+        "the run to count one decision",
+        lambda: get_run(kubectl, namespace, "scale")["status"].get("pendingApprovalCount") == 1,
+    )
+    assert get_run(kubectl, namespace, "scale")["status"]["phase"] == "AwaitingApproval"
+    assert decide(kubectl, namespace, second, "approver2", "Denied").returncode == 0
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    outcomes = sorted(
+        e["data"]["status"]
+        for e in stream(r, uid)
+        if e["type"] == "tool" and e["data"]["status"] != "started"
+    )
+    assert outcomes == ["denied", "succeeded"]
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 3
+
+
+def test_spec_cannot_change_after_creation_except_stop(kubectl: Kubectl, namespace: str) -> None:
+    create_run(kubectl, namespace, "fixed", goal=marker("fixed"), stop=True)
+    proc = kubectl(
+        "patch",
+        "agentrun",
+        "fixed",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"goal":"something else"}}',
+        check=False,
+    )
+    assert proc.returncode != 0 and "spec.goal" in proc.stderr and "cannot change" in proc.stderr
+    back = kubectl(
+        "patch",
+        "agentrun",
+        "fixed",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"stop":false}}',
+        check=False,
+    )
+    assert back.returncode != 0 and "cannot go back" in back.stderr
+
+
+def test_only_the_operator_creates_toolapprovals(kubectl: Kubectl, namespace: str) -> None:
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "ToolApproval",
+        "metadata": {"name": "fake"},
+        "spec": {
+            "runName": "r",
+            "callId": "c-0123456789ab",
+            "tool": "k8s_scale",
+            "decision": "Approved",
+        },
+    }
+    proc = kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert proc.returncode != 0 and "created by the agentrun operator only" in proc.stderr
