@@ -17,7 +17,7 @@ stop_pidfile() {
 }
 
 if [ "${1:-}" = "down" ]; then
-  for p in operator mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
+  for p in operator webhooks mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
   if [ -x "$PY" ]; then
     "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
   fi
@@ -48,6 +48,7 @@ else
   port=$(free_port)
   say "mock LLM (OpenAI-compatible) on 127.0.0.1:$port, 25 tokens/s"
   nohup .venv/bin/agentrun mock-llm --port "$port" --tokens-per-second 25 \
+    --script scripts/mock-llm-demo.yaml \
     > "$WORK/mockllm.log" 2>&1 &
   echo $! > "$WORK/mockllm.pid"
   echo "$port" > "$WORK/mockllm.port"
@@ -58,6 +59,37 @@ say "installing the CRDs"
 "$KUBECTL" apply -f crds/ >/dev/null
 "$KUBECTL" wait --for=condition=Established --timeout=60s \
   crd/agentruns.agentrun.dev crd/toolapprovals.agentrun.dev >/dev/null
+
+if alive "$WORK/webhooks.pid"; then
+  say "reusing the admission webhook server (log: $WORK/webhooks.log)"
+else
+  port=$(free_port)
+  say "admission webhook server on https://127.0.0.1:$port (log: $WORK/webhooks.log)"
+  # A serving certificate from the local control plane's CA, and the webhook configurations.
+  "$PY" - "$WORK" "$port" <<'PYEOF' | "$KUBECTL" apply -f - >/dev/null
+import base64, json, sys
+from pathlib import Path
+from agentrun_operator import webhooks
+from agentrun_operator.testing.controlplane import issue_server_cert
+work, port = Path(sys.argv[1]).resolve(), sys.argv[2]
+pki = work / "controlplane" / "pki"
+issue_server_cert(pki, work / "webhooks", hosts=["127.0.0.1"], name="webhooks")
+ca = base64.b64encode((pki / "ca.crt").read_bytes()).decode()
+items = webhooks.configurations(client_config={"url": f"https://127.0.0.1:{port}"}, ca_bundle=ca)
+print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+PYEOF
+  AGENTRUN_WEBHOOK_HOST=127.0.0.1 AGENTRUN_WEBHOOK_PORT="$port" \
+  AGENTRUN_WEBHOOK_CERT_FILE="$PWD/$WORK/webhooks/webhooks.crt" \
+  AGENTRUN_WEBHOOK_KEY_FILE="$PWD/$WORK/webhooks/webhooks.key" \
+  AGENTRUN_MODEL_BASE_URL="$LLM_URL" \
+    nohup "$PY" -m agentrun_operator.webhooks > "$WORK/webhooks.log" 2>&1 &
+  echo $! > "$WORK/webhooks.pid"
+  for _ in $(seq 100); do
+    curl -fsk "https://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    alive "$WORK/webhooks.pid" || { tail -30 "$WORK/webhooks.log"; exit 1; }
+    sleep 0.1
+  done
+fi
 
 if alive "$WORK/operator.pid"; then
   say "reusing the operator (log: $WORK/operator.log)"
@@ -77,6 +109,10 @@ fi
 
 say "applying examples/ in namespace $NS"
 "$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
+"$KUBECTL" apply -f manifests/rbac.yaml >/dev/null
+# The local control plane's user "approver" (group approvers) may decide approvals here.
+"$KUBECTL" create rolebinding approver -n "$NS" --clusterrole=agentrun-approver --user=approver \
+  --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 # A fresh run each time, so there is something to watch.
 "$KUBECTL" delete agentruns --all -n "$NS" --wait=true >/dev/null 2>&1 || true
 "$KUBECTL" apply -n "$NS" -f examples/
@@ -90,6 +126,9 @@ cat <<MSG
   REDIS=$REDIS_URL
   kubectl get agentruns -n $NS          # phase, step, tokens, cost
   kubectl describe agentrun $RUN -n $NS # the story as Kubernetes Events
+  kubectl get ta -n $NS                 # the scale-web run waits for an approval; decide it
+                                        # as the user "approver" (group approvers):
+  KUBECONFIG=${KUBECONFIG%/*}/approver.yaml kubectl patch ta NAME -n $NS --type merge -p '{"spec":{"decision":"Approved"}}'
   AGENTRUN_REDIS_URL=$REDIS_URL .venv/bin/agentrun watch $NS/$RUN   # replay the stream
   make demo-down                        # stop everything
 MSG

@@ -51,6 +51,60 @@ def _watch(args: argparse.Namespace) -> int:
     return 0 if phase == "Succeeded" else 1
 
 
+def _kube_namespace(given: str | None) -> str:
+    if given:
+        return given
+    # The current context's namespace, as kubectl would use it.
+    import os
+
+    import yaml
+
+    path = os.environ.get("KUBECONFIG", os.path.expanduser("~/.kube/config")).split(os.pathsep)[0]
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+        current = cfg.get("current-context")
+        for ctx in cfg.get("contexts") or []:
+            if ctx.get("name") == current:
+                return str((ctx.get("context") or {}).get("namespace") or "default")
+    except OSError:
+        pass
+    return "default"
+
+
+def _approvals(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentrun_operator import decisions
+
+    return asyncio.run(
+        decisions.list_approvals(namespace=_kube_namespace(args.namespace), everything=args.all)
+    )
+
+
+def _decide(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentrun_operator import decisions
+
+    decision = "Approved" if args.command == "approve" else "Denied"
+    try:
+        ta = asyncio.run(
+            decisions.decide(
+                namespace=_kube_namespace(args.namespace),
+                call_id=args.call_id,
+                decision=decision,
+                comment=args.comment,
+            )
+        )
+    except decisions.DecisionError as e:
+        print(f"agentrun {args.command}: {e}", file=sys.stderr)
+        return 1
+    by = ((ta.get("spec") or {}).get("decidedBy") or {}).get("username", "?")
+    print(f"{ta['metadata']['name']}: {decision.lower()} by {by}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentrun",
@@ -70,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("run", metavar="NAMESPACE/NAME")
     watch.add_argument("--redis-url", help="default: AGENTRUN_REDIS_URL")
     watch.set_defaults(func=_watch)
+    listing = sub.add_parser("approvals", help="list pending ToolApprovals")
+    listing.add_argument("-n", "--namespace", help="default: the kubeconfig context's")
+    listing.add_argument("-A", "--all", action="store_true", help="also settled ones")
+    listing.set_defaults(func=_approvals)
+    for verb in ("approve", "deny"):
+        cmd = sub.add_parser(verb, help=f"{verb} a tool call, as yourself (your kubeconfig)")
+        cmd.add_argument("call_id", metavar="CALL_ID")
+        cmd.add_argument("-n", "--namespace", help="default: the kubeconfig context's")
+        cmd.add_argument("--comment", help="a note passed to the agent")
+        cmd.set_defaults(func=_decide)
     return parser
 
 

@@ -880,12 +880,7 @@ class Registry:
             reason = reason or str(value.get("reason") or "")
         policy = spec.approval
         now = dt.datetime.now(dt.UTC)
-        existing = {
-            (ta.get("spec") or {}).get("callId"): ta
-            for ta in await self.k8s.list_toolapprovals(
-                namespace=ref.namespace, label_selector=f"{approvals.RUN_LABEL}={ref.name}"
-            )
-        }
+        existing = {(ta.get("spec") or {}).get("callId"): ta for ta in await self._approvals(ref)}
         decisions: dict[str, workflow.Decision] = {}
         waiting: list[tuple[str, dt.datetime | None]] = []
         expired_stop = False
@@ -1039,10 +1034,19 @@ class Registry:
             await self.redis.hdel(meta, "awaiting_since")
         return Command(resume=decisions)
 
-    async def _cancel_pending_approvals(self, ref: RunRef, emitter: Emitter) -> None:
-        for ta in await self.k8s.list_toolapprovals(
+    async def _approvals(self, ref: RunRef) -> list[dict[str, Any]]:
+        """This run's ToolApprovals (not those of an earlier run that had the same name)."""
+        found = await self.k8s.list_toolapprovals(
             namespace=ref.namespace, label_selector=f"{approvals.RUN_LABEL}={ref.name}"
-        ):
+        )
+        return [
+            ta
+            for ta in found
+            if any(o.get("uid") == ref.uid for o in ta["metadata"].get("ownerReferences") or [])
+        ]
+
+    async def _cancel_pending_approvals(self, ref: RunRef, emitter: Emitter) -> None:
+        for ta in await self._approvals(ref):
             if (ta.get("status") or {}).get("state") not in (None, "Pending"):
                 continue
             spec = ta.get("spec") or {}

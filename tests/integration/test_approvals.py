@@ -459,3 +459,36 @@ def test_only_the_operator_creates_toolapprovals(kubectl: Kubectl, namespace: st
     }
     proc = kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
     assert proc.returncode != 0 and "created by the agentrun operator only" in proc.stderr
+
+
+def test_the_cli_lists_and_decides_as_the_person(
+    kubectl: Kubectl, namespace: str, agent_sa: str, script: Script
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "cli"))
+    wait_awaiting(kubectl, namespace, "scale")
+    call_id = approvals_of(kubectl, namespace, "scale")[0]["spec"]["callId"]
+    env = {**os.environ, "KUBECONFIG": str(kubectl.plane.kubeconfig("approver"))}
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agentrun_operator.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = cli("approvals", "-n", namespace)
+    assert listed.returncode == 0 and call_id in listed.stdout and "k8s_scale" in listed.stdout
+    missing = cli("approve", "c-000000000000", "-n", namespace)
+    assert missing.returncode == 1 and "no ToolApproval with call id" in missing.stderr
+    done = cli("approve", call_id, "-n", namespace, "--comment", "ship it")
+    assert done.returncode == 0, done.stderr
+    assert "approved by approver" in done.stdout
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    again = cli("deny", call_id, "-n", namespace)
+    assert again.returncode == 1 and "already" in again.stderr

@@ -1,0 +1,80 @@
+"""``agentrun approvals`` / ``agentrun approve`` / ``agentrun deny``: people's side of
+ToolApprovals from the command line, as the person themselves (their kubeconfig).
+
+Owns listing approvals and patching a decision. Never writes identities: the admission
+webhook records who decided from the API server's word.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TextIO
+
+from agentrun_operator import approvals, kube
+
+
+class DecisionError(Exception):
+    pass
+
+
+async def list_approvals(
+    *, namespace: str, everything: bool = False, out: TextIO = sys.stdout
+) -> int:
+    k = await kube.Kube.from_env()
+    try:
+        items = await k.list_toolapprovals(namespace=namespace, label_selector=approvals.RUN_LABEL)
+    finally:
+        await k.close()
+    rows = [("CALL ID", "RUN", "TOOL", "STATE", "DECIDED BY", "ARGUMENTS")]
+    for ta in sorted(items, key=lambda t: t["metadata"].get("creationTimestamp", "")):
+        spec, st = ta.get("spec") or {}, ta.get("status") or {}
+        state = st.get("state") or "Pending"
+        if not everything and state != "Pending":
+            continue
+        args = ", ".join(f"{k}={v}" for k, v in (spec.get("arguments") or {}).items())
+        by = (st.get("decidedBy") or spec.get("decidedBy") or {}).get("username", "")
+        rows.append(
+            (
+                spec.get("callId", ""),
+                spec.get("runName", ""),
+                spec.get("tool", ""),
+                state,
+                by,
+                args[:60],
+            )
+        )
+    if len(rows) == 1:
+        print(f"no {'' if everything else 'pending '}approvals in namespace {namespace}", file=out)
+        return 0
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out
+        )
+    return 0
+
+
+async def decide(
+    *, namespace: str, call_id: str, decision: str, comment: str | None
+) -> dict[str, Any]:
+    """Patch ``spec.decision`` of the approval for ``call_id``; the webhook records who."""
+    k = await kube.Kube.from_env()
+    try:
+        found = await k.list_toolapprovals(
+            namespace=namespace, label_selector=f"{approvals.CALL_LABEL}={call_id}"
+        )
+        if not found:
+            raise DecisionError(
+                f"no ToolApproval with call id {call_id} in namespace {namespace} "
+                "(agentrun approvals -n NAMESPACE lists the pending ones)"
+            )
+        name = found[0]["metadata"]["name"]
+        patch: dict[str, Any] = {"spec": {"decision": decision}}
+        if comment:
+            patch["spec"]["comment"] = comment
+        try:
+            return await k.patch_toolapproval(namespace=namespace, name=name, patch=patch)
+        except kube.KubeError as e:
+            raise DecisionError(f"{name}: {e.message or e}") from e
+    finally:
+        await k.close()
