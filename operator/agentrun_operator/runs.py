@@ -575,6 +575,16 @@ class Registry:
             self._cancel(slot, by=slot.stop_by or "deletion")
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(slot.task), timeout=10)
+        # Its approvals go with it (ownerReferences); until the garbage collector gets
+        # there, nobody should see them as decidable.
+        with contextlib.suppress(Exception):
+            for ta in await self._approvals(ref):
+                if (ta.get("status") or {}).get("state") in (None, "Pending"):
+                    await self.k8s.patch_toolapproval_status(
+                        namespace=ref.namespace,
+                        name=ta["metadata"]["name"],
+                        status={"state": "Cancelled", "message": "the run was deleted"},
+                    )
         await events.delete_run_keys(self.redis, ref.uid)
 
     async def close(self) -> None:
