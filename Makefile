@@ -70,6 +70,16 @@ demo: install controlplane ## Start the local control plane, Redis, mock LLM, op
 demo-down: ## Stop everything `make demo` started
 	@scripts/demo.sh down
 
+##@ SSE server
+.PHONY: sse-dev
+sse-dev: install ## Run the SSE server on 127.0.0.1:8080 without auth (dev only; your kubeconfig)
+	$(BIN)/python -m agentrun_sse --no-auth
+
+.PHONY: bench
+bench: install controlplane ## Benchmarks: operator (stop latency, 200 runs) and SSE fan-out
+	$(BIN)/python bench/bench_operator.py
+	$(BIN)/python bench/bench_sse.py
+
 ##@ Cleanup
 .PHONY: clean
 clean: demo-down ## Remove .venv, .work and caches (not the cached Kubernetes build)

@@ -1,0 +1,299 @@
+"""Debian's real NGINX in front of the SSE server, run from ``docs/nginx.conf`` itself.
+
+Covers: with the documented config, every event comes through as soon as it is written
+(its latency through NGINX within a few milliseconds of the direct one); as a control that
+can fail, NGINX's buffering (``proxy_buffering on`` and ``proxy_ignore_headers
+X-Accel-Buffering``, since NGINX obeys the server's ``X-Accel-Buffering: no`` otherwise)
+holds the same events back and hands them over in batches; and heartbeats keep a stream
+that is idle for longer than the proxy's read timeout open, where without them NGINX cuts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import asyncio as aioredis
+
+from agentrun_operator import events
+from agentrun_operator.testing.controlplane import ControlPlane, free_port
+from agentrun_operator.testing.redisserver import RedisServer
+from agentrun_sse import settings, testing
+
+from support import Kubectl
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTED = ROOT / "docs" / "nginx.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(NGINX), reason="nginx not installed (apt-get install nginx)"
+)
+
+
+def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> settings.Settings:
+    base = settings.Settings(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_seconds=0.2,
+        redis_url=redis_url,
+        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
+    )
+    return settings.Settings(**{**base.__dict__, **kw})  # type: ignore[arg-type]
+
+
+def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:
+    manifest = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"goal": "watch me through a proxy"},
+    }
+    out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
+    return out.stdout.strip()
+
+
+def templated(*, upstream: int, listen: int, prefix: Path, edits: dict[str, str]) -> str:
+    """docs/nginx.conf with this test's ports and private paths (and any edits)."""
+    conf = DOCUMENTED.read_text()
+    replacements = {
+        "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream};",
+        "listen 8088;": f"listen 127.0.0.1:{listen};",
+        "http {": (
+            "http {\n"
+            f"    access_log {prefix}/access.log;\n"
+            f"    client_body_temp_path {prefix}/tmp/body;\n"
+            f"    proxy_temp_path {prefix}/tmp/proxy;\n"
+            f"    fastcgi_temp_path {prefix}/tmp/fastcgi;\n"
+            f"    uwsgi_temp_path {prefix}/tmp/uwsgi;\n"
+            f"    scgi_temp_path {prefix}/tmp/scgi;"
+        ),
+        **edits,
+    }
+    for old, new in replacements.items():
+        assert old in conf, f"docs/nginx.conf no longer has {old!r}; update this test"
+        conf = conf.replace(old, new, 1)
+    return conf
+
+
+@contextlib.contextmanager
+def nginx(*, upstream: int, edits: dict[str, str] | None = None) -> Iterator[str]:
+    """NGINX on a free loopback port in front of ``upstream``; yields its base URL."""
+    prefix = Path(tempfile.mkdtemp(prefix="agentrun-nginx-"))
+    # Workers drop root for `nobody`: they must reach their temp directories.
+    prefix.chmod(0o755)
+    (prefix / "tmp").mkdir(mode=0o777)
+    (prefix / "tmp").chmod(0o777)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(templated(upstream=upstream, listen=port, prefix=prefix, edits=edits or {}))
+    proc = subprocess.Popen(
+        [
+            NGINX,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            f"daemon off; pid {prefix}/nginx.pid;",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # nginx has no readiness signal but its listening socket
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
+                raise AssertionError(f"nginx exited with {proc.returncode}:\n{out}\n{log}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            assert time.monotonic() < deadline, "nginx did not listen within 10s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+async def server(
+    cluster: ControlPlane, redis_server: RedisServer
+) -> AsyncIterator[testing.LiveServer]:
+    async with testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    r = events.connect(redis_server.url)
+    yield r
+    await r.aclose()
+
+
+@pytest.fixture
+async def http(cluster: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {cluster.token('admin')}"}
+    async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+        yield c
+
+
+async def latencies(
+    http: httpx.AsyncClient,
+    *,
+    live: list[str],
+    held: str,
+    op: testing.FakeOperator,
+    n: int,
+    gap: float,
+) -> tuple[list[float], list[list[float]]]:
+    """When each of ``n`` events was written, and per URL (``live`` ones, then ``held``)
+    each one's latency (s) from its write to its arrival.
+
+    A buffering proxy holds even the response headers back until its buffer fills, so
+    ``held`` is opened without waiting for them; it replays from the run's start, so no
+    event is missed however late it attaches. The run ends after the events, so every
+    stream, buffered ones too, is complete when its response ends.
+    """
+    held_tap = testing.StreamTap(http, held)
+    opening = asyncio.create_task(held_tap.__aenter__())
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            taps = [await stack.enter_async_context(testing.StreamTap(http, u)) for u in live]
+            await asyncio.gather(*(tap.heartbeat() for tap in taps))  # live, not replaying
+            written: dict[str, float] = {}
+            pad = "z" * 100
+            for i in range(n):
+                event_id = await op.emit("token", {"text": f"{i}{pad}", "node": "act"})
+                written[event_id] = time.monotonic()
+                await asyncio.sleep(gap)  # the producer's pace, not a synchronisation
+            await op.end()
+            async with asyncio.timeout(15):
+                await opening
+            for tap in [*taps, held_tap]:
+                await tap.until_closed(timeout=15)
+            at = list(written.values())
+            return at, [
+                [tap.arrived[i] - t for i, t in written.items()] for tap in [*taps, held_tap]
+            ]
+    finally:
+        opening.cancel()
+        await held_tap.close()
+
+
+def bursts(lags: list[float], *, written: list[float]) -> int:
+    """How many separate deliveries: events written apart but arriving within 5 ms of the
+    previous one came in the same burst."""
+    arrivals = [w + lag for w, lag in zip(written, lags, strict=True)]
+    return 1 + sum(1 for a, b in itertools.pairwise(arrivals) if b - a > 0.005)
+
+
+def ms(values: list[float]) -> str:
+    return f"p50 {statistics.median(values) * 1000:.1f} ms, max {max(values) * 1000:.1f} ms"
+
+
+async def test_events_arrive_through_the_documented_config_unbatched_and_batched_by_default(
+    server: testing.LiveServer,
+    http: httpx.AsyncClient,
+    kubectl: Kubectl,
+    namespace: str,
+    redis: aioredis.Redis,
+) -> None:
+    uid = create_run(kubectl, namespace)
+    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    path = events.stream_path(namespace, "r1")
+    # NGINX's defaults (buffering, HTTP/1.0 upstream), told to ignore X-Accel-Buffering,
+    # plus gzip for event streams, the usual way such a proxy ends up batching: without a
+    # flush from an unbuffered upstream, gzip holds output until its buffers fill. (Plain
+    # buffering alone hands small reads on at once often enough to make a flaky control.)
+    defaults = {
+        "proxy_buffering off;": "proxy_buffering on;\n"
+        "            proxy_ignore_headers X-Accel-Buffering;\n"
+        "            gzip on; gzip_proxied any; gzip_min_length 1;\n"
+        "            gzip_types text/event-stream;",
+        "proxy_http_version 1.1;": "",
+        'proxy_set_header Connection "";': "",
+        "keepalive 16;": "",
+    }
+    n, gap = 40, 0.02
+    with (
+        nginx(upstream=server.port) as documented,
+        nginx(upstream=server.port, edits=defaults) as buffering,
+    ):
+        written, (direct, proxied, batched) = await latencies(
+            http,
+            live=[server.url + path, documented + path],
+            held=buffering + path,
+            op=op,
+            n=n,
+            gap=gap,
+        )
+    report = f"direct {ms(direct)}; documented {ms(proxied)}; buffering {ms(batched)}"
+    print(report)
+    # Through the documented config: each event on its own, as fast as direct.
+    assert statistics.median(proxied) - statistics.median(direct) < 0.010, report
+    assert all(p - d < 0.050 for p, d in zip(proxied, direct, strict=True)), report
+    assert bursts(proxied, written=written) >= n * 3 // 4, report
+    # The control: held back and handed over in a few batches.
+    assert bursts(batched, written=written) <= n // 4, report
+    assert statistics.median(batched) > 0.100, report
+
+
+async def test_heartbeats_keep_an_idle_stream_open_past_the_proxy_read_timeout(
+    cluster: ControlPlane,
+    redis_server: RedisServer,
+    http: httpx.AsyncClient,
+    kubectl: Kubectl,
+    namespace: str,
+    redis: aioredis.Redis,
+) -> None:
+    uid = create_run(kubectl, namespace)
+    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    path = events.stream_path(namespace, "r1") + "?replay=none"
+    short = {"proxy_read_timeout 3600s;": "proxy_read_timeout 1s;"}
+    beating = testing.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=0.25))
+    silent = testing.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=60))
+    async with beating, silent:
+        with (
+            nginx(upstream=beating.port, edits=short) as with_beats,
+            nginx(upstream=silent.port, edits=short) as without,
+        ):
+            async with (
+                testing.StreamTap(http, with_beats + path) as kept,
+                testing.StreamTap(http, without + path) as cut,
+            ):
+                opened = time.monotonic()
+                # Without heartbeats NGINX ends the stream after its 1 s read timeout...
+                assert await cut.until_closed(timeout=10, heartbeats=True) == []
+                assert 0.9 < time.monotonic() - opened < 5
+                # ...while the one with heartbeats lives on past it, idle but for them.
+                beats = 0
+                while time.monotonic() - opened < 2.5:
+                    await kept.heartbeat(timeout=2)
+                    beats += 1
+                assert beats >= 5 and not kept.closed
+                event_id = await op.emit("token", {"text": "still here", "node": "act"})
+                msg = await kept.next()
+                assert msg.id == event_id
