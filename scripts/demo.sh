@@ -17,7 +17,7 @@ stop_pidfile() {
 }
 
 if [ "${1:-}" = "down" ]; then
-  for p in operator webhooks mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
+  for p in sse operator webhooks mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
   if [ -x "$PY" ]; then
     "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
   fi
@@ -107,6 +107,23 @@ else
   done
 fi
 
+if alive "$WORK/sse.pid"; then
+  say "reusing the SSE server and web UI on port $(cat "$WORK/sse.port")"
+else
+  port=$(free_port)
+  say "SSE server and web UI on http://127.0.0.1:$port (log: $WORK/sse.log)"
+  AGENTRUN_REDIS_URL="$REDIS_URL" AGENTRUN_SSE_HOST=127.0.0.1 AGENTRUN_SSE_PORT="$port" \
+    nohup "$PY" -m agentrun_sse --kubeconfig "$KUBECONFIG" > "$WORK/sse.log" 2>&1 &
+  echo $! > "$WORK/sse.pid"
+  echo "$port" > "$WORK/sse.port"
+  for _ in $(seq 100); do
+    curl -fs "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break
+    alive "$WORK/sse.pid" || { tail -30 "$WORK/sse.log"; exit 1; }
+    sleep 0.1
+  done
+fi
+UI="http://127.0.0.1:$(cat "$WORK/sse.port")/"
+
 say "applying examples/ in namespace $NS"
 "$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f - >/dev/null
 "$KUBECTL" apply -f manifests/rbac.yaml >/dev/null
@@ -121,6 +138,10 @@ AGENTRUN_REDIS_URL="$REDIS_URL" .venv/bin/agentrun watch "$NS/$RUN" || true
 echo
 "$KUBECTL" get agentruns -n "$NS"
 cat <<MSG
+
+  Web UI: $UI
+    log in with a token of the local control plane: agentrun-approver-token (user
+    "approver", may decide approvals here) or agentrun-admin-token (admin)
 
   KUBECONFIG=$KUBECONFIG
   REDIS=$REDIS_URL

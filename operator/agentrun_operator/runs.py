@@ -808,6 +808,7 @@ class Registry:
                     streamPath=events.stream_path(ref.namespace, ref.name),
                     pendingApprovals=[],
                     pendingApprovalCount=0,
+                    createdBy=_annotation(body, approvals.CREATED_BY),
                 )
                 await self.k8s.post_event(
                     involved=ref.involved(),
@@ -1254,9 +1255,14 @@ def _uncancel() -> None:
         task.uncancel()
 
 
+def _annotation(body: Mapping[str, Any], key: str) -> str | None:
+    """An identity annotation the admission webhook wrote (None when absent or empty)."""
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(key)
+    return str(value) if value else None
+
+
 def _stopped_by(body: Mapping[str, Any]) -> str | None:
-    annotations = (body.get("metadata") or {}).get("annotations") or {}
-    return annotations.get("agentrun.dev/stopped-by")
+    return _annotation(body, approvals.STOPPED_BY)
 
 
 def _parse_time(value: Any) -> dt.datetime | None:

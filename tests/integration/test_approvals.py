@@ -297,6 +297,7 @@ def test_the_creator_may_not_approve_their_own_run(
     run = get_run(kubectl, namespace, "mine")
     assert run["metadata"]["annotations"]["agentrun.dev/created-by"] == "creator"
     [name] = wait_awaiting(kubectl, namespace, "mine")
+    assert get_run(kubectl, namespace, "mine")["status"]["createdBy"] == "creator"
     own = decide(kubectl, namespace, name, "creator", "Approved")
     assert own.returncode != 0
     assert "creator created run mine and may not approve" in own.stderr
