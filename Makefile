@@ -80,8 +80,26 @@ bench: install controlplane ## Benchmarks: operator (stop latency, 200 runs) and
 	$(BIN)/python bench/bench_operator.py
 	$(BIN)/python bench/bench_sse.py
 
+##@ Image
+IMAGE ?= agentrun:dev
+
+.PHONY: wheelhouse
+wheelhouse: install ## Wheels of agentrun and every dependency, for an offline image build
+	rm -rf dist/wheelhouse && mkdir -p dist/wheelhouse
+	$(BIN)/pip wheel -q --wheel-dir dist/wheelhouse .
+
+.PHONY: image
+image: install ## Build the image with buildah on a debootstrap base (no Docker, no registry)
+	scripts/build-image.sh localhost/$(IMAGE) .work/images/agentrun.tar
+
+.PHONY: deploy
+deploy: ## Install or upgrade the chart in the current KUBECONFIG (CRDs first: Helm never upgrades them)
+	kubectl apply --server-side --force-conflicts -f crds/
+	$$(scripts/get-helm.sh) upgrade --install agentrun charts/agentrun \
+	  --namespace agentrun-system --create-namespace $(HELM_ARGS)
+
 ##@ Cleanup
 .PHONY: clean
 clean: demo-down ## Remove .venv, .work and caches (not the cached Kubernetes build)
-	rm -rf $(VENV) .work .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .work dist .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +
