@@ -11,8 +11,8 @@ RUN python3 -m venv /opt/agentrun \
  && /opt/agentrun/bin/pip install --no-index --no-cache-dir --find-links /tmp/wheels agentrun \
  && rm -rf /tmp/wheels \
  && /opt/agentrun/bin/python -m compileall -q /opt/agentrun/lib \
- && (getent group agentrun || groupadd --system --gid 10001 agentrun) \
- && (getent passwd agentrun || useradd --system --uid 10001 --gid 10001 --no-create-home \
+ && (getent group agentrun || groupadd --gid 10001 agentrun) \
+ && (getent passwd agentrun || useradd --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin agentrun)
 
 ENV PATH=/opt/agentrun/bin:$PATH \

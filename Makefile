@@ -86,7 +86,9 @@ IMAGE ?= agentrun:dev
 .PHONY: wheelhouse
 wheelhouse: install ## Wheels of agentrun and every dependency, for an offline image build
 	rm -rf dist/wheelhouse && mkdir -p dist/wheelhouse
-	$(BIN)/pip wheel -q --wheel-dir dist/wheelhouse .
+	# async-timeout: redis needs it on Python < 3.11.3 (Debian bookworm's 3.11.2), which the
+	# host's resolver (a newer 3.11) leaves out.
+	$(BIN)/pip wheel -q --wheel-dir dist/wheelhouse . "async-timeout>=4.0.3"
 
 .PHONY: image
 image: install ## Build the image with buildah on a debootstrap base (no Docker, no registry)
