@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 from redis import asyncio as aioredis
 
-from agentrun_operator import checkpoint, config, events, kube, models, runs
+from agentrun_operator import checkpoint, config, events, kube, metrics, models, runs
 
 GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
 FINALIZER = "agentrun.dev/finalizer"
@@ -51,6 +51,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    metrics.serve(host=cfg.health_host, port=cfg.metrics_port)
     k = await kube.Kube.from_env()
     redis = events.connect(cfg.redis_url)
     registry = runs.Registry(

@@ -26,7 +26,18 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 from redis import asyncio as aioredis
 
-from agentrun_operator import approvals, config, events, kube, llm, models, status, tools, workflow
+from agentrun_operator import (
+    approvals,
+    config,
+    events,
+    kube,
+    llm,
+    models,
+    status,
+    tools,
+    workflow,
+)
+from agentrun_operator import metrics as prom
 
 log = logging.getLogger("agentrun.runs")
 
@@ -346,6 +357,16 @@ class RunDeps:
             ) from e
         await self._emitter.flush()
         self.usage.add(metrics)
+        prom.llm_call(
+            namespace=self.namespace,
+            model=self._model_name,
+            input_tokens=metrics.input_tokens,
+            output_tokens=metrics.output_tokens,
+            cached_tokens=metrics.cached_tokens,
+            cost_usd=metrics.cost_usd,
+            ttft_ms=metrics.ttft_ms,
+            ttr_ms=metrics.ttr_ms,
+        )
         await self._emitter.emit(
             "metrics",
             {
@@ -409,6 +430,7 @@ class RunDeps:
             await self._emitter.emit(
                 "tool", {**base, "status": "denied", "result": json.loads(content), "durationMs": 0}
             )
+            prom.TOOL_CALLS.labels(name, "denied").inc()
             await self._record(call_id, {"state": "done", "content": content})
             return content
         started = time.monotonic()
@@ -448,6 +470,7 @@ class RunDeps:
                 max_bytes=self._settings.tool_result_max_bytes,
             )
         self.usage.tool_calls += 1
+        prom.TOOL_CALLS.labels(name, outcome.status).inc()
         payload: dict[str, Any] = {
             **base,
             "status": outcome.status,
@@ -630,14 +653,20 @@ class Registry:
                 backoff = min(backoff * 2, 10)
 
     # -- internals ----------------------------------------------------------------------
+    def _gauges(self) -> None:
+        prom.RUNS_ACTIVE.labels("running").set(len(self.running))
+        prom.RUNS_ACTIVE.labels("queued").set(len(self.queued))
+
     def _start(self, ref: RunRef) -> None:
         task = asyncio.create_task(self._run(ref), name=f"agentrun:{ref.key}")
         self.running[ref.uid] = _Slot(ref=ref, task=task)
+        self._gauges()
         uid = ref.uid
         task.add_done_callback(lambda t: self._done(uid, t))
 
     def _done(self, uid: str, task: asyncio.Task[None]) -> None:
         self.running.pop(uid, None)
+        self._gauges()
         if not task.cancelled() and task.exception() is not None:
             log.error("run task %s crashed", task.get_name(), exc_info=task.exception())
         if self._closing or not self.queued:
@@ -956,6 +985,11 @@ class Registry:
                 settled.outcome
             ]
             if (ta.get("status") or {}).get("state") != state:
+                created = approvals.parse_time(ta["metadata"].get("creationTimestamp"))
+                if created is not None:
+                    prom.APPROVAL_WAIT.labels(ref.namespace, item["tool"], settled.outcome).observe(
+                        max(0.0, (now - created).total_seconds())
+                    )
                 decided_by = (ta.get("spec") or {}).get("decidedBy") or {"username": settled.by}
                 approved, _ = approvals.tally(settled.voters)
                 await self.k8s.patch_toolapproval_status(
@@ -1165,6 +1199,7 @@ class Registry:
     ) -> None:
         state = {"Succeeded": "succeeded", "Failed": "failed", "Stopped": "stopped"}[phase]
         self.expiries.pop(ref.uid, None)
+        prom.RUNS_FINISHED.labels(ref.namespace, phase).inc()
         with contextlib.suppress(kube.KubeError):
             await self._cancel_pending_approvals(ref, emitter)
         await emitter.workflow(state, node="", step=emitter.step)

@@ -99,6 +99,37 @@ def test_a_run_goes_from_apply_to_succeeded_with_every_event_in_order(
     assert "run started" in described and "Succeeded" in described
 
 
+def test_metrics_after_a_run_show_its_tokens_cost_and_ttft(
+    kubectl: Kubectl, namespace: str, operator: OperatorProcess
+) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    create_run(kubectl, namespace, "counted", goal=marker("metrics") + " look")
+    st = wait_phase(kubectl, namespace, "counted", "Succeeded", "Failed")
+    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    usage = st["usage"]
+    ns = {"namespace": namespace, "model": "mock"}
+    assert value("agentrun_tokens_total", kind="input", **ns) == usage["inputTokens"]
+    assert value("agentrun_tokens_total", kind="output", **ns) == usage["outputTokens"]
+    assert value("agentrun_llm_calls_total", **ns) == usage["llmCalls"]
+    assert abs(value("agentrun_cost_usd_total", **ns) - usage["costUSD"]) < 1e-9
+    assert value("agentrun_llm_ttft_seconds_count", model="mock") >= usage["llmCalls"]
+    assert value("agentrun_runs_finished_total", namespace=namespace, phase="Succeeded") == 1
+
+
 def test_the_operator_never_writes_spec(kubectl: Kubectl, namespace: str) -> None:
     create_run(kubectl, namespace, "gitops", goal=marker("gitops") + " look around")
     wait_phase(kubectl, namespace, "gitops", "Succeeded", "Failed")

@@ -44,6 +44,7 @@ class OperatorProcess:
         self.plane = plane
         self.workdir = workdir
         self.health_port = free_port()
+        self.metrics_port = free_port()
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")},
             "KUBECONFIG": str(plane.kubeconfig(user)),
@@ -53,6 +54,7 @@ class OperatorProcess:
             "AGENTRUN_OPERATOR_ID": operator_id,
             "AGENTRUN_HEALTH_HOST": "127.0.0.1",
             "AGENTRUN_HEALTH_PORT": str(self.health_port),
+            "AGENTRUN_METRICS_PORT": str(self.metrics_port),
             "AGENTRUN_STATUS_INTERVAL_SECONDS": "0.5",
             "AGENTRUN_LEASE_SECONDS": "5",
             **(env or {}),
