@@ -88,6 +88,30 @@ def _decide(args: argparse.Namespace) -> int:
     from agentrun_operator import decisions
 
     decision = "Approved" if args.command == "approve" else "Denied"
+    if args.all:
+        if not args.run or args.call_id:
+            print(
+                f"agentrun {args.command}: --all needs --run NAMESPACE/NAME and no CALL_ID",
+                file=sys.stderr,
+            )
+            return 2
+        namespace, _, run = args.run.rpartition("/")
+        results = asyncio.run(
+            decisions.decide_all(
+                namespace=namespace or _kube_namespace(args.namespace),
+                run=run,
+                decision=decision,
+                comment=args.comment,
+            )
+        )
+        if not results:
+            print(f"no pending approvals for run {args.run}")
+        for name, error in results:
+            print(f"{name}: {'refused: ' + error if error else decision.lower()}")
+        return 1 if any(error for _, error in results) else 0
+    if not args.call_id:
+        print(f"agentrun {args.command}: give a CALL_ID, or --run NS/NAME --all", file=sys.stderr)
+        return 2
     try:
         ta = asyncio.run(
             decisions.decide(
@@ -130,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(func=_approvals)
     for verb in ("approve", "deny"):
         cmd = sub.add_parser(verb, help=f"{verb} a tool call, as yourself (your kubeconfig)")
-        cmd.add_argument("call_id", metavar="CALL_ID")
+        cmd.add_argument("call_id", metavar="CALL_ID", nargs="?")
+        cmd.add_argument("--run", metavar="NAMESPACE/NAME", help="with --all: that run's calls")
+        cmd.add_argument("--all", action="store_true", help="every pending call of --run")
         cmd.add_argument("-n", "--namespace", help="default: the kubeconfig context's")
         cmd.add_argument("--comment", help="a note passed to the agent")
         cmd.set_defaults(func=_decide)

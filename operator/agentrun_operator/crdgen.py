@@ -230,6 +230,8 @@ def toolapproval_crd() -> Schema:
             {"name": "Tool", "type": "string", "jsonPath": ".spec.tool"},
             {"name": "State", "type": "string", "jsonPath": ".status.state"},
             {"name": "Decided-By", "type": "string", "jsonPath": ".status.decidedBy.username"},
+            {"name": "Votes", "type": "integer", "jsonPath": ".status.approvals"},
+            {"name": "Needed", "type": "integer", "jsonPath": ".status.approvalsNeeded"},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

@@ -78,3 +78,33 @@ async def decide(
             raise DecisionError(f"{name}: {e.message or e}") from e
     finally:
         await k.close()
+
+
+async def decide_all(
+    *, namespace: str, run: str, decision: str, comment: str | None
+) -> list[tuple[str, str | None]]:
+    """Decide every pending approval of ``run``; each gets its own recorded vote.
+
+    Returns (approval name, error or None) per approval, so one refusal (say, a call the
+    person already decided) does not hide the others.
+    """
+    k = await kube.Kube.from_env()
+    results: list[tuple[str, str | None]] = []
+    try:
+        found = await k.list_toolapprovals(
+            namespace=namespace, label_selector=f"{approvals.RUN_LABEL}={run}"
+        )
+        pending = [ta for ta in found if (ta.get("status") or {}).get("state") in (None, "Pending")]
+        for ta in sorted(pending, key=lambda t: t["metadata"]["name"]):
+            name = ta["metadata"]["name"]
+            patch: dict[str, Any] = {"spec": {"decision": decision}}
+            if comment:
+                patch["spec"]["comment"] = comment
+            try:
+                await k.patch_toolapproval(namespace=namespace, name=name, patch=patch)
+                results.append((name, None))
+            except kube.KubeError as e:
+                results.append((name, e.message or str(e)))
+    finally:
+        await k.close()
+    return results

@@ -40,6 +40,12 @@ from agentrun_operator import (
 from agentrun_operator import metrics as prom
 
 log = logging.getLogger("agentrun.runs")
+audit_log = logging.getLogger("agentrun.audit")
+
+
+def audit(action: str, **fields: Any) -> None:
+    """One structured JSON line per decision and stop, for log pipelines."""
+    audit_log.info(json.dumps({"audit": action, "at": events.now_rfc3339(), **fields}))
 
 
 def _parse_duration(text: str) -> float:
@@ -985,6 +991,19 @@ class Registry:
                 settled.outcome
             ]
             if (ta.get("status") or {}).get("state") != state:
+                audit(
+                    "approval",
+                    run=ref.key,
+                    approval=name,
+                    callId=call_id,
+                    tool=item["tool"],
+                    outcome=settled.outcome,
+                    by=settled.by,
+                    votes=[
+                        {k: v.get(k) for k in ("username", "decision", "comment")}
+                        for v in settled.voters
+                    ],
+                )
                 created = approvals.parse_time(ta["metadata"].get("creationTimestamp"))
                 if created is not None:
                     prom.APPROVAL_WAIT.labels(ref.namespace, item["tool"], settled.outcome).observe(
@@ -1200,6 +1219,8 @@ class Registry:
         state = {"Succeeded": "succeeded", "Failed": "failed", "Stopped": "stopped"}[phase]
         self.expiries.pop(ref.uid, None)
         prom.RUNS_FINISHED.labels(ref.namespace, phase).inc()
+        if phase == "Stopped":
+            audit("stop", run=ref.key, by=stopped_by or "", reason=message)
         with contextlib.suppress(kube.KubeError):
             await self._cancel_pending_approvals(ref, emitter)
         await emitter.workflow(state, node="", step=emitter.step)

@@ -493,3 +493,85 @@ def test_the_cli_lists_and_decides_as_the_person(
     assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
     again = cli("deny", call_id, "-n", namespace)
     assert again.returncode == 1 and "already" in again.stderr
+
+
+def test_a_quorum_of_two_needs_two_different_people(
+    kubectl: Kubectl,
+    namespace: str,
+    agent_sa: str,
+    r: redis_sync.Redis,
+    script: Script,
+    operator: OperatorProcess,
+) -> None:
+    uid = start_scaling_run(
+        kubectl, namespace, agent_sa, scale_script(script, "quorum"), approval={"minApprovals": 2}
+    )
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    wait_for(
+        "one vote counted",
+        lambda: approvals_of(kubectl, namespace, "scale")[0]["status"].get("approvals") == 1,
+    )
+    ta = approvals_of(kubectl, namespace, "scale")[0]
+    assert ta["status"]["state"] == "Pending" and ta["status"]["approvalsNeeded"] == 1
+    header, row = kubectl("get", "ta", name, "-n", namespace).stdout.splitlines()[:2]
+    at = header.index("VOTES")  # columns are aligned; DECIDED-BY is still empty here
+    assert row[at:].split()[:2] == ["1", "1"], (header, row)
+    twice = decide(kubectl, namespace, name, "approver", "Approved")
+    assert twice.returncode != 0 and "one vote per person" in twice.stderr
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
+    assert decide(kubectl, namespace, name, "approver2", "Approved").returncode == 0
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    deploy = replicas(kubectl, namespace)
+    assert deploy["spec"]["replicas"] == 3 and deploy["metadata"]["generation"] == 2
+    approved = next(
+        e["data"]
+        for e in stream(r, uid)
+        if e["type"] == "approval" and e["data"]["state"] == "approved"
+    )
+    assert approved["decidedBy"] == "approver, approver2"
+    logged = [
+        json.loads(line.split("] ", 1)[1].split(" ", 0)[0][line.split("] ", 1)[1].index("{") :])
+        for line in operator.log_path.read_text().splitlines()
+        if '"audit": "approval"' in line
+    ]
+    mine = [a for a in logged if a["approval"] == name]
+    assert mine and mine[0]["by"] == "approver, approver2"
+    assert [v["username"] for v in mine[0]["votes"]] == ["approver", "approver2"]
+
+
+def test_approve_all_decides_every_pending_call_each_with_its_own_vote(
+    kubectl: Kubectl, namespace: str, agent_sa: str, script: Script
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "all", calls=3))
+    names = wait_awaiting(kubectl, namespace, "scale", count=3)
+    env = {**os.environ, "KUBECONFIG": str(kubectl.plane.kubeconfig("approver"))}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentrun_operator.cli",
+            "approve",
+            "--run",
+            f"{namespace}/scale",
+            "--all",
+            "--comment",
+            "batch",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert sorted(line.split(":")[0] for line in done.stdout.splitlines()) == sorted(names)
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    for ta in approvals_of(kubectl, namespace, "scale"):
+        assert ta["status"]["state"] == "Approved"
+        assert [v["username"] for v in ta["spec"]["votes"]] == ["approver"]
+        assert ta["spec"]["votes"][0]["comment"] == "batch"
+    assert replicas(kubectl, namespace)["metadata"]["generation"] == 4, "three scales, once each"

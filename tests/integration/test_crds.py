@@ -175,7 +175,7 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -
     assert header == ["NAME", "PHASE", "STEP", "APPROVALS", "TOKENS", "COST", "AGE"]
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(toolapproval()))
     header = kubectl("get", "ta", "-n", namespace).stdout.splitlines()[0].split()
-    assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "AGE"]
+    assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "VOTES", "NEEDED", "AGE"]
 
 
 def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl) -> None:

@@ -86,7 +86,15 @@ def test_printer_columns_match_the_design() -> None:
     columns = CRDS["AgentRun"]()["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in columns] == ["Phase", "Step", "Approvals", "Tokens", "Cost", "Age"]
     columns = CRDS["ToolApproval"]()["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Run", "Tool", "State", "Decided-By", "Age"]
+    assert [c["name"] for c in columns] == [
+        "Run",
+        "Tool",
+        "State",
+        "Decided-By",
+        "Votes",
+        "Needed",
+        "Age",
+    ]
 
 
 def test_check_mode_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
