@@ -118,6 +118,27 @@ def rbac(kubectl: Kubectl) -> None:
     kubectl("apply", "-f", str(ROOT / "manifests" / "rbac.yaml"))
     for user in ("agentrun-operator", "agentrun-webhooks"):
         kubectl("create", "clusterrolebinding", user, f"--clusterrole={user}", f"--user={user}")
+    # As the chart does: the operator reads its notification routes, and nothing else there.
+    kubectl("create", "namespace", "agentrun-system", check=False)
+    kubectl(
+        "create",
+        "role",
+        "agentrun-notifications",
+        "-n",
+        "agentrun-system",
+        "--verb=get",
+        "--resource=configmaps",
+        "--resource-name=agentrun-notifications",
+    )
+    kubectl(
+        "create",
+        "rolebinding",
+        "agentrun-notifications",
+        "-n",
+        "agentrun-system",
+        "--role=agentrun-notifications",
+        "--user=agentrun-operator",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -199,6 +220,9 @@ def operator(
             "AGENTRUN_LLM_MAX_RETRIES": "0",
             # Only its own namespaces: other tests create AgentRuns it must not run.
             "AGENTRUN_NAMESPACES": "op-*",
+            "AGENTRUN_NOTIFY_CONFIGMAP": "agentrun-system/agentrun-notifications",
+            "AGENTRUN_NOTIFY_REFRESH_SECONDS": "0.5",
+            "AGENTRUN_UI_URL": "https://agentrun.example.com",
         },
     )
     proc.start()

@@ -91,6 +91,16 @@ class Settings(BaseModel):
     redis_cleanup_seconds: float = Field(default=30.0, ge=0, alias="AGENTRUN_REDIS_CLEANUP_SECONDS")
 
     operator_usernames: list[str] = Field(default_factory=list, alias="AGENTRUN_OPERATOR_USERNAMES")
+    notify_configmap: str = Field(
+        default="",
+        alias="AGENTRUN_NOTIFY_CONFIGMAP",
+        pattern=r"^$|^[a-z0-9-]+/[a-z0-9.-]+$",
+        description="namespace/name of the ConfigMap with notification routes",
+    )
+    notify_refresh_seconds: float = Field(
+        default=30.0, gt=0, alias="AGENTRUN_NOTIFY_REFRESH_SECONDS"
+    )
+    ui_url: str = Field(default="", alias="AGENTRUN_UI_URL")
     webhook_host: str = Field(default="0.0.0.0", alias="AGENTRUN_WEBHOOK_HOST")
     webhook_port: int = Field(default=9443, ge=1, le=65535, alias="AGENTRUN_WEBHOOK_PORT")
     webhook_cert_file: str = Field(default="", alias="AGENTRUN_WEBHOOK_CERT_FILE")

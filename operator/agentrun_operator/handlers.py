@@ -16,7 +16,7 @@ from typing import Any
 import kopf
 from redis import asyncio as aioredis
 
-from agentrun_operator import checkpoint, config, events, kube, metrics, models, runs
+from agentrun_operator import checkpoint, config, events, kube, metrics, models, notify, runs
 
 GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
 FINALIZER = "agentrun.dev/finalizer"
@@ -28,8 +28,7 @@ class State:
     kube: kube.Kube
     redis: aioredis.Redis
     registry: runs.Registry
-    control: asyncio.Task[None]
-    expiries: asyncio.Task[None]
+    background: list[asyncio.Task[None]]
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -59,14 +58,25 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
     expiries = asyncio.create_task(registry.watch_expiries(), name="agentrun-expiries")
-    memo["agentrun"] = State(cfg, k, redis, registry, control, expiries)
+    background = [control, expiries]
+    if cfg.notify_configmap:
+        registry.notifier = notify.Notifier(
+            k8s=k,
+            configmap=cfg.notify_configmap,
+            ui_url=cfg.ui_url,
+            refresh_seconds=cfg.notify_refresh_seconds,
+        )
+        background.append(asyncio.create_task(registry.notifier.run(), name="agentrun-notify"))
+    memo["agentrun"] = State(cfg, k, redis, registry, background)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     await state.registry.close()
-    for task in (state.control, state.expiries):
+    if state.registry.notifier is not None:
+        await state.registry.notifier.drain()
+    for task in state.background:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

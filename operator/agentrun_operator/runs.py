@@ -33,6 +33,7 @@ from agentrun_operator import (
     kube,
     llm,
     models,
+    notify,
     status,
     tools,
     workflow,
@@ -516,6 +517,7 @@ class Registry:
     k8s: kube.Kube
     redis: aioredis.Redis
     saver: Any
+    notifier: notify.Notifier | None = None
     running: dict[str, _Slot] = field(default_factory=dict)
     queued: dict[str, RunRef] = field(default_factory=dict)
     ttl_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
@@ -659,6 +661,12 @@ class Registry:
                 backoff = min(backoff * 2, 10)
 
     # -- internals ----------------------------------------------------------------------
+    def _notify(self, ref: RunRef, event: str, text: str, **fields: Any) -> None:
+        if self.notifier is not None:
+            self.notifier.publish(
+                namespace=ref.namespace, event=event, text=text, run=ref.name, **fields
+            )
+
     def _gauges(self) -> None:
         prom.RUNS_ACTIVE.labels("running").set(len(self.running))
         prom.RUNS_ACTIVE.labels("queued").set(len(self.queued))
@@ -970,6 +978,16 @@ class Registry:
                         "decidedBy": "",
                     },
                 )
+                self._notify(
+                    ref,
+                    "approval.pending",
+                    f"Run {ref.key} wants to call {item['tool']} "
+                    f"{json.dumps(item.get('arguments') or {})}: approve or deny {name}",
+                    approval=name,
+                    callId=call_id,
+                    tool=item["tool"],
+                    state="pending",
+                )
             settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
             if settled is None:
                 votes = (ta.get("spec") or {}).get("votes") or []
@@ -1033,6 +1051,17 @@ class Registry:
                         "state": settled.outcome,
                         "decidedBy": settled.by if settled.outcome != "expired" else "",
                     },
+                )
+                self._notify(
+                    ref,
+                    "approval.expired" if settled.outcome == "expired" else "approval.decided",
+                    f"{item['tool']} call of run {ref.key} {settled.outcome}"
+                    + (f" by {settled.by}" if settled.outcome != "expired" else ""),
+                    approval=name,
+                    callId=call_id,
+                    tool=item["tool"],
+                    state=settled.outcome,
+                    by=settled.by if settled.outcome != "expired" else "",
                 )
                 await self.k8s.post_event(
                     involved=ref.involved(),
@@ -1219,6 +1248,13 @@ class Registry:
         state = {"Succeeded": "succeeded", "Failed": "failed", "Stopped": "stopped"}[phase]
         self.expiries.pop(ref.uid, None)
         prom.RUNS_FINISHED.labels(ref.namespace, phase).inc()
+        self._notify(
+            ref,
+            "run.finished",
+            f"Run {ref.key} {phase.lower()}: {message}",
+            phase=phase,
+            stoppedBy=stopped_by or "",
+        )
         if phase == "Stopped":
             audit("stop", run=ref.key, by=stopped_by or "", reason=message)
         with contextlib.suppress(kube.KubeError):

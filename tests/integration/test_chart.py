@@ -136,9 +136,33 @@ def test_ingress_and_gateway_carry_the_stream_settings(helm: Helm) -> None:
     assert route["spec"]["rules"][0]["timeouts"]["request"] == "3600s"
 
 
+def test_notification_routes_render_into_the_configmap_the_operator_reads(helm: Helm) -> None:
+    from agentrun_operator import notify
+
+    docs = render(
+        helm,
+        "notifications.enabled=true",
+        "notifications.routes[0].url=https://hooks.example.com/x",
+        "notifications.routes[0].format=slack",
+    )
+    cm = next(d for d in docs if d["kind"] == "ConfigMap")
+    [route] = notify.parse_routes(cm["data"]["routes.yaml"])
+    assert route.url == "https://hooks.example.com/x" and route.format == "slack"
+    operator = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    env = {
+        e["name"]: e.get("value")
+        for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["AGENTRUN_NOTIFY_CONFIGMAP"] == f"agentrun-system/{cm['metadata']['name']}"
+
+
 def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kubectl) -> None:
     kubectl("create", "namespace", "agentrun-system", check=False)
-    docs = render(helm, "redis.persistence.enabled=true")
+    docs = render(
+        helm, "redis.persistence.enabled=true", "notifications.enabled=true", "ingress.enabled=true"
+    )
     proc = kubectl(
         "apply",
         "--dry-run=server",
