@@ -175,3 +175,28 @@ def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kub
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("(server dry run)") == len(docs)
+
+
+def test_the_dashboard_graphs_metrics_the_operator_exports(helm: Helm) -> None:
+    import re
+
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from agentrun_operator import metrics
+
+    docs = render(helm, "grafanaDashboard.enabled=true", "serviceMonitor.enabled=true")
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"])
+    dashboard = json.loads(cm["data"]["agentrun.json"])
+    exported = {
+        m.describe()[0].name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+    }
+
+    used = {
+        re.sub(r"_(bucket|total|count|sum)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"agentrun_[a-z_]+", target["expr"])
+    }
+    assert used and used <= {re.sub(r"_total$", "", n) for n in exported}, used - exported
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
