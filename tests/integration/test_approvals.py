@@ -575,3 +575,35 @@ def test_approve_all_decides_every_pending_call_each_with_its_own_vote(
         assert [v["username"] for v in ta["spec"]["votes"]] == ["approver"]
         assert ta["spec"]["votes"][0]["comment"] == "batch"
     assert replicas(kubectl, namespace)["metadata"]["generation"] == 4, "three scales, once each"
+
+
+async def test_stopped_by_names_the_real_user_through_the_http_api(
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    redis_server: Any,
+) -> None:
+    import httpx
+
+    from agentrun_sse import settings, testing
+
+    goal = script.add(marker("http-stop"), [{"hang": True}])
+    create_run(kubectl, namespace, "viaapi", goal=goal)
+    wait_for("the model call", lambda: script.calls_for(goal) >= 1)
+    conf = settings.Settings(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_seconds=1,
+        redis_url=redis_server.url,
+        kube=settings.KubeTarget(server=kubectl.plane.server, ca_file=str(kubectl.plane.ca_file)),
+    )
+    async with testing.LiveServer(conf) as server, httpx.AsyncClient() as http:
+        r = await http.post(
+            f"{server.url}/api/v1/runs/{namespace}/viaapi/stop",
+            headers={"Authorization": f"Bearer {kubectl.plane.token('creator')}"},
+        )
+        assert r.status_code == 202, r.text
+    st = wait_phase(kubectl, namespace, "viaapi", "Stopped", "Failed", "Succeeded")
+    assert st["phase"] == "Stopped" and st["stoppedBy"] == "creator"
+    run = get_run(kubectl, namespace, "viaapi")
+    assert run["metadata"]["annotations"]["agentrun.dev/stopped-by"] == "creator"
