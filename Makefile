@@ -100,8 +100,21 @@ deploy: ## Install or upgrade the chart in the current KUBECONFIG (CRDs first: H
 	$$(scripts/get-helm.sh) upgrade --install agentrun charts/agentrun \
 	  --namespace agentrun-system --create-namespace $(HELM_ARGS)
 
+##@ End-to-end cluster
+.PHONY: cluster-up
+cluster-up: install ## Bring up (or reuse) a real single-node Kubernetes 1.20 cluster here; KUBECONFIG=.work/cluster/kubeconfig
+	@scripts/cluster-up.sh >/dev/null
+
+.PHONY: cluster-down
+cluster-down: ## Remove the cluster and everything it changed on this host
+	@scripts/cluster-down.sh
+
+.PHONY: e2e
+e2e: install cluster-up ## End-to-end tests on the real node (E2E_CLUSTER=local)
+	$(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
+
 ##@ Cleanup
 .PHONY: clean
-clean: demo-down ## Remove .venv, .work and caches (not the cached Kubernetes build)
+clean: demo-down cluster-down ## Remove .venv, .work and caches (not the cached Kubernetes build)
 	rm -rf $(VENV) .work dist .mypy_cache .ruff_cache .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

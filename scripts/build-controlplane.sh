@@ -1,17 +1,34 @@
 #!/usr/bin/env bash
-# Build (or reuse) the Kubernetes control-plane binaries the tests and `make demo` run.
+# Build (or reuse) the Kubernetes binaries the tests, `make demo` and `make cluster-up` run.
 #
 # Kubernetes 1.20.2 comes from Debian's `kubernetes` source package, built with Debian's
 # Go 1.19. The binaries are cached outside the repository, keyed by version, so only the
 # first run on a machine pays the ~8 minute build. Prints the bin directory on stdout.
 #
-# Env: K8S_VERSION (1.20 only for now), AGENTRUN_CACHE (default ~/.cache/agentrun).
+# Without arguments: the control plane (kube-apiserver, kube-controller-manager, kubectl).
+# With --node (or K8S_COMPONENTS=node): also what a real node needs (kubelet, kube-proxy,
+# kube-scheduler and a static `pause` for the sandbox image). Only missing binaries are
+# built, into the same bin directory, so adding the node never rebuilds the control plane.
+#
+# Env: K8S_VERSION (1.20 only for now), AGENTRUN_CACHE (default ~/.cache/agentrun),
+#      K8S_COMPONENTS (controlplane | node).
 set -euo pipefail
 
 K8S_VERSION="${K8S_VERSION:-1.20}"
 CACHE="${AGENTRUN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agentrun}"
-WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl"
-BINARIES="kube-apiserver kube-controller-manager kubectl"
+K8S_COMPONENTS="${K8S_COMPONENTS:-controlplane}"
+for arg in "$@"; do
+  case "$arg" in
+    --node) K8S_COMPONENTS=node ;;
+    *) printf 'usage: %s [--node]\n' "$0" >&2; exit 2 ;;
+  esac
+done
+GO_BINARIES="kube-apiserver kube-controller-manager kubectl"
+case "$K8S_COMPONENTS" in
+  controlplane) ;;
+  node) GO_BINARIES="$GO_BINARIES kubelet kube-proxy kube-scheduler" ;;
+  *) printf 'K8S_COMPONENTS=%s: expected controlplane or node\n' "$K8S_COMPONENTS" >&2; exit 2 ;;
+esac
 
 log() { printf '[controlplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -21,15 +38,27 @@ case "$K8S_VERSION" in
 esac
 
 BIN="$CACHE/k8s-$FULL/bin"
-have_all() { for b in $BINARIES; do [ -x "$BIN/$b" ] || return 1; done; }
+# The Go binaries still missing, and whether the node's static pause is missing.
+MISSING=""
+for b in $GO_BINARIES; do [ -x "$BIN/$b" ] || MISSING="$MISSING $b"; done
+MISSING="${MISSING# }"
+NEED_PAUSE=0
+if [ "$K8S_COMPONENTS" = node ] && [ ! -x "$BIN/pause" ]; then NEED_PAUSE=1; fi
 
-if have_all; then
-  log "reusing cached Kubernetes $FULL binaries in $BIN"
+if [ -z "$MISSING" ] && [ "$NEED_PAUSE" = 0 ]; then
+  log "reusing cached Kubernetes $FULL binaries ($K8S_COMPONENTS) in $BIN"
   echo "$BIN"; exit 0
+fi
+build_pkgs="golang-go rsync dpkg-dev golang-github-modern-go-reflect2-dev"
+if [ "$NEED_PAUSE" = 1 ]; then
+  log "to build: ${MISSING:-nothing from Go} + pause"
+  build_pkgs="$build_pkgs gcc libc6-dev"
+else
+  log "to build: $MISSING"
 fi
 
 need_pkgs=()
-for p in golang-go rsync dpkg-dev golang-github-modern-go-reflect2-dev; do
+for p in $build_pkgs; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
@@ -66,24 +95,36 @@ log "swapping vendored reflect2 1.0.1 for Debian's 1.0.2"
 rm -rf vendor/github.com/modern-go/reflect2
 cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 vendor/github.com/modern-go/reflect2
 
-mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
-export PATH="/usr/lib/go-1.19/bin:$PATH"
-export GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor GO111MODULE=on
-log "building $WHAT with $(go version) (about 8-10 minutes on 2 cores)"
-start=$(date +%s)
-# make prints one line per step; add a heartbeat so a long link step is never silent.
-( while sleep 60; do log "still building... $(( $(date +%s) - start ))s"; done ) &
-hb=$!
-trap 'kill $hb 2>/dev/null || true' EXIT
-make WHAT="$WHAT" KUBE_GIT_VERSION="v$FULL" >&2
-kill $hb 2>/dev/null || true
-log "built in $(( $(date +%s) - start ))s"
-
 mkdir -p "$BIN"
-for b in $BINARIES; do
-  install -m 0755 "_output/local/go/bin/$b" "$BIN/$b" 2>/dev/null \
-    || install -m 0755 "$(find _output -type f -name "$b" | head -1)" "$BIN/$b"
-done
+if [ "$NEED_PAUSE" = 1 ]; then
+  # The sandbox ("pause") container: no registry here, so the image is built from this.
+  log "compiling the static pause binary"
+  gcc -Os -static -o pause build/pause/linux/pause.c >&2
+  strip pause 2>/dev/null || true
+  install -m 0755 pause "$BIN/pause"
+fi
+
+if [ -n "$MISSING" ]; then
+  WHAT=""
+  for b in $MISSING; do WHAT="$WHAT cmd/$b"; done
+  WHAT="${WHAT# }"
+  mkdir -p .go/src/k8s.io && ln -sfn ../../.. .go/src/k8s.io/kubernetes
+  export PATH="/usr/lib/go-1.19/bin:$PATH"
+  export GOPATH="$PWD/.go" CGO_ENABLED=0 GOFLAGS=-mod=vendor GO111MODULE=on
+  log "building $WHAT with $(go version) (about 2 minutes a binary on 2 cores)"
+  start=$(date +%s)
+  # make prints one line per step; add a heartbeat so a long link step is never silent.
+  ( while sleep 60; do log "still building... $(( $(date +%s) - start ))s"; done ) &
+  hb=$!
+  trap 'kill $hb 2>/dev/null || true' EXIT
+  make WHAT="$WHAT" KUBE_GIT_VERSION="v$FULL" >&2
+  kill $hb 2>/dev/null || true
+  log "built in $(( $(date +%s) - start ))s"
+  for b in $MISSING; do
+    install -m 0755 "_output/local/go/bin/$b" "$BIN/$b" 2>/dev/null \
+      || install -m 0755 "$(find _output -type f -name "$b" | head -1)" "$BIN/$b"
+  done
+fi
 cd "$CACHE/k8s-$FULL" && rm -rf src
 log "cached in $BIN"
 echo "$BIN"

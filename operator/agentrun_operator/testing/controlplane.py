@@ -206,6 +206,49 @@ def issue_server_cert(pki: Path, out: Path, *, hosts: list[str], name: str) -> t
     return cert_path, key_path
 
 
+def issue_client_cert(
+    pki: Path, out: Path, *, name: str, groups: tuple[str, ...], file: str
+) -> tuple[Path, Path]:
+    """A client certificate signed by the control plane's CA: user ``name`` (CN) in
+    ``groups`` (O), for components that authenticate with certificates (kubelet, kube-proxy,
+    and kube-apiserver towards kubelet)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+    assert isinstance(ca_key, rsa.RSAPrivateKey)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(subject))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = out / f"{file}.crt", out / f"{file}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return cert_path, key_path
+
+
 class ControlPlaneError(RuntimeError):
     pass
 
@@ -332,6 +375,20 @@ class ControlPlane:
         ]
         if self.advertise_address:
             args.append(f"--advertise-address={self.advertise_address}")
+            # A node may register: `kubectl logs/exec` go through kubelet, which wants a
+            # client certificate (kubelet authorizes it with a SubjectAccessReview).
+            cert, key = issue_client_cert(
+                self.pki,
+                self.pki,
+                name="kube-apiserver-kubelet-client",
+                groups=("system:masters",),
+                file="apiserver-kubelet-client",
+            )
+            args += [
+                f"--kubelet-client-certificate={cert}",
+                f"--kubelet-client-key={key}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
         else:
             # Loopback-only: no node can reach the `kubernetes` Service, so do not publish it.
             args.append("--endpoint-reconciler-type=none")

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Bring up (or reuse) the real single-node Kubernetes 1.20.2 cluster the e2e tests run on.
+#
+# 1. installs the host packages it needs (Debian's containerd, runc, CNI plugins, iptables,
+#    etcd) when missing; 2. builds the Kubernetes binaries once, cached by version under
+#    ~/.cache/agentrun (scripts/build-controlplane.sh --node); 3. starts etcd, kube-apiserver,
+#    kube-controller-manager, kube-scheduler, a private containerd, kubelet and kube-proxy
+#    (agentrun_operator.testing.node). Idempotent: a running cluster is reused. All state lives
+#    under .work/cluster/; the kubeconfig is .work/cluster/kubeconfig (never ~/.kube), and
+#    its path is printed on stdout. `scripts/cluster-down.sh` removes everything.
+#
+# Env: CLUSTER_DIR (default .work/cluster), PYTHON (default .venv/bin/python),
+#      CLUSTER_TIMEOUT (seconds to wait for the node to be Ready, default 300).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+DIR="${CLUSTER_DIR:-$ROOT/.work/cluster}"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+
+log() { printf '[cluster-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  log "a real node needs root (containerd, iptables, cgroups, mounts)"; exit 1
+fi
+if [ ! -x "$PY" ]; then
+  log "$PY not found: run \`make install\` first"; exit 1
+fi
+
+started=$(date +%s)
+log "1/3 host packages"
+need=()
+for p in containerd runc containernetworking-plugins iptables conntrack etcd-server; do
+  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
+done
+if [ "${#need[@]}" -gt 0 ]; then
+  log "installing ${need[*]}"
+  apt-get install -y -qq "${need[@]}" >&2 || { apt-get update -qq >&2 && apt-get install -y -qq "${need[@]}" >&2; }
+fi
+
+log "2/3 Kubernetes binaries (control plane and node), cached by version"
+BIN="$("$ROOT/scripts/build-controlplane.sh" --node)"
+
+log "3/3 the cluster in $DIR"
+"$PY" -m agentrun_operator.testing.node up --dir "$DIR" --bin-dir "$BIN" \
+  --timeout "${CLUSTER_TIMEOUT:-300}"
+log "done in $(( $(date +%s) - started ))s; use: export KUBECONFIG=$DIR/kubeconfig"
