@@ -577,7 +577,11 @@ class Registry:
         return True
 
     def _cancel(self, slot: _Slot, *, by: str | None) -> None:
-        slot.stop_by = by or slot.stop_by or ""
+        slot.stop_by = slot.stop_by or by or ""
+        if slot.stopping:
+            # A stop arrives twice when it comes from the UI or API (spec.stop and the
+            # control channel): cancelling again could cut the finishing of the first.
+            return
         slot.stopping = True
         slot.task.cancel()
         if slot.enforcer is None:

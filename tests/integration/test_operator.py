@@ -133,7 +133,9 @@ def test_metrics_after_a_run_show_its_tokens_cost_and_ttft(
 def test_the_operator_never_writes_spec(kubectl: Kubectl, namespace: str) -> None:
     create_run(kubectl, namespace, "gitops", goal=marker("gitops") + " look around")
     wait_phase(kubectl, namespace, "gitops", "Succeeded", "Failed")
-    body = get_run(kubectl, namespace, "gitops")
+    # The raw object: kubectl >= 1.21 hides managedFields from `get -o json`.
+    path = f"/apis/agentrun.dev/v1alpha1/namespaces/{namespace}/agentruns/gitops"
+    body = json.loads(kubectl("get", "--raw", path).stdout)
     managers = {
         m["manager"]
         for m in body["metadata"]["managedFields"]
@@ -420,3 +422,31 @@ def test_an_unreadable_api_key_secret_fails_naming_the_field(
     st = wait_phase(kubectl, namespace, "nokey", "Failed", "Succeeded")
     assert st["phase"] == "Failed" and "spec.model.apiKeySecretRef" in st["message"]
     assert "Secret 'llm'" in st["message"]
+
+
+def test_a_stop_arriving_twice_finishes_the_run_once(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    """The UI and API stop both ways at once (spec.stop and the control channel)."""
+    m = script.add(marker("stop-twice"), [{"hang": True}])
+    uid = create_run(kubectl, namespace, "twice", goal=m)
+    wait_for("the model call to begin", lambda: script.calls_for(m) >= 1)
+    for _ in range(3):
+        r.publish(events.control_key(uid), json.dumps({"action": "stop", "by": "alice"}))
+    kubectl(
+        "patch",
+        "agentrun",
+        "twice",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"stop":true}}',
+    )
+    for _ in range(3):
+        r.publish(events.control_key(uid), json.dumps({"action": "stop", "by": "alice"}))
+    st = wait_phase(kubectl, namespace, "twice", "Stopped", "Failed", "Succeeded", timeout=30)
+    assert st["phase"] == "Stopped" and st["stoppedBy"] == "alice"
+    evs = stream(r, uid)
+    assert_clean_stream(evs)
+    assert [e["data"]["state"] for e in evs if e["type"] == "workflow"][-1] == "stopped"

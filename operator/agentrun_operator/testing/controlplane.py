@@ -307,9 +307,13 @@ class ControlPlane:
                 f"missing {', '.join(missing)} in {self.bin_dir}: run `make controlplane` "
                 "(builds Kubernetes once and caches it), or set AGENTRUN_K8S_BIN"
             )
-        etcd = shutil.which("etcd")
+        # The current Kubernetes needs a current etcd (1.34: etcd >= 3.5.13 for the consistent
+        # list from the watch cache); scripts/build-k8s-current.sh links one into the bin dir.
+        bundled = self.bin_dir / "etcd"
+        etcd = str(bundled) if bundled.exists() else shutil.which("etcd")
         if not etcd:
             raise ControlPlaneError("etcd not found: apt-get install etcd-server")
+        legacy = self.version() < (1, 24)  # --insecure-port, KCM --port: removed in 1.24
         if self.workdir.exists():
             shutil.rmtree(self.workdir)
         (self.workdir / "logs").mkdir(parents=True)
@@ -359,7 +363,7 @@ class ControlPlane:
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
             f"--bind-address={self.bind_address}",
             f"--secure-port={self.port}",
-            "--insecure-port=0",
+            *(["--insecure-port=0"] if legacy else []),
             f"--tls-cert-file={self.pki / 'apiserver.crt'}",
             f"--tls-private-key-file={self.pki / 'apiserver.key'}",
             f"--client-ca-file={self.pki / 'ca.crt'}",
@@ -404,7 +408,7 @@ class ControlPlane:
                 f"--cluster-signing-cert-file={self.pki / 'ca.crt'}",
                 f"--cluster-signing-key-file={self.pki / 'ca.key'}",
                 "--leader-elect=false",
-                "--port=0",
+                *(["--port=0"] if legacy else []),
                 "--secure-port=0",
                 "--v=1",
             ],
@@ -419,6 +423,17 @@ class ControlPlane:
         )
         self._save_state()
         log(f"ready at {self.server} in {time.monotonic() - started:.1f}s ({self.workdir})")
+
+    def version(self) -> tuple[int, int]:
+        """(major, minor) of the kube-apiserver in bin_dir, from its --version."""
+        out = subprocess.run(
+            [str(self.bin_dir / "kube-apiserver"), "--version"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout  # "Kubernetes v1.34.10"
+        major, minor = out.split()[-1].lstrip("v").split(".")[:2]
+        return int(major), int(minor)
 
     def stop(self) -> None:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
