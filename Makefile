@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-K8S_VERSION ?= 1.20
+K8S_VERSION ?= 1.34
 PYTEST_ARGS ?=
 export K8S_VERSION
 
@@ -50,12 +50,17 @@ fmt: install ## Format and auto-fix with ruff
 
 ##@ Test
 .PHONY: controlplane
-controlplane: ## Build (once, cached by version) the Kubernetes binaries the tests run
+controlplane: ## Build (once, cached by version) the Kubernetes binaries the tests run (K8S_VERSION=1.20|1.34)
 	@scripts/build-controlplane.sh >/dev/null
 
 .PHONY: test
-test: lint check-crds controlplane ## The whole suite CI runs: lint, CRD drift, unit and integration tests
+test: lint check-crds controlplane ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+
+.PHONY: test-oldest
+test-oldest: install ## The unit and integration tests on the oldest supported Kubernetes (1.20)
+	$(MAKE) --no-print-directory controlplane K8S_VERSION=1.20
+	K8S_VERSION=1.20 $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: install ## Unit tests only (no control plane, no Redis)
@@ -110,8 +115,8 @@ cluster-down: ## Remove the cluster and everything it changed on this host
 	@scripts/cluster-down.sh
 
 .PHONY: e2e
-e2e: install cluster-up ## End-to-end tests on the real node (E2E_CLUSTER=local)
-	$(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
+e2e: install cluster-up ## End-to-end tests on the real node (E2E_CLUSTER=local; Kubernetes 1.20)
+	K8S_VERSION=1.20 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 ##@ Cleanup
 .PHONY: clean

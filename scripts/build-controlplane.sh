@@ -10,7 +10,7 @@
 # kube-scheduler and a static `pause` for the sandbox image). Only missing binaries are
 # built, into the same bin directory, so adding the node never rebuilds the control plane.
 #
-# Env: K8S_VERSION (1.20 only for now), AGENTRUN_CACHE (default ~/.cache/agentrun),
+# Env: K8S_VERSION (1.20 here; 1.34 hands over to build-k8s-current.sh), AGENTRUN_CACHE (default ~/.cache/agentrun),
 #      K8S_COMPONENTS (controlplane | node).
 set -euo pipefail
 
@@ -34,7 +34,9 @@ log() { printf '[controlplane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
 case "$K8S_VERSION" in
   1.20|1.20.2) FULL=1.20.2 ;;
-  *) log "K8S_VERSION=$K8S_VERSION is not supported (supported: 1.20)"; exit 2 ;;
+  # The current release comes from the Go module proxy (build/k8s-1.34/go.mod).
+  1.34|1.34.*) exec "$(dirname "$0")/build-k8s-current.sh" "$@" ;;
+  *) log "K8S_VERSION=$K8S_VERSION is not supported (supported: 1.20, 1.34)"; exit 2 ;;
 esac
 
 BIN="$CACHE/k8s-$FULL/bin"
@@ -114,7 +116,9 @@ if [ -n "$MISSING" ]; then
   log "building $WHAT with $(go version) (about 2 minutes a binary on 2 cores)"
   start=$(date +%s)
   # make prints one line per step; add a heartbeat so a long link step is never silent.
-  ( while sleep 60; do log "still building... $(( $(date +%s) - start ))s"; done ) &
+  # stdout to /dev/null: the heartbeat (and its sleep) must not hold the stdout of
+  # `BIN=$(scripts/build-controlplane.sh)` open after the build.
+  ( while sleep 60; do log "still building... $(( $(date +%s) - start ))s"; done ) >/dev/null &
   hb=$!
   trap 'kill $hb 2>/dev/null || true' EXIT
   make WHAT="$WHAT" KUBE_GIT_VERSION="v$FULL" >&2

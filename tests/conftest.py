@@ -16,7 +16,12 @@ import pytest
 import redis as redis_sync
 
 from agentrun_operator import webhooks as webhook_configs
-from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir, free_port
+from agentrun_operator.testing.controlplane import (
+    ControlPlane,
+    default_bin_dir,
+    free_port,
+    k8s_release,
+)
 from agentrun_operator.testing.mockllm import MockLLMThread
 from agentrun_operator.testing.operatorproc import OperatorProcess, WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _ensure_binaries() -> Path:
+    """The control plane of K8S_VERSION (1.34 by default, 1.20 for make test-oldest)."""
     bin_dir = default_bin_dir()
     if all(
         (bin_dir / b).exists() for b in ("kube-apiserver", "kube-controller-manager", "kubectl")
@@ -37,6 +43,7 @@ def _ensure_binaries() -> Path:
         check=True,
         stdout=subprocess.PIPE,
         text=True,
+        env={**os.environ, "K8S_VERSION": k8s_release()},
     )
     return Path(out.stdout.strip().splitlines()[-1])
 

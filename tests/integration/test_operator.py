@@ -26,7 +26,6 @@ from support import (
     Script,
     assert_clean_stream,
     create_run,
-    get_run,
     marker,
     stream,
     wait_event,

@@ -69,14 +69,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def default_bin_dir(version: str = "1.20.2") -> Path:
+# Kubernetes minor -> the release the tests run: 1.20 from Debian's source package
+# (scripts/build-controlplane.sh), the current one from the Go module proxy
+# (build/k8s-1.34/go.mod, scripts/build-k8s-current.sh). A unit test keeps them in sync.
+K8S_RELEASES = {"1.20": "1.20.2", "1.34": "1.34.10"}
+DEFAULT_K8S = "1.34"
+
+
+def k8s_release(version: str | None = None) -> str:
+    wanted = version or os.environ.get("K8S_VERSION") or DEFAULT_K8S
+    return K8S_RELEASES.get(wanted, wanted)
+
+
+def default_bin_dir(version: str | None = None) -> Path:
     env = os.environ.get("AGENTRUN_K8S_BIN")
     if env:
         return Path(env)
     cache = os.environ.get("AGENTRUN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agentrun"
     )
-    return Path(cache) / f"k8s-{version}" / "bin"
+    return Path(cache) / f"k8s-{k8s_release(version)}" / "bin"
 
 
 def _write_certs(pki: Path, *, hosts: list[str]) -> None:

@@ -314,7 +314,7 @@ class Cluster:
 
     def __init__(self, *, workdir: Path, bin_dir: Path | None = None) -> None:
         self.workdir = workdir.resolve()
-        self.bin_dir = bin_dir or controlplane.default_bin_dir()
+        self.bin_dir = bin_dir or controlplane.default_bin_dir("1.20")
         self.plane = controlplane.ControlPlane(
             workdir=self.workdir / "controlplane",
             bin_dir=self.bin_dir,
