@@ -26,29 +26,8 @@ from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import auth, settings, testing
 
+from sse_support import create_run, sse_settings
 from support import Kubectl
-
-
-def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> settings.Settings:
-    base = settings.Settings(
-        host="127.0.0.1",
-        port=0,
-        heartbeat_seconds=0.2,
-        redis_url=redis_url,
-        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
-    )
-    return settings.Settings(**{**base.__dict__, **kw})  # type: ignore[arg-type]
-
-
-def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:
-    manifest = {
-        "apiVersion": "agentrun.dev/v1alpha1",
-        "kind": "AgentRun",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"goal": "watch me"},
-    }
-    out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
-    return out.stdout.strip()
 
 
 def create_approval(kubectl: Kubectl, namespace: str, *, run: str, call_id: str) -> str:

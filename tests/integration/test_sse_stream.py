@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -30,33 +29,12 @@ from redis import asyncio as aioredis
 from agentrun_operator import events
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import client, settings, testing
+from agentrun_sse import client, testing
 
+from sse_support import create_run, sse_settings
 from support import Kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> settings.Settings:
-    base = settings.Settings(
-        host="127.0.0.1",
-        port=0,
-        heartbeat_seconds=0.2,
-        redis_url=redis_url,
-        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
-    )
-    return settings.Settings(**{**base.__dict__, **kw})  # type: ignore[arg-type]
-
-
-def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:
-    manifest = {
-        "apiVersion": "agentrun.dev/v1alpha1",
-        "kind": "AgentRun",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"goal": "watch me"},
-    }
-    out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
-    return out.stdout.strip()
 
 
 @pytest.fixture(scope="module")
