@@ -114,7 +114,7 @@ class Notifier:
         run = fields.get("run", "")
         message = {"event": event, "namespace": namespace, "text": text, **fields}
         if self._ui and run:
-            message["link"] = f"{self._ui}/?run={namespace}/{run}"
+            message["link"] = f"{self._ui}/#/runs/{namespace}/{run}"
         try:
             self._queue.put_nowait((namespace, event, message))
         except asyncio.QueueFull:

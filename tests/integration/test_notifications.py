@@ -126,7 +126,7 @@ def test_people_hear_of_approvals_and_ends_and_a_dead_receiver_costs_nothing(
     assert "wants to call k8s_scale" in texts[0]
     assert "approved by admin" in texts[1]
     assert f"Run {namespace}/loud succeeded" in texts[2]
-    assert f"https://agentrun.example.com/?run={namespace}/loud" in texts[0]
+    assert f"https://agentrun.example.com/#/runs/{namespace}/loud" in texts[0]
     wait_for("the generic receiver", lambda: len(generic.got) >= 1, timeout=15)
     assert [b["event"] for _, b in generic.got] == ["run.finished"]
     assert generic.got[0][1]["phase"] == "Succeeded" and generic.got[0][1]["run"] == "loud"

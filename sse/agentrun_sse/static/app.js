@@ -309,6 +309,15 @@ async function decide(card, callId, decision) {
   }
 }
 
+// One request per pending call: each decision is recorded (and judged) on its own.
+$("approve-all").addEventListener("click", async () => {
+  const pending = [...view.cards.entries()]
+    .filter(([key, card]) => key.startsWith("approval:") && !card.querySelector(".actions").hidden)
+    .map(([, card]) => card);
+  if (!pending.length) { notice("No pending approvals."); return; }
+  await Promise.all(pending.map((card) => decide(card, card.dataset.callId, "approve")));
+});
+
 $("stop").addEventListener("click", async () => {
   $("stop").disabled = true;
   try {
