@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 import redis as redis_sync
+from redis import asyncio as aioredis
 
+from agentrun_operator import events
 from agentrun_operator import webhooks as webhook_configs
 from agentrun_operator.testing.controlplane import (
     ControlPlane,
@@ -25,7 +27,9 @@ from agentrun_operator.testing.controlplane import (
 from agentrun_operator.testing.mockllm import MockLLMThread
 from agentrun_operator.testing.operatorproc import OperatorProcess, WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
+from agentrun_sse import testing as sse_testing
 
+from sse_support import sse_settings
 from support import Kubectl, Script, fresh_namespace
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,7 +115,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         if "e2e" in parts:
             item.add_marker(pytest.mark.e2e)
-    os.environ.setdefault("AGENTRUN_TEST_ROOT", str(ROOT))
 
 
 # -- the product's own processes ------------------------------------------------------------
@@ -277,3 +280,23 @@ def agent_sa(kubectl: Kubectl, namespace: str) -> str:
         f"--serviceaccount={namespace}:agent",
     )
     return "agent"
+
+
+# -- the SSE server's tests ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+async def server(
+    cluster: ControlPlane, redis_server: RedisServer
+) -> AsyncIterator[sse_testing.LiveServer]:
+    """The SSE server in-process on a real socket, against the test control plane."""
+    async with sse_testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
+        yield s
+
+
+@pytest.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    """An async client of the test Redis, as the operator and SSE server connect."""
+    r = events.connect(redis_server.url)
+    yield r
+    await r.aclose()

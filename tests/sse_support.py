@@ -3,11 +3,10 @@ bare AgentRun to stream (no operator needed: tests write its events themselves).
 
 from __future__ import annotations
 
-import json
-
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_sse import settings
 
+import support
 from support import Kubectl
 
 
@@ -24,11 +23,4 @@ def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> setting
 
 def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:
     """An AgentRun with nothing running it; returns its uid."""
-    manifest = {
-        "apiVersion": "agentrun.dev/v1alpha1",
-        "kind": "AgentRun",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": {"goal": "watch me"},
-    }
-    out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
-    return out.stdout.strip()
+    return support.create_run(kubectl, namespace, name, goal="watch me")

@@ -28,7 +28,6 @@ KNOWN_ELSEWHERE = frozenset(
         "AGENTRUN_AUTH",
         "AGENTRUN_CACHE",
         "AGENTRUN_K8S_BIN",
-        "AGENTRUN_TEST_ROOT",
         "AGENTRUN_KUBE_API",
     }
 )

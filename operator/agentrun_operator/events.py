@@ -24,7 +24,6 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 EVENT_VERSION = 1
 EventType = Literal["workflow", "token", "tool", "approval", "metrics", "fault", "end"]
-EVENT_TYPES: tuple[str, ...] = ("workflow", "token", "tool", "approval", "metrics", "fault", "end")
 WorkflowState = Literal[
     "pending",
     "planning",

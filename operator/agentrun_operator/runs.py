@@ -67,8 +67,6 @@ def _parse_duration(text: str) -> float:
     return total
 
 
-parse_duration = _parse_duration
-
 
 @dataclass
 class RunRef:
@@ -239,7 +237,7 @@ class Emitter:
         self._buf = ""
         self._buf_node = ""
         self._timer: asyncio.TimerHandle | None = None
-        self._flusher: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None  # keeps the timer's task alive
         self.step = 0
 
     async def emit(self, type: events.EventType, data: Mapping[str, Any]) -> str:

@@ -7,20 +7,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from redis import asyncio as aioredis
 
 from agentrun_operator import events
-from agentrun_operator.testing.redisserver import RedisServer
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    client = events.connect(redis_server.url)
-    yield client
-    await client.aclose()
 
 
 async def writer_for(

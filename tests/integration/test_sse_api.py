@@ -78,21 +78,6 @@ def rule(resource: str, *verbs: str) -> dict[str, object]:
     return {"apiGroups": ["agentrun.dev"], "resources": [resource], "verbs": list(verbs)}
 
 
-@pytest.fixture(scope="module")
-async def server(
-    cluster: ControlPlane, redis_server: RedisServer
-) -> AsyncIterator[testing.LiveServer]:
-    async with testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    r = events.connect(redis_server.url)
-    yield r
-    await r.aclose()
-
-
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=30) as c:

@@ -116,21 +116,6 @@ def nginx(*, upstream: int, edits: dict[str, str] | None = None) -> Iterator[str
         shutil.rmtree(prefix, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-async def server(
-    cluster: ControlPlane, redis_server: RedisServer
-) -> AsyncIterator[testing.LiveServer]:
-    async with testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    r = events.connect(redis_server.url)
-    yield r
-    await r.aclose()
-
-
 @pytest.fixture
 async def http(cluster: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {cluster.token('admin')}"}

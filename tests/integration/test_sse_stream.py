@@ -37,21 +37,6 @@ from support import Kubectl
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-async def server(
-    cluster: ControlPlane, redis_server: RedisServer
-) -> AsyncIterator[testing.LiveServer]:
-    async with testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    r = events.connect(redis_server.url)
-    yield r
-    await r.aclose()
-
-
 @pytest.fixture
 async def http(cluster: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": f"Bearer {cluster.token('admin')}"}

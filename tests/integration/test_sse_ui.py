@@ -28,7 +28,6 @@ import pytest
 from redis import asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
-from agentrun_operator import events
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import settings, testing
@@ -186,13 +185,6 @@ async def chromium() -> AsyncIterator[CDP]:
 def create(kubectl: Kubectl, manifest: dict[str, Any]) -> str:
     out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
     return out.stdout.strip()
-
-
-@pytest.fixture
-async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
-    r = events.connect(redis_server.url)
-    yield r
-    await r.aclose()
 
 
 async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium(

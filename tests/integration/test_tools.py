@@ -27,7 +27,7 @@ from agentrun_operator import kube as kubeapi
 from agentrun_operator import tools
 from agentrun_operator.testing.controlplane import ControlPlane
 
-from support import Kubectl, wait_for
+from support import Kubectl, create_run, wait_for
 
 SECRET_VALUE = "hunter2-do-not-leak"
 SECRET_B64 = base64.b64encode(SECRET_VALUE.encode()).decode()
@@ -699,21 +699,7 @@ async def test_strategic_patch_merges_containers_by_name(
     assert result["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:2"
     assert annotations_of(get(kubectl, namespace, "deploy", "web"))[tools.STAMP] == call_id
     # Custom resources have no strategic merge: the error says what to use instead.
-    kubectl(
-        "create",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps(
-            {
-                "apiVersion": "agentrun.dev/v1alpha1",
-                "kind": "AgentRun",
-                "metadata": {"name": "r1"},
-                "spec": {"goal": "look"},
-            }
-        ),
-    )
+    create_run(kubectl, namespace, "r1", goal="look")
     grant(
         kubectl,
         namespace,
@@ -867,21 +853,7 @@ async def test_agentrun_status_events_and_delete(
     kube: kubeapi.Kube, kubectl: Kubectl, namespace: str
 ) -> None:
     assert await kube.get_agentrun(namespace=namespace, name="r1") is None
-    kubectl(
-        "create",
-        "-n",
-        namespace,
-        "-f",
-        "-",
-        input=json.dumps(
-            {
-                "apiVersion": "agentrun.dev/v1alpha1",
-                "kind": "AgentRun",
-                "metadata": {"name": "r1"},
-                "spec": {"goal": "look around"},
-            }
-        ),
-    )
+    create_run(kubectl, namespace, "r1", goal="look around")
     run = await kube.get_agentrun(namespace=namespace, name="r1")
     assert run is not None and run["spec"]["goal"] == "look around"
 
