@@ -14,43 +14,14 @@ from agentrun_operator import models
 # shows a stale True next to a newer phase.
 CONDITION_TYPES = ("Queued", "Running", "AwaitingApproval", "Finished")
 
-_PHASE_CONDITIONS: dict[str, dict[str, str]] = {
-    "Pending": {
-        "Queued": "True",
-        "Running": "False",
-        "AwaitingApproval": "False",
-        "Finished": "False",
-    },
-    "Running": {
-        "Queued": "False",
-        "Running": "True",
-        "AwaitingApproval": "False",
-        "Finished": "False",
-    },
-    "AwaitingApproval": {
-        "Queued": "False",
-        "Running": "False",
-        "AwaitingApproval": "True",
-        "Finished": "False",
-    },
-    "Succeeded": {
-        "Queued": "False",
-        "Running": "False",
-        "AwaitingApproval": "False",
-        "Finished": "True",
-    },
-    "Failed": {
-        "Queued": "False",
-        "Running": "False",
-        "AwaitingApproval": "False",
-        "Finished": "True",
-    },
-    "Stopped": {
-        "Queued": "False",
-        "Running": "False",
-        "AwaitingApproval": "False",
-        "Finished": "True",
-    },
+# The one condition each phase makes True; the others are False.
+_TRUE_IN: dict[str, str] = {
+    "Pending": "Queued",
+    "Running": "Running",
+    "AwaitingApproval": "AwaitingApproval",
+    "Succeeded": "Finished",
+    "Failed": "Finished",
+    "Stopped": "Finished",
 }
 
 
@@ -98,14 +69,15 @@ def phase_patch(
     **fields: Any,
 ) -> dict[str, Any]:
     """The status merge patch for entering ``phase`` (plus any extra status fields)."""
-    if phase not in _PHASE_CONDITIONS:
+    if phase not in _TRUE_IN:
         raise ValueError(f"unknown phase {phase!r}")
+    updates = {t: "True" if t == _TRUE_IN[phase] else "False" for t in CONDITION_TYPES}
     patch: dict[str, Any] = {
         "phase": phase,
         "message": message,
         "conditions": merge_conditions(
             current.get("conditions") or [],
-            _PHASE_CONDITIONS[phase],
+            updates,
             reason=reason,
             message=message,
             generation=generation,

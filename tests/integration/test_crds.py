@@ -178,10 +178,17 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -
     assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "VOTES", "NEEDED", "AGE"]
 
 
-def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl) -> None:
+def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl, namespace: str) -> None:
     discovery = json.loads(kubectl("get", "--raw", "/apis/agentrun.dev/v1alpha1").stdout)
     kinds = {r["kind"]: r for r in discovery["resources"] if "/" not in r["name"]}
     assert set(kinds) == {"AgentRun", "ToolApproval"}
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("both")))
+    kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(toolapproval()))
+    listed = kubectl("get", "agentrun-all", "-n", namespace, "-o", "name").stdout.split()
+    assert sorted(listed) == ["agentrun.agentrun.dev/both", "toolapproval.agentrun.dev/bad-ta"]
+    # ...and the category does not shadow the singular name.
+    one = kubectl("get", "agentrun", "both", "-n", namespace, "-o", "name").stdout.split()
+    assert one == ["agentrun.agentrun.dev/both"]
     for kind, short in (("AgentRun", "ar"), ("ToolApproval", "ta")):
         assert kinds[kind]["categories"] == ["agentrun-all"]
         assert kinds[kind]["shortNames"] == [short]

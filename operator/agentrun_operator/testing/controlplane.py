@@ -137,33 +137,10 @@ def _write_certs(pki: Path, *, hosts: list[str]) -> None:
         )
         .sign(ca_key, hashes.SHA256())
     )
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    srv_key = key()
-    srv = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
-        .issuer_name(ca_name)
-        .public_key(srv_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(later)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
     sa_key = key()
     pki.mkdir(parents=True, exist_ok=True)
     (pki / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (pki / "ca.key").write_bytes(pem_key(ca_key))
-    (pki / "apiserver.crt").write_bytes(srv.public_bytes(serialization.Encoding.PEM))
-    (pki / "apiserver.key").write_bytes(pem_key(srv_key))
     (pki / "sa.key").write_bytes(pem_key(sa_key))
     (pki / "sa.pub").write_bytes(
         sa_key.public_key().public_bytes(
@@ -172,58 +149,21 @@ def _write_certs(pki: Path, *, hosts: list[str]) -> None:
     )
     for f in pki.iterdir():
         f.chmod(0o600)
+    _issue(pki, pki, file="apiserver", cn="kube-apiserver", hosts=hosts, server=True, days=365)
 
 
-def issue_server_cert(pki: Path, out: Path, *, hosts: list[str], name: str) -> tuple[Path, Path]:
-    """A serving certificate signed by the control plane's CA (for webhooks on loopback)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
-    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
-    assert isinstance(ca_key, rsa.RSAPrivateKey)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
-def issue_client_cert(
-    pki: Path, out: Path, *, name: str, groups: tuple[str, ...], file: str
+def _issue(
+    pki: Path,
+    out: Path,
+    *,
+    file: str,
+    cn: str,
+    groups: tuple[str, ...] = (),
+    hosts: list[str] | None = None,
+    server: bool,
+    days: int,
 ) -> tuple[Path, Path]:
-    """A client certificate signed by the control plane's CA: user ``name`` (CN) in
-    ``groups`` (O), for components that authenticate with certificates (kubelet, kube-proxy,
-    and kube-apiserver towards kubelet)."""
+    """A certificate signed by the control plane's CA, written as FILE.crt and FILE.key."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
@@ -234,19 +174,28 @@ def issue_client_cert(
     assert isinstance(ca_key, rsa.RSAPrivateKey)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, g) for g in groups]
-    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, name))
+    subject.append(x509.NameAttribute(NameOID.COMMON_NAME, cn))
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name(subject))
         .issuer_name(ca.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now)
-        .not_valid_after(now + dt.timedelta(days=365))
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
     )
+    if hosts:
+        sans: list[x509.GeneralName] = []
+        for h in hosts:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                sans.append(x509.DNSName(h))
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
     out.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = out / f"{file}.crt", out / f"{file}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -259,6 +208,20 @@ def issue_client_cert(
     )
     key_path.chmod(0o600)
     return cert_path, key_path
+
+
+def issue_server_cert(pki: Path, out: Path, *, hosts: list[str], name: str) -> tuple[Path, Path]:
+    """A serving certificate signed by the control plane's CA (for webhooks on loopback)."""
+    return _issue(pki, out, file=name, cn=name, hosts=hosts, server=True, days=30)
+
+
+def issue_client_cert(
+    pki: Path, out: Path, *, name: str, groups: tuple[str, ...], file: str
+) -> tuple[Path, Path]:
+    """A client certificate signed by the control plane's CA: user ``name`` (CN) in
+    ``groups`` (O), for components that authenticate with certificates (kubelet, kube-proxy,
+    and kube-apiserver towards kubelet)."""
+    return _issue(pki, out, file=file, cn=name, groups=groups, server=False, days=365)
 
 
 class ControlPlaneError(RuntimeError):
