@@ -67,7 +67,6 @@ def _parse_duration(text: str) -> float:
     return total
 
 
-
 @dataclass
 class RunRef:
     namespace: str
