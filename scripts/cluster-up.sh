@@ -4,7 +4,8 @@
 # 1. installs the host packages it needs (Debian's containerd, runc, CNI plugins, iptables,
 #    etcd) when missing; 2. builds the Kubernetes binaries once, cached by version under
 #    ~/.cache/agentrun (scripts/build-controlplane.sh --node); 3. starts etcd, kube-apiserver,
-#    kube-controller-manager, kube-scheduler, a private containerd, kubelet and kube-proxy
+#    kube-controller-manager, kube-scheduler, a private containerd, kubelet, kube-proxy and
+#    CoreDNS
 #    (agentrun_operator.testing.node). Idempotent: a running cluster is reused. All state lives
 #    under .work/cluster/; the kubeconfig is .work/cluster/kubeconfig (never ~/.kube), and
 #    its path is printed on stdout. `scripts/cluster-down.sh` removes everything.
@@ -37,12 +38,13 @@ if [ "${#need[@]}" -gt 0 ]; then
   apt-get install -y -qq "${need[@]}" >&2 || { apt-get update -qq >&2 && apt-get install -y -qq "${need[@]}" >&2; }
 fi
 
-log "2/3 Kubernetes binaries (control plane and node), cached by version"
+log "2/3 Kubernetes binaries (control plane and node) and CoreDNS, cached by version"
 # The node runs 1.20 (Debian's containerd 1.6 and the kubelet flags it needs); the
 # current release's kubelet is not wired up yet.
 BIN="$(K8S_VERSION=1.20 "$ROOT/scripts/build-controlplane.sh" --node)"
+COREDNS="$("$ROOT/scripts/build-coredns.sh")"
 
 log "3/3 the cluster in $DIR"
-"$PY" -m agentrun_operator.testing.node up --dir "$DIR" --bin-dir "$BIN" \
+"$PY" -m agentrun_operator.testing.node up --dir "$DIR" --bin-dir "$BIN" --coredns "$COREDNS" \
   --timeout "${CLUSTER_TIMEOUT:-300}"
 log "done in $(( $(date +%s) - started ))s; use: export KUBECONFIG=$DIR/kubeconfig"

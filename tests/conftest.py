@@ -107,7 +107,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         server.stop()
 
 
-# Tests that reach the control plane or Redis are integration tests, by location.
+# Markers by location: integration (control plane, Redis), e2e (a real node), faults.
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         parts = Path(str(item.fspath)).parts
@@ -115,6 +115,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
         if "e2e" in parts:
             item.add_marker(pytest.mark.e2e)
+        if "faults" in parts:
+            item.add_marker(pytest.mark.faults)
 
 
 # -- the product's own processes ------------------------------------------------------------

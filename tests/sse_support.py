@@ -1,9 +1,19 @@
-"""Helpers the SSE server's tests share: its settings against the test control plane, and a
-bare AgentRun to stream (no operator needed: tests write its events themselves)."""
+"""Helpers the SSE server's tests share: its settings against the test control plane, a
+bare AgentRun to stream (no operator needed: tests write its events themselves), and
+Debian's NGINX run from ``docs/nginx.conf`` itself (the integration and e2e tests)."""
 
 from __future__ import annotations
 
-from agentrun_operator.testing.controlplane import ControlPlane
+import contextlib
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_sse import settings
 
 import support
@@ -24,3 +34,83 @@ def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> setting
 def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:
     """An AgentRun with nothing running it; returns its uid."""
     return support.create_run(kubectl, namespace, name, goal="watch me")
+
+
+# -- NGINX in front of an SSE server, as docs/nginx.conf shows -------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTED = ROOT / "docs" / "nginx.conf"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def templated(*, upstream: str, listen: int, prefix: Path, edits: dict[str, str]) -> str:
+    """docs/nginx.conf with this test's ports and private paths (and any edits)."""
+    conf = DOCUMENTED.read_text()
+    replacements = {
+        "server 127.0.0.1:8080;": f"server {upstream};",
+        "listen 8088;": f"listen 127.0.0.1:{listen};",
+        "http {": (
+            "http {\n"
+            f"    access_log {prefix}/access.log;\n"
+            f"    client_body_temp_path {prefix}/tmp/body;\n"
+            f"    proxy_temp_path {prefix}/tmp/proxy;\n"
+            f"    fastcgi_temp_path {prefix}/tmp/fastcgi;\n"
+            f"    uwsgi_temp_path {prefix}/tmp/uwsgi;\n"
+            f"    scgi_temp_path {prefix}/tmp/scgi;"
+        ),
+        **edits,
+    }
+    for old, new in replacements.items():
+        assert old in conf, f"docs/nginx.conf no longer has {old!r}; update this test"
+        conf = conf.replace(old, new, 1)
+    return conf
+
+
+@contextlib.contextmanager
+def nginx(*, upstream: str, edits: dict[str, str] | None = None) -> Iterator[str]:
+    """Debian's NGINX, configured as ``docs/nginx.conf`` shows, on a free loopback port in
+    front of ``upstream`` (host:port); yields its base URL."""
+    prefix = Path(tempfile.mkdtemp(prefix="agentrun-nginx-"))
+    # Workers drop root for `nobody`: they must reach their temp directories.
+    prefix.chmod(0o755)
+    (prefix / "tmp").mkdir(mode=0o777)
+    (prefix / "tmp").chmod(0o777)
+    port = free_port()
+    conf = prefix / "nginx.conf"
+    conf.write_text(templated(upstream=upstream, listen=port, prefix=prefix, edits=edits or {}))
+    proc = subprocess.Popen(
+        [
+            NGINX,
+            "-p",
+            str(prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(prefix / "error.log"),
+            "-g",
+            f"daemon off; pid {prefix}/nginx.pid;",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # nginx has no readiness signal but its listening socket
+            if proc.poll() is not None:
+                out = proc.stdout.read().decode() if proc.stdout else ""
+                log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
+                raise AssertionError(f"nginx exited with {proc.returncode}:\n{out}\n{log}")
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            assert time.monotonic() < deadline, "nginx did not listen within 10s"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        shutil.rmtree(prefix, ignore_errors=True)

@@ -7,6 +7,7 @@ Never: renders anything, or talks to Redis or Kubernetes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -74,8 +75,11 @@ async def follow(
     headers: dict[str, str] | None = None,
     last_id: str | None = None,
     max_reconnects: int = 5,
+    retry_delay: float = 0.0,
 ) -> AsyncIterator[Message]:
-    """One run's events until `end`, reconnecting with Last-Event-ID when a stream drops."""
+    """One run's events until `end`, reconnecting with Last-Event-ID when a stream drops
+    (or the server is unreachable or answers 5xx, e.g. while its pod is replaced): after
+    ``retry_delay`` seconds, doubling up to 5 s, at most ``max_reconnects`` times in a row."""
     attempts = 0
     while True:
         h = dict(headers or {})
@@ -85,15 +89,19 @@ async def follow(
             async with client.stream("GET", url, headers=h) as response:
                 if response.status_code == 204:
                     return
-                response.raise_for_status()
-                async for msg in messages(response):
-                    if msg.id is not None:
-                        last_id = msg.id
-                    yield msg
-                    if msg.event == "end":
-                        return
+                if response.status_code < 500:
+                    response.raise_for_status()
+                    async for msg in messages(response):
+                        attempts = 0
+                        if msg.id is not None:
+                            last_id = msg.id
+                        yield msg
+                        if msg.event == "end":
+                            return
         except (httpx.TransportError, httpx.RemoteProtocolError):
             pass
         attempts += 1
         if attempts > max_reconnects:
-            raise ConnectionError(f"stream {url} dropped {attempts} times")
+            raise ConnectionError(f"stream {url} dropped {attempts} times in a row")
+        if retry_delay:
+            await asyncio.sleep(min(retry_delay * 2 ** (attempts - 1), 5.0))

@@ -52,21 +52,32 @@ def get(kubectl: Kubectl, namespace: str, *what: str) -> dict[str, Any]:
 
 
 def run_to_completion(
-    kubectl: Kubectl, namespace: str, name: str, *, image: str, args: list[str], sa: str
+    kubectl: Kubectl,
+    namespace: str,
+    name: str,
+    *,
+    image: str,
+    args: list[str],
+    sa: str,
+    config_map: str | None = None,
 ) -> str:
-    """A pod that runs once; returns its log after it succeeded (fails with it otherwise)."""
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name},
-        "spec": {
-            "serviceAccountName": sa,
-            "restartPolicy": "Never",
-            "containers": [
-                {"name": "main", "image": image, "args": args, "securityContext": NON_ROOT}
-            ],
-        },
+    """A pod that runs once; returns its log after it succeeded (fails with it otherwise).
+    ``config_map`` is mounted at /config."""
+    container: dict[str, Any] = {
+        "name": "main",
+        "image": image,
+        "args": args,
+        "securityContext": NON_ROOT,
     }
+    spec: dict[str, Any] = {
+        "serviceAccountName": sa,
+        "restartPolicy": "Never",
+        "containers": [container],
+    }
+    if config_map:
+        spec["volumes"] = [{"name": "config", "configMap": {"name": config_map}}]
+        container["volumeMounts"] = [{"name": "config", "mountPath": "/config"}]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
     apply(kubectl, namespace, pod)
 
     def finished() -> str | None:
@@ -163,6 +174,48 @@ def test_a_pod_reaches_the_api_server_through_the_kubernetes_service(
     assert "Using in-cluster configuration" in logs
     assert f"GET https://{kubernetes}:443/api/v1/namespaces/{namespace}/pods/whoami" in logs
     assert logs.rstrip().endswith("reader")
+
+
+def test_pods_resolve_service_names_through_the_cluster_dns(
+    kubectl: Kubectl, namespace: str, kubectl_image: str
+) -> None:
+    # The API server by its Service's name: the pod's resolv.conf names the cluster DNS
+    # (CoreDNS) and the namespace's search path, as on any cluster.
+    sa_dir = "/var/run/secrets/kubernetes.io/serviceaccount"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {
+                    "server": "https://kubernetes.default.svc",
+                    "certificate-authority": f"{sa_dir}/ca.crt",
+                },
+            }
+        ],
+        "users": [{"name": "u", "user": {"tokenFile": f"{sa_dir}/token"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "c",
+    }
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "kubeconfig"},
+        "data": {"kubeconfig": json.dumps(config)},
+    }
+    apply(kubectl, namespace, configmap)
+    logs = run_to_completion(
+        kubectl,
+        namespace,
+        "resolver",
+        image=kubectl_image,
+        args=["--kubeconfig=/config/kubeconfig", "get", "--raw=/version", "-v=6"],
+        sa="default",
+        config_map="kubeconfig",
+    )
+    assert "GET https://kubernetes.default.svc/version 200 OK" in logs, logs
+    assert '"gitVersion": "v1.20.2"' in logs, logs
 
 
 def test_a_cluster_ip_service_routes(kubectl: Kubectl, namespace: str, kubectl_image: str) -> None:

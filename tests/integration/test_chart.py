@@ -83,6 +83,29 @@ def test_the_chart_clusterroles_are_the_manifests(helm: Helm) -> None:
     ).read_text(), "copy manifests/rbac.yaml to charts/agentrun/files/clusterroles.yaml"
 
 
+def test_pods_get_no_service_links_and_every_port_names_its_protocol(helm: Helm) -> None:
+    # Service links would inject AGENTRUN_SSE_PORT=tcp://... (the release's agentrun-sse
+    # Service) into the pods, which the settings reject; server-side apply (helm v4) on
+    # Kubernetes 1.20 refuses a port list entry without its key field `protocol`.
+    docs = render(helm, "serviceMonitor.enabled=false")
+    workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
+    assert len(workloads) == 3
+    for w in workloads:
+        pod = w["spec"]["template"]["spec"]
+        assert pod["enableServiceLinks"] is False, w["metadata"]["name"]
+        for c in pod["containers"]:
+            assert all(p["protocol"] == "TCP" for p in c.get("ports", [])), c["name"]
+    for svc in (d for d in docs if d["kind"] == "Service"):
+        assert all(p["protocol"] == "TCP" for p in svc["spec"]["ports"]), svc["metadata"]["name"]
+
+
+def test_the_chart_clusterroles_carry_the_release_labels(helm: Helm) -> None:
+    roles = [d for d in render(helm) if d["kind"] == "ClusterRole"]
+    assert len(roles) == 6
+    for role in roles:
+        assert role["metadata"]["labels"]["app.kubernetes.io/instance"] == "t", role
+
+
 def test_rendered_webhooks_match_the_webhook_servers_own_configuration(helm: Helm) -> None:
     docs = render(helm)
     expected = webhooks.configurations(client_config={"url": "https://x"}, ca_bundle="")

@@ -14,106 +14,25 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
-import socket
 import statistics
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from redis import asyncio as aioredis
 
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
+from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import testing
 
-from sse_support import create_run, sse_settings
+from sse_support import NGINX, create_run, nginx, sse_settings
 from support import Kubectl
-
-ROOT = Path(__file__).resolve().parents[2]
-DOCUMENTED = ROOT / "docs" / "nginx.conf"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(NGINX), reason="nginx not installed (apt-get install nginx)"
 )
-
-
-def templated(*, upstream: int, listen: int, prefix: Path, edits: dict[str, str]) -> str:
-    """docs/nginx.conf with this test's ports and private paths (and any edits)."""
-    conf = DOCUMENTED.read_text()
-    replacements = {
-        "server 127.0.0.1:8080;": f"server 127.0.0.1:{upstream};",
-        "listen 8088;": f"listen 127.0.0.1:{listen};",
-        "http {": (
-            "http {\n"
-            f"    access_log {prefix}/access.log;\n"
-            f"    client_body_temp_path {prefix}/tmp/body;\n"
-            f"    proxy_temp_path {prefix}/tmp/proxy;\n"
-            f"    fastcgi_temp_path {prefix}/tmp/fastcgi;\n"
-            f"    uwsgi_temp_path {prefix}/tmp/uwsgi;\n"
-            f"    scgi_temp_path {prefix}/tmp/scgi;"
-        ),
-        **edits,
-    }
-    for old, new in replacements.items():
-        assert old in conf, f"docs/nginx.conf no longer has {old!r}; update this test"
-        conf = conf.replace(old, new, 1)
-    return conf
-
-
-@contextlib.contextmanager
-def nginx(*, upstream: int, edits: dict[str, str] | None = None) -> Iterator[str]:
-    """NGINX on a free loopback port in front of ``upstream``; yields its base URL."""
-    prefix = Path(tempfile.mkdtemp(prefix="agentrun-nginx-"))
-    # Workers drop root for `nobody`: they must reach their temp directories.
-    prefix.chmod(0o755)
-    (prefix / "tmp").mkdir(mode=0o777)
-    (prefix / "tmp").chmod(0o777)
-    port = free_port()
-    conf = prefix / "nginx.conf"
-    conf.write_text(templated(upstream=upstream, listen=port, prefix=prefix, edits=edits or {}))
-    proc = subprocess.Popen(
-        [
-            NGINX,
-            "-p",
-            str(prefix),
-            "-c",
-            str(conf),
-            "-e",
-            str(prefix / "error.log"),
-            "-g",
-            f"daemon off; pid {prefix}/nginx.pid;",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:  # nginx has no readiness signal but its listening socket
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                log = (prefix / "error.log").read_text() if (prefix / "error.log").exists() else ""
-                raise AssertionError(f"nginx exited with {proc.returncode}:\n{out}\n{log}")
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            assert time.monotonic() < deadline, "nginx did not listen within 10s"
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-        shutil.rmtree(prefix, ignore_errors=True)
 
 
 @pytest.fixture
@@ -202,8 +121,8 @@ async def test_events_arrive_through_the_documented_config_unbatched_and_batched
     }
     n, gap = 40, 0.02
     with (
-        nginx(upstream=server.port) as documented,
-        nginx(upstream=server.port, edits=defaults) as buffering,
+        nginx(upstream=f"127.0.0.1:{server.port}") as documented,
+        nginx(upstream=f"127.0.0.1:{server.port}", edits=defaults) as buffering,
     ):
         written, (direct, proxied, batched) = await latencies(
             http,
@@ -240,8 +159,8 @@ async def test_heartbeats_keep_an_idle_stream_open_past_the_proxy_read_timeout(
     silent = testing.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=60))
     async with beating, silent:
         with (
-            nginx(upstream=beating.port, edits=short) as with_beats,
-            nginx(upstream=silent.port, edits=short) as without,
+            nginx(upstream=f"127.0.0.1:{beating.port}", edits=short) as with_beats,
+            nginx(upstream=f"127.0.0.1:{silent.port}", edits=short) as without,
         ):
             async with (
                 testing.StreamTap(http, with_beats + path) as kept,

@@ -4,9 +4,11 @@ Owns everything the node needs and everything it changes on the host, so that ``
 put the host back as it found it: the control plane (reused from :mod:`.controlplane`, bound
 to 0.0.0.0 and advertising :data:`NODE_IP`), kube-scheduler, a private containerd (its own
 config, root, state and socket under the work directory, never the system's), kubelet,
-kube-proxy (iptables mode), the CNI bridge, the node address on ``lo``, the iptables chains
-kubelet, kube-proxy and the CNI plugins add, the kernel settings kubelet and kube-proxy
-write, the cgroups under :data:`CGROUP_ROOT`, and the pod log directories.
+kube-proxy (iptables mode), CoreDNS as the cluster DNS (a host process on :data:`NODE_IP`
+port 53, so pods resolve Service names as on any cluster), the CNI bridge, the node address
+on ``lo``, the iptables chains kubelet, kube-proxy and the CNI plugins add, the kernel
+settings kubelet and kube-proxy write, the cgroups under :data:`CGROUP_ROOT`, and the pod log
+directories.
 
 Before it changes anything, ``up`` records a baseline of the host (kernel settings, the
 iptables chains already there, which of the shared directories existed) in the work
@@ -59,6 +61,7 @@ BRIDGE = "agentrun0"
 CGROUP_ROOT = "agentrun"
 PAUSE_IMAGE = "agentrun.local/pause:1.20.2"
 CNI_BIN_DIR = Path("/usr/lib/cni")
+CLUSTER_DOMAIN = "cluster.local"
 NODE_BINARIES = (
     "kube-apiserver",
     "kube-controller-manager",
@@ -78,6 +81,7 @@ COMPONENTS = (
     "kube-scheduler",
     "kubelet",
     "kube-proxy",
+    "coredns",
 )
 # Processes that belong to a cluster: matched by executable and by a path of ours in their
 # command line, so a crashed `up` that never wrote its state is still cleaned up.
@@ -90,6 +94,7 @@ OUR_EXECUTABLES = (
     "kube-proxy",
     "containerd",
     "containerd-shim-runc-v2",
+    "coredns",
 )
 # Written by kubelet (setupKernelTunables), kube-proxy and the bridge plugin; restored by down.
 SYSCTLS = (
@@ -120,6 +125,38 @@ SHARED_DIRS = (
     Path("/run/containerd/s"),
 )
 CHAIN_PREFIXES = ("KUBE-", "CNI-")
+COREDNS_RBAC: list[dict[str, Any]] = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "agentrun:coredns"},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["endpoints", "services", "pods", "namespaces"],
+                "verbs": ["list", "watch"],
+            },
+            {
+                "apiGroups": ["discovery.k8s.io"],
+                "resources": ["endpointslices"],
+                "verbs": ["list", "watch"],
+            },
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "agentrun:coredns"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "agentrun:coredns",
+        },
+        "subjects": [
+            {"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "system:coredns"}
+        ],
+    },
+]
 
 
 class NodeError(RuntimeError):
@@ -131,6 +168,22 @@ def log(msg: str) -> None:
 
 
 # -- images ---------------------------------------------------------------------------------
+
+
+def host_binary_image(out: Path, *, name: str, binaries: dict[str, Path]) -> Path:
+    """An image of this host's dynamically linked ``binaries`` (name in the image's PATH ->
+    host path) with the shared libraries ``ldd`` finds for them, e.g. Debian's redis-server
+    for a node that has no registry to pull ``redis`` from. No entrypoint: a pod's
+    ``args[0]`` names the binary, as with images whose entrypoint is a shell script."""
+    files: dict[str, Path] = {}
+    for image_name, src in binaries.items():
+        files[f"/{image_name}"] = src.resolve()
+        for line in _run(["ldd", str(src)]).stdout.splitlines():
+            # "libssl.so.3 => /lib/x86_64-linux-gnu/libssl.so.3 (0x...)" or "/lib64/ld-linux…"
+            match = re.search(r"(/\S+) \(0x", line)
+            if match:
+                files[match.group(1)] = Path(match.group(1)).resolve()
+    return static_image(out, name=name, files=files, entrypoint=[])
 
 
 def static_image(out: Path, *, name: str, files: dict[str, Path], entrypoint: list[str]) -> Path:
@@ -312,9 +365,13 @@ def _terminate(pids: list[int], *, grace: float = 10) -> None:
 class Cluster:
     """The single-node cluster whose state lives in ``workdir`` (``.work/cluster``)."""
 
-    def __init__(self, *, workdir: Path, bin_dir: Path | None = None) -> None:
+    def __init__(
+        self, *, workdir: Path, bin_dir: Path | None = None, coredns: Path | None = None
+    ) -> None:
         self.workdir = workdir.resolve()
         self.bin_dir = bin_dir or controlplane.default_bin_dir("1.20")
+        # Built by scripts/build-coredns.sh (cached by version); needed by `up` only.
+        self.coredns = coredns
         self.plane = controlplane.ControlPlane(
             workdir=self.workdir / "controlplane",
             bin_dir=self.bin_dir,
@@ -414,7 +471,7 @@ class Cluster:
         started = time.monotonic()
         self.logs_dir.mkdir(parents=True)
         self._save_baseline()
-        steps = 7
+        steps = 8
         log(f"1/{steps} host: {NODE_IP} on lo, forwarding, cgroup root /{CGROUP_ROOT}")
         self._prepare_host()
         log(f"2/{steps} containerd (own root, state and socket under {self.workdir})")
@@ -436,10 +493,12 @@ class Cluster:
         log(f"5/{steps} node identities and kube-scheduler")
         self._write_identities()
         self._start_scheduler()
-        log(f"6/{steps} kubelet and kube-proxy")
+        log(f"6/{steps} cluster DNS (CoreDNS on {NODE_IP}:53)")
+        self._start_coredns()
+        log(f"7/{steps} kubelet and kube-proxy")
         self._start_kubelet()
         self._start_kube_proxy()
-        log(f"7/{steps} waiting for node {NODE_NAME} to be Ready and Services programmed")
+        log(f"8/{steps} waiting for node {NODE_NAME} to be Ready and Services programmed")
         self._wait_ready(timeout)
         self._save_state(ready=True)
         log(f"ready in {time.monotonic() - started:.1f}s; KUBECONFIG={self.kubeconfig}")
@@ -450,7 +509,7 @@ class Cluster:
         log(f"1/6 stopping node processes in {self.workdir}")
         cri = self.workdir / "containerd" / "root" / "io.containerd.grpc.v1.cri" / "sandboxes"
         sandboxes = set(os.listdir(cri)) if cri.is_dir() else set()
-        self._kill_ours(("kubelet", "kube-proxy", "kube-scheduler"))
+        self._kill_ours(("kubelet", "kube-proxy", "kube-scheduler", "coredns"))
         self._remove_containers()
         self._kill_cgroup_procs()
         self._kill_ours(("containerd-shim-runc-v2",), grace=5)
@@ -535,6 +594,11 @@ class Cluster:
             )
         if not shutil.which("etcd"):
             raise NodeError("etcd not found: apt-get install etcd-server")
+        if not self.coredns or not self.coredns.exists():
+            raise NodeError(
+                f"CoreDNS binary {self.coredns or '(not given)'} not found: run "
+                "`scripts/build-coredns.sh` (builds once, cached by version) and pass --coredns"
+            )
         if len(str(self.containerd_socket)) > 100:
             raise NodeError(f"{self.containerd_socket} is too long for a unix socket path")
 
@@ -683,7 +747,10 @@ disabled_plugins = [
         proxy = controlplane.issue_client_cert(
             ca, pki, name="system:kube-proxy", groups=(), file="kube-proxy"
         )
-        for who, (cert, key) in (("kubelet", kubelet), ("kube-proxy", proxy)):
+        dns = controlplane.issue_client_cert(
+            ca, pki, name="system:coredns", groups=(), file="coredns"
+        )
+        for who, (cert, key) in (("kubelet", kubelet), ("kube-proxy", proxy), ("coredns", dns)):
             config = {
                 "apiVersion": "v1",
                 "kind": "Config",
@@ -721,6 +788,56 @@ disabled_plugins = [
                 f"--user=system:node:{NODE_NAME}",
             ]
         )
+        # CoreDNS's read access, as the system:coredns ClusterRole of kubeadm clusters.
+        _run(
+            [
+                str(self.kubectl),
+                f"--kubeconfig={self.kubeconfig}",
+                f"--cache-dir={self.kubectl_cache}",
+                "apply",
+                "-f",
+                "-",
+            ],
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": COREDNS_RBAC}),
+        )
+
+    def _start_coredns(self) -> None:
+        root = self.workdir / "coredns"
+        root.mkdir()
+        self._ports["coredns-health"] = controlplane.free_port()
+        # A Service name resolves in its namespace and in the cluster domain; anything else
+        # goes to the host's resolvers. Bound to the node address only: port 53 of the
+        # host's other addresses stays free.
+        kube = self.workdir / "pki" / "coredns.kubeconfig"
+        corefile = f"""\
+.:53 {{
+    bind {NODE_IP}
+    errors
+    health 127.0.0.1:{self._ports["coredns-health"]}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kube} coredns
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+        ttl 5
+    }}
+    forward . /etc/resolv.conf
+    cache 5
+    loop
+}}
+"""
+        (root / "Corefile").write_text(corefile)
+        assert self.coredns is not None  # checked by _preflight
+        self._spawn("coredns", [str(self.coredns), "-conf", str(root / "Corefile")])
+
+        def healthy() -> bool:
+            url = f"http://127.0.0.1:{self._ports['coredns-health']}/health"
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    return bool(r.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        self._wait("coredns", healthy, 60)
 
     def _start_scheduler(self) -> None:
         self._spawn(
@@ -756,7 +873,8 @@ disabled_plugins = [
             "authorization": {"mode": "Webhook"},
             "cgroupDriver": "cgroupfs",
             "cgroupRoot": f"/{CGROUP_ROOT}",
-            "clusterDomain": "cluster.local",
+            "clusterDomain": CLUSTER_DOMAIN,
+            "clusterDNS": [NODE_IP],
             "failSwapOn": False,
             # Like runc, kubelet cannot lower its own oom_score_adj without CAP_SYS_RESOURCE.
             "oomScoreAdj": 0,
@@ -1011,9 +1129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("tarball", nargs="?", type=Path, help="for load-image")
     parser.add_argument("--dir", type=Path, default=Path(".work/cluster"))
     parser.add_argument("--bin-dir", type=Path, default=None)
+    parser.add_argument("--coredns", type=Path, default=None, help="CoreDNS binary, for up")
     parser.add_argument("--timeout", type=float, default=300)
     args = parser.parse_args(argv)
-    cluster = Cluster(workdir=args.dir, bin_dir=args.bin_dir)
+    cluster = Cluster(workdir=args.dir, bin_dir=args.bin_dir, coredns=args.coredns)
     try:
         if args.action == "status":
             ok = cluster.running()

@@ -1,0 +1,647 @@
+"""The whole product on the real node: the image built from the Dockerfile, the chart
+installed with helm, and a user's story through real pods and Services.
+
+Covers: ``helm install --wait`` brings up the operator (with its SSE sidecar), two webhook
+replicas and Redis; an applied AgentRun streams over SSE through the Service and through
+Debian's NGINX configured as ``docs/nginx.conf`` shows; an approver approves with
+``kubectl patch`` and the run continues; the operator pod deleted mid-run is replaced and
+the run resumes from its checkpoint and finishes, its side-effecting tool executed exactly
+once (counted by the Deployment's revision, on the cluster side); a viewer that follows the
+stream across the pod's replacement by Last-Event-ID sees no gap and no duplicate, and a
+reconnect from the middle replays exactly the rest; ``spec.stop`` stops a run; a finished
+run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; ``helm upgrade`` keeps
+a run going; ``helm uninstall`` leaves no orphans.
+
+The mock LLM runs in the cluster too (the same image, ``agentrun mock-llm``); tests put
+their script through its Service. Every address is a Service name resolved by the cluster
+DNS, as on any cluster. Figures (install → Ready, apply → first SSE event, pod deleted →
+run resumed, image size) are printed with ``[figure]``; ``bench/bench_e2e.py`` repeats them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+import yaml
+
+from agentrun_operator import events
+from agentrun_operator.testing import node
+from agentrun_sse import client as sse_client
+
+from sse_support import nginx
+from support import Kubectl, assert_clean_stream, get_run, wait_for, wait_phase
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "agentrun"
+IMAGE = "localhost/agentrun:dev"
+REDIS_IMAGE = "agentrun.local/redis:debian"
+RELEASE = "agentrun"
+MOCK_PORT = 8000
+NON_ROOT = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+ROLES = {"approver": "agentrun-approver", "viewer": "agentrun-viewer", "creator": "agentrun-editor"}
+
+
+def figure(name: str, value: str) -> None:
+    print(f"[figure] {name}: {value}")
+
+
+# -- images and the release ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def images(node_cluster: node.Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The product image (scripts/build-image.sh: the Dockerfile under buildah, no registry)
+    and a Redis image of this host's redis-server, loaded into the node's containerd."""
+    started = time.monotonic()
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build-image.sh"), IMAGE],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1200,
+    ).stdout.split()[-1]
+    tarball = ROOT / out
+    figure("image build (warm caches)", f"{time.monotonic() - started:.1f}s")
+    figure("image size (docker-archive)", f"{tarball.stat().st_size / 2**20:.0f} MiB")
+    assert node_cluster.load_image(tarball) == [IMAGE]
+    redis_tar = node.host_binary_image(
+        tmp_path_factory.mktemp("images") / "redis.tar",
+        name=REDIS_IMAGE,
+        binaries={"redis-server": Path("/usr/bin/redis-server")},
+    )
+    assert node_cluster.load_image(redis_tar) == [REDIS_IMAGE]
+
+
+@dataclass
+class Helm:
+    binary: str
+    kubeconfig: Path
+
+    def __call__(self, *args: str, timeout: float = 600) -> str:
+        proc = subprocess.run(
+            [self.binary, f"--kubeconfig={self.kubeconfig}", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if proc.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stderr}{proc.stdout}")
+        return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def helm(node_cluster: node.Cluster) -> Helm:
+    binary = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "get-helm.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    ).stdout.split()[-1]
+    return Helm(binary, node_cluster.kubeconfig)
+
+
+def apply(kubectl: Kubectl, namespace: str, *docs: dict[str, Any]) -> None:
+    body = {"apiVersion": "v1", "kind": "List", "items": list(docs)}
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+
+
+def deployment(
+    name: str, *, image: str, args: list[str], port: int | None = None
+) -> dict[str, Any]:
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "Never",
+        "args": args,
+        "securityContext": NON_ROOT,
+    }
+    if port:
+        container["ports"] = [{"containerPort": port}]
+        container["readinessProbe"] = {
+            "httpGet": {"path": "/healthz", "port": port},
+            "periodSeconds": 1,
+        }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"enableServiceLinks": False, "containers": [container]},
+            },
+        },
+    }
+
+
+def service(name: str, port: int, target: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name},
+        "spec": {"selector": {"app": name}, "ports": [{"port": port, "targetPort": target}]},
+    }
+
+
+def cluster_ip(kubectl: Kubectl, namespace: str, name: str) -> str:
+    svc = json.loads(kubectl("get", "service", name, "-n", namespace, "-o", "json").stdout)
+    return str(svc["spec"]["clusterIP"])
+
+
+@dataclass
+class Release:
+    namespace: str  # where the chart and the mock LLM run
+    runs: str  # where the tests' AgentRuns run
+    sse: str  # the SSE Service's base URL (its ClusterIP, from this host)
+    mock: str  # the mock LLM's base URL (its ClusterIP, from this host)
+    redis: redis_sync.Redis  # the chart's Redis (its ClusterIP, from this host)
+    values: list[str]
+
+    def script(self, rules: list[dict[str, Any]]) -> None:
+        req = urllib.request.Request(
+            f"{self.mock}/_script", data=json.dumps(rules).encode(), method="PUT"
+        )
+        req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+
+
+def operator_pod(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
+    pods = json.loads(
+        kubectl(
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/component=operator",
+            "-o",
+            "json",
+        ).stdout
+    )["items"]
+    ready = [
+        p
+        for p in pods
+        if not p["metadata"].get("deletionTimestamp")
+        and all(c.get("ready") for c in p["status"].get("containerStatuses", [{}]))
+        and p["status"].get("containerStatuses")
+    ]
+    return ready[0] if ready else None
+
+
+@pytest.fixture(scope="module")
+def release(
+    node_cluster: node.Cluster, kubectl: Kubectl, helm: Helm, images: None
+) -> Iterator[Release]:
+    namespace, runs = "agentrun-e2e", "agentrun-e2e-runs"
+    remove_release(kubectl, helm, namespace, runs)
+    kubectl("create", "namespace", namespace)
+    kubectl("create", "namespace", runs)
+    mock_args = ["agentrun", "mock-llm", "--host=0.0.0.0", f"--port={MOCK_PORT}"]
+    apply(
+        kubectl,
+        namespace,
+        deployment("mock-llm", image=IMAGE, args=mock_args, port=MOCK_PORT),
+        service("mock-llm", MOCK_PORT, MOCK_PORT),
+    )
+    values = [
+        f"image.repository={IMAGE.split(':')[0]}",
+        f"image.tag={IMAGE.split(':')[1]}",
+        "image.pullPolicy=Never",
+        f"redis.image={REDIS_IMAGE}",
+        f"model.baseURL=http://mock-llm.{namespace}.svc:{MOCK_PORT}/v1",
+        "model.name=mock",
+        f"operator.namespaces={{{runs}}}",
+        "sse.heartbeatSeconds=2",
+    ]
+    started = time.monotonic()
+    try:
+        helm(
+            "install",
+            RELEASE,
+            str(CHART),
+            "-n",
+            namespace,
+            "--wait",
+            "--timeout=5m",
+            *[a for v in values for a in ("--set", v)],
+        )
+    except AssertionError:
+        print(kubectl("get", "pods,events", "-n", namespace, check=False).stdout)
+        remove_release(kubectl, helm, namespace, runs)
+        raise
+    figure(
+        "helm install --wait -> operator, SSE, webhooks, Redis Ready",
+        f"{time.monotonic() - started:.1f}s",
+    )
+    kubectl("rollout", "status", "-n", namespace, "deployment/mock-llm", "--timeout=60s")
+    # Ready pods are not yet reachable ones: kube-proxy programs a new Service's endpoints
+    # a moment later. A server-side dry run goes through the admission webhooks.
+    probe = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": "probe", "namespace": runs},
+        "spec": {"goal": "probe"},
+    }
+
+    def webhooks_answer() -> bool:
+        out = kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(probe), check=False)
+        return out.returncode == 0
+
+    wait_for("the admission webhooks to answer", webhooks_answer, timeout=60, interval=0.5)
+    figure(
+        "helm install -> webhooks answering through their Service",
+        f"{time.monotonic() - started:.1f}s",
+    )
+    # The test users' rights in the runs' namespace, through the chart's ClusterRoles.
+    for user, role in ROLES.items():
+        kubectl(
+            "create", "rolebinding", user, "-n", runs, f"--clusterrole={role}", f"--user={user}"
+        )
+    # The agent's identity: may restart and read the Deployment it works on.
+    kubectl("create", "serviceaccount", "agent", "-n", runs)
+    kubectl(
+        "create",
+        "role",
+        "agent",
+        "-n",
+        runs,
+        "--verb=get,list,watch,patch",
+        "--resource=deployments,pods,events",
+    )
+    kubectl(
+        "create",
+        "rolebinding",
+        "agent",
+        "-n",
+        runs,
+        "--role=agent",
+        f"--serviceaccount={runs}:agent",
+    )
+    redis_client = redis_sync.Redis(host=cluster_ip(kubectl, namespace, f"{RELEASE}-redis"))
+    rel = Release(
+        namespace=namespace,
+        runs=runs,
+        sse=f"http://{cluster_ip(kubectl, namespace, f'{RELEASE}-sse')}",
+        mock=f"http://{cluster_ip(kubectl, namespace, 'mock-llm')}:{MOCK_PORT}",
+        redis=redis_client,
+        values=values,
+    )
+    try:
+        yield rel
+    finally:
+        redis_client.close()
+        remove_release(kubectl, helm, namespace, runs)
+
+
+def remove_release(kubectl: Kubectl, helm: Helm, namespace: str, runs: str) -> None:
+    """Runs first (their finalizers need the operator), then the release and its
+    namespaces, and whatever a crashed session left of the release cluster-wide."""
+    kubectl("delete", "agentruns", "--all", "-n", runs, "--timeout=60s", check=False)
+    subprocess.run(
+        [
+            helm.binary,
+            f"--kubeconfig={helm.kubeconfig}",
+            "uninstall",
+            RELEASE,
+            "-n",
+            namespace,
+            "--ignore-not-found",
+            "--wait",
+            "--timeout=2m",
+        ],
+        capture_output=True,
+        timeout=300,
+    )
+    kubectl(
+        "delete",
+        "clusterroles,clusterrolebindings,mutatingwebhookconfigurations,"
+        "validatingwebhookconfigurations",
+        "-l",
+        f"app.kubernetes.io/instance={RELEASE}",
+        check=False,
+    )
+    kubectl(
+        "delete",
+        "namespace",
+        runs,
+        namespace,
+        "--ignore-not-found",
+        "--timeout=120s",
+        check=False,
+        timeout=180,
+    )
+
+
+# -- runs ------------------------------------------------------------------------------------
+
+
+def create_run(kubectl: Kubectl, rel: Release, name: str, goal: str, **spec: Any) -> str:
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": name},
+        "spec": {"goal": goal, **spec},
+    }
+    kubectl.as_user("creator")("create", "-n", rel.runs, "-f", "-", input=json.dumps(doc))
+    return str(get_run(kubectl, rel.runs, name)["metadata"]["uid"])
+
+
+@dataclass
+class Seen:
+    events: list[dict[str, Any]]
+    first_at: float | None = None
+
+
+async def read_stream(
+    url: str, user: str, *, last_id: str | None = None, seen: Seen | None = None
+) -> Seen:
+    """Every event of a run through ``url`` (the Service or NGINX) as ``user``, following it
+    across dropped connections and a replaced pod by Last-Event-ID, until ``end``."""
+    seen = seen or Seen([])
+    headers = {"Authorization": f"Bearer agentrun-{user}-token"}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=60)) as http:
+        async for msg in sse_client.follow(
+            http, url, headers=headers, last_id=last_id, max_reconnects=30, retry_delay=0.5
+        ):
+            if msg.event == "heartbeat":
+                continue
+            if seen.first_at is None:
+                seen.first_at = time.monotonic()
+            seen.events.append({**msg.json(), "id": msg.id, "event": msg.event})
+    return seen
+
+
+def events_url(base: str, rel: Release, name: str) -> str:
+    return f"{base}/api/v1/runs/{rel.runs}/{name}/events"
+
+
+def revision(kubectl: Kubectl, namespace: str, name: str) -> int:
+    dep = json.loads(kubectl("get", "deployment", name, "-n", namespace, "-o", "json").stdout)
+    return int(dep["metadata"]["annotations"]["deployment.kubernetes.io/revision"])
+
+
+# -- the story -------------------------------------------------------------------------------
+
+
+def test_an_applied_run_streams_through_the_service_and_through_nginx(
+    kubectl: Kubectl, release: Release
+) -> None:
+    # The mock's built-in script: a plan, a k8s_list of pods, a summary.
+    release.script([])
+    url = events_url(release.sse, release, "hello")
+
+    async def story() -> tuple[Seen, Seen, float]:
+        start = time.monotonic()
+        create_run(
+            kubectl, release, "hello", "What runs in this namespace?", serviceAccountName="agent"
+        )
+        upstream = release.sse.removeprefix("http://") + ":80"
+        with nginx(upstream=upstream) as proxy:
+            direct, proxied = await asyncio.gather(
+                read_stream(url, "viewer"),
+                read_stream(events_url(proxy, release, "hello"), "viewer"),
+            )
+        return direct, proxied, start
+
+    direct, proxied, start = asyncio.run(asyncio.wait_for(story(), 120))
+    assert direct.first_at is not None
+    figure(
+        "kubectl create -> first SSE event through the Service", f"{direct.first_at - start:.2f}s"
+    )
+    assert_clean_stream(direct.events)
+    assert [e["seq"] for e in proxied.events] == [e["seq"] for e in direct.events]
+    assert [e["id"] for e in proxied.events] == [e["id"] for e in direct.events]
+    tools = [e["data"] for e in direct.events if e["type"] == "tool"]
+    assert [(t["name"], t["status"]) for t in tools] == [
+        ("k8s_list", "started"),
+        ("k8s_list", "succeeded"),
+    ]
+    assert direct.events[-1]["data"]["phase"] == "Succeeded"
+    status = wait_phase(kubectl, release.runs, "hello", "Succeeded", timeout=30)
+    assert status["createdBy"] == "creator"
+    assert status["usage"]["llmCalls"] >= 2
+
+
+def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
+    kubectl: Kubectl, release: Release
+) -> None:
+    kubectl("create", "deployment", "web", f"--image={node.PAUSE_IMAGE}", "-n", release.runs)
+    kubectl("rollout", "status", "deployment/web", "-n", release.runs, "--timeout=60s")
+    assert revision(kubectl, release.runs, "web") == 1
+    words = " ".join(f"w{i}" for i in range(60))
+    release.script(
+        [
+            {
+                "match": "restart web",
+                "replies": [
+                    {"text": f"Plan: restart web. {words}", "tokens_per_second": 15},
+                    {
+                        "tool_calls": [
+                            {
+                                "name": "k8s_rollout_restart",
+                                "arguments": {"kind": "Deployment", "name": "web"},
+                            }
+                        ]
+                    },
+                    {"text": "web restarted."},
+                ],
+            }
+        ]
+    )
+    url = events_url(release.sse, release, "restart")
+    uid = create_run(
+        kubectl,
+        release,
+        "restart",
+        "Please restart web",
+        serviceAccountName="agent",
+        tools=["k8s_get", "k8s_rollout_restart"],
+    )
+    key = events.events_key(uid)
+
+    def stream() -> list[dict[str, Any]]:
+        return [events.decode(i, f) for i, f in release.redis.xrange(key)]
+
+    def tokens() -> int:
+        return sum(1 for e in stream() if e["type"] == "token")
+
+    async def story() -> tuple[Seen, float]:
+        reader = asyncio.create_task(read_stream(url, "viewer"))
+        await asyncio.to_thread(wait_for, "the first tokens", tokens, timeout=60, interval=0.05)
+        old = operator_pod(kubectl, release.namespace)
+        assert old is not None, "no ready operator pod"
+        deleted = time.monotonic()
+        kubectl("delete", "pod", old["metadata"]["name"], "-n", release.namespace, "--wait=false")
+
+        def resumed() -> bool:
+            return any(
+                e["type"] == "workflow" and e["data"]["state"] == "resumed" for e in stream()
+            )
+
+        await asyncio.to_thread(wait_for, "the run to resume", resumed, timeout=120, interval=0.1)
+        resumed_after = time.monotonic() - deleted
+        status = await asyncio.to_thread(
+            wait_phase, kubectl, release.runs, "restart", "AwaitingApproval", timeout=120
+        )
+        (approval,) = status["pendingApprovals"]
+        kubectl.as_user("approver")(
+            "patch",
+            "ta",
+            approval,
+            "-n",
+            release.runs,
+            "--type=merge",
+            "-p",
+            '{"spec":{"decision":"Approved","comment":"go"}}',
+        )
+        return await asyncio.wait_for(reader, 120), resumed_after
+
+    seen, resumed_after = asyncio.run(asyncio.wait_for(story(), 300))
+    figure("operator pod deleted -> run resumed", f"{resumed_after:.1f}s")
+    status = wait_phase(kubectl, release.runs, "restart", "Succeeded", timeout=30)
+    # Exactly once, counted by the cluster: one restart is one new revision.
+    assert revision(kubectl, release.runs, "web") == 2
+    # The viewer followed the stream across the pod's replacement: no gap, no duplicate.
+    assert_clean_stream(seen.events)
+    states = [e["data"]["state"] for e in seen.events if e["type"] == "workflow"]
+    assert "resumed" in states
+    approvals = [e["data"] for e in seen.events if e["type"] == "approval"]
+    assert [a["state"] for a in approvals] == ["pending", "approved"]
+    assert approvals[1]["decidedBy"] == "approver"
+    restarts = [
+        e["data"]
+        for e in seen.events
+        if e["type"] == "tool" and e["data"]["name"] == "k8s_rollout_restart"
+    ]
+    assert [t["status"] for t in restarts] == ["started", "succeeded"]
+    assert status["usage"]["toolCalls"] == 1
+
+    # A reconnect from the middle replays exactly the rest.
+    middle = len(seen.events) // 2
+    rest = asyncio.run(
+        asyncio.wait_for(read_stream(url, "viewer", last_id=seen.events[middle]["id"]), 60)
+    )
+    assert [e["id"] for e in rest.events] == [e["id"] for e in seen.events[middle + 1 :]]
+
+
+def test_stop_ends_a_run_and_a_finished_run_is_deleted_after_its_ttl(
+    kubectl: Kubectl, release: Release
+) -> None:
+    words = " ".join(f"w{i}" for i in range(2000))
+    release.script([{"match": "talk", "replies": [{"text": words, "tokens_per_second": 20}]}])
+    uid = create_run(kubectl, release, "talker", "talk for long", ttlSecondsAfterFinished=3)
+    key = events.events_key(uid)
+    wait_for("the run to stream", lambda: release.redis.xlen(key) > 3, timeout=60)
+    kubectl.as_user("creator")(
+        "patch",
+        "agentrun",
+        "talker",
+        "-n",
+        release.runs,
+        "--type=merge",
+        "-p",
+        '{"spec":{"stop":true}}',
+    )
+    status = wait_phase(kubectl, release.runs, "talker", "Stopped", timeout=30)
+    assert status["stoppedBy"] == "creator"
+    last = events.decode(*release.redis.xrevrange(key, count=1)[0])
+    assert last["type"] == "end" and last["data"]["phase"] == "Stopped"
+
+    def gone() -> bool:
+        out = kubectl("get", "agentrun", "talker", "-n", release.runs, check=False)
+        return out.returncode != 0 and "NotFound" in out.stderr
+
+    wait_for("the TTL to delete the run", gone, timeout=60, interval=0.5)
+    wait_for("its Redis data to go", lambda: not release.redis.exists(key), timeout=30)
+
+
+def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm: Helm) -> None:
+    words = " ".join(f"w{i}" for i in range(80))
+    release.script(
+        [
+            {
+                "match": "upgrade",
+                "replies": [
+                    {"text": f"Thinking {words}", "tokens_per_second": 20},
+                    {"text": "All good."},
+                ],
+            }
+        ]
+    )
+    url = events_url(release.sse, release, "during-upgrade")
+
+    async def story() -> Seen:
+        create_run(kubectl, release, "during-upgrade", "survive an upgrade")
+        reader = asyncio.create_task(read_stream(url, "viewer"))
+        await asyncio.sleep(0)
+        # A changed value rolls the operator's pod (its Deployment's strategy: Recreate).
+        await asyncio.to_thread(
+            helm,
+            "upgrade",
+            RELEASE,
+            str(CHART),
+            "-n",
+            release.namespace,
+            "--wait",
+            "--timeout=5m",
+            *[a for v in [*release.values, "sse.heartbeatSeconds=3"] for a in ("--set", v)],
+        )
+        return await asyncio.wait_for(reader, 180)
+
+    seen = asyncio.run(asyncio.wait_for(story(), 400))
+    assert_clean_stream(seen.events)
+    assert seen.events[-1]["data"]["phase"] == "Succeeded"
+    history = json.loads(helm("history", RELEASE, "-n", release.namespace, "-o", "json"))
+    assert [h["revision"] for h in history] == [1, 2]
+
+
+def test_helm_uninstall_leaves_no_orphans(kubectl: Kubectl, release: Release, helm: Helm) -> None:
+    kubectl("delete", "agentruns", "--all", "-n", release.runs, "--timeout=60s")
+    manifest = helm("get", "manifest", RELEASE, "-n", release.namespace)
+    objects = [
+        (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace", release.namespace))
+        for d in yaml.safe_load_all(manifest)
+        if d
+    ]
+    kinds = {kind for kind, _, _ in objects}
+    assert {"Deployment", "StatefulSet", "ClusterRole", "ValidatingWebhookConfiguration"} <= kinds
+    helm("uninstall", RELEASE, "-n", release.namespace, "--wait", "--timeout=5m")
+
+    def leftovers() -> list[str]:
+        left = []
+        for kind, name, namespace in objects:
+            out = kubectl("get", kind, name, "-n", namespace, "-o", "name", check=False)
+            if out.returncode == 0 or "NotFound" not in out.stderr:
+                left.append(f"{kind}/{name}")
+        pods = kubectl(
+            "get",
+            "pods",
+            "-n",
+            release.namespace,
+            "-l",
+            f"app.kubernetes.io/instance={RELEASE}",
+            "-o",
+            "name",
+        )
+        return left + pods.stdout.split()
+
+    wait_for("nothing of the release to remain", lambda: not leftovers(), timeout=120, interval=1)
+    # CRDs stay (Helm never deletes crds/); runs and their ToolApprovals went before.
+    left = kubectl("get", "agentruns,toolapprovals", "-n", release.runs, "-o", "name")
+    assert left.stdout.split() == []
+    assert kubectl("get", "crd", "agentruns.agentrun.dev", check=False).returncode == 0
