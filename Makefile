@@ -114,9 +114,13 @@ cluster-up: install ## Bring up (or reuse) a real single-node Kubernetes 1.20 cl
 cluster-down: ## Remove the cluster and everything it changed on this host
 	@scripts/cluster-down.sh
 
+E2E_CLUSTER ?= local
 .PHONY: e2e
-e2e: install cluster-up ## End-to-end tests on the real node (E2E_CLUSTER=local; Kubernetes 1.20)
-	K8S_VERSION=1.20 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
+e2e: install ## End-to-end tests: E2E_CLUSTER=local (the real node here), kind, or existing (KUBECONFIG, E2E_IMAGE)
+ifeq ($(E2E_CLUSTER),local)
+	@scripts/cluster-up.sh >/dev/null
+endif
+	E2E_CLUSTER=$(E2E_CLUSTER) K8S_VERSION=1.20 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 ##@ Cleanup
 .PHONY: clean

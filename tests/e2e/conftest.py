@@ -1,27 +1,36 @@
-"""The e2e cluster: a real single-node Kubernetes on this machine (``E2E_CLUSTER=local``,
-the default), brought up once per session by ``scripts/cluster-up.sh`` (idempotent: a
-cluster already up from ``make cluster-up`` is reused and left running; one this session
-started is removed at the end unless ``AGENTRUN_KEEP_CLUSTER=1``).
+"""The e2e cluster (``E2E_CLUSTER``): ``local`` (the default) is a real single-node
+Kubernetes on this machine, brought up once per session by ``scripts/cluster-up.sh``
+(idempotent: a cluster already up from ``make cluster-up`` is reused and left running; one
+this session started is removed at the end unless ``AGENTRUN_KEEP_CLUSTER=1``); ``kind`` is a
+kind cluster (``KIND_CLUSTER``, created when missing), for users' CI with Docker;
+``existing`` is the cluster of ``KUBECONFIG``. See :class:`Target`.
 
 Overrides ``kubectl`` so the shared ``namespace`` fixture makes its namespaces on this
-cluster, never on the integration control plane. When a test fails, the tails of kubelet,
-containerd, kube-proxy, kube-scheduler and kube-apiserver logs and the pods of all
-namespaces are printed.
+cluster, never on the integration control plane. When a test on the local node fails, the
+tails of kubelet, containerd, kube-proxy, kube-scheduler and kube-apiserver logs and the pods
+of all namespaces are printed.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from agentrun_operator.testing import node
 
+from e2e_support import (
+    E2E_CLUSTER,
+    ClusterKubectl,
+    ImpersonatingKubectl,
+    Target,
+    kind_kubeconfig,
+)
 from support import Kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,9 +70,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def node_cluster() -> Iterator[node.Cluster]:
-    kind = os.environ.get("E2E_CLUSTER", "local")
-    if kind != "local":
-        pytest.skip(f"E2E_CLUSTER={kind}: only the local node is wired up so far")
+    """The real node on this machine (E2E_CLUSTER=local)."""
+    if E2E_CLUSTER != "local":
+        pytest.skip(f"E2E_CLUSTER={E2E_CLUSTER}: these tests check this machine's own node")
     cluster = node.Cluster(workdir=ROOT / ".work" / "cluster")
     was_running = cluster.running()
     started = time.monotonic()
@@ -88,32 +97,37 @@ def node_cluster() -> Iterator[node.Cluster]:
             cluster.down()
 
 
-@dataclass
-class ClusterKubectl(Kubectl):
-    """kubectl on the e2e cluster, its discovery cache kept with the cluster (not ~/.kube)."""
-
-    cache_dir: Path = ROOT / ".work" / "cluster" / "kubectl-cache"
-
-    def __call__(
-        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
-    ) -> subprocess.CompletedProcess[str]:
-        return super().__call__(
-            f"--cache-dir={self.cache_dir}", *args, input=input, check=check, timeout=timeout
+@pytest.fixture(scope="session")
+def target(request: pytest.FixtureRequest) -> Target:
+    if E2E_CLUSTER == "local":
+        cluster: node.Cluster = request.getfixturevalue("node_cluster")
+        return Target(
+            "local",
+            cluster.kubeconfig,
+            ClusterKubectl(cluster.plane, cache_dir=cluster.kubectl_cache),
+            cluster,
         )
-
-    def as_user(self, user: str) -> ClusterKubectl:
-        return ClusterKubectl(self.plane, user, self.cache_dir)
+    kubeconfig = (
+        kind_kubeconfig() if E2E_CLUSTER == "kind" else Path(os.environ.get("KUBECONFIG", ""))
+    )
+    if not kubeconfig.is_file():
+        pytest.fail(f"E2E_CLUSTER={E2E_CLUSTER}: KUBECONFIG={kubeconfig} is not a file")
+    binary = shutil.which("kubectl")
+    if not binary:
+        pytest.fail(f"E2E_CLUSTER={E2E_CLUSTER} needs kubectl on PATH")
+    return Target(E2E_CLUSTER, kubeconfig, ImpersonatingKubectl(binary, kubeconfig))
 
 
 @pytest.fixture(scope="session")
-def kubectl(node_cluster: node.Cluster) -> Kubectl:
+def kubectl(target: Target) -> Kubectl | ImpersonatingKubectl:
     """kubectl as the e2e cluster's admin (other users: ``kubectl.as_user(...)``)."""
-    return ClusterKubectl(node_cluster.plane, cache_dir=node_cluster.kubectl_cache)
+    return target.kubectl
 
 
 @pytest.fixture(autouse=True)
 def _dump_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed and "node_cluster" in request.fixturenames:
-        print(dump_cluster(request.getfixturevalue("node_cluster")))
+    if rep is not None and rep.failed and E2E_CLUSTER == "local":
+        if "node_cluster" in request.fixturenames or "target" in request.fixturenames:
+            print(dump_cluster(request.getfixturevalue("node_cluster")))

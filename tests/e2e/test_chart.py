@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -37,8 +40,10 @@ import yaml
 
 from agentrun_operator import events
 from agentrun_operator.testing import node
+from agentrun_operator.testing.controlplane import free_port
 from agentrun_sse import client as sse_client
 
+from e2e_support import KIND_CLUSTER, ImpersonatingKubectl, Target
 from sse_support import nginx
 from support import Kubectl, assert_clean_stream, get_run, wait_for, wait_phase
 
@@ -59,11 +64,37 @@ def figure(name: str, value: str) -> None:
 # -- images and the release ----------------------------------------------------------------
 
 
+@dataclass
+class Images:
+    agentrun: str
+    pull_policy: str
+    redis: str | None  # None: the chart's default (redis:7.2, pulled by the nodes)
+
+
 @pytest.fixture(scope="module")
-def images(node_cluster: node.Cluster, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """The product image (scripts/build-image.sh: the Dockerfile under buildah, no registry)
-    and a Redis image of this host's redis-server, loaded into the node's containerd."""
+def images(target: Target, tmp_path_factory: pytest.TempPathFactory) -> Images:
+    """The product image built from the Dockerfile, where the cluster's nodes find it.
+
+    local: scripts/build-image.sh (buildah, no registry) and a Redis image of this host's
+    redis-server, both imported into the node's containerd; kind: ``docker build`` and
+    ``kind load``; existing: ``E2E_IMAGE``, an image the cluster's nodes can pull (and
+    ``E2E_REDIS_IMAGE`` instead of the chart's redis:7.2, if they cannot pull that)."""
     started = time.monotonic()
+    if target.kind == "existing":
+        image = os.environ.get("E2E_IMAGE", "")
+        if not image:
+            pytest.fail("E2E_CLUSTER=existing needs E2E_IMAGE (an image its nodes can pull)")
+        return Images(image, "IfNotPresent", os.environ.get("E2E_REDIS_IMAGE") or None)
+    if target.kind == "kind":
+        image = "agentrun:e2e"
+        subprocess.run(["make", "-s", "wheelhouse"], cwd=ROOT, check=True, timeout=1200)
+        subprocess.run(["docker", "build", "-t", image, str(ROOT)], check=True, timeout=1200)
+        subprocess.run(
+            ["kind", "load", "docker-image", image, "--name", KIND_CLUSTER], check=True, timeout=600
+        )
+        figure("image build and load", f"{time.monotonic() - started:.1f}s")
+        return Images(image, "Never", None)
+    assert target.cluster is not None
     out = subprocess.run(
         ["bash", str(ROOT / "scripts" / "build-image.sh"), IMAGE],
         check=True,
@@ -74,13 +105,14 @@ def images(node_cluster: node.Cluster, tmp_path_factory: pytest.TempPathFactory)
     tarball = ROOT / out
     figure("image build (warm caches)", f"{time.monotonic() - started:.1f}s")
     figure("image size (docker-archive)", f"{tarball.stat().st_size / 2**20:.0f} MiB")
-    assert node_cluster.load_image(tarball) == [IMAGE]
+    assert target.cluster.load_image(tarball) == [IMAGE]
     redis_tar = node.host_binary_image(
         tmp_path_factory.mktemp("images") / "redis.tar",
         name=REDIS_IMAGE,
         binaries={"redis-server": Path("/usr/bin/redis-server")},
     )
-    assert node_cluster.load_image(redis_tar) == [REDIS_IMAGE]
+    assert target.cluster.load_image(redis_tar) == [REDIS_IMAGE]
+    return Images(IMAGE, "Never", REDIS_IMAGE)
 
 
 @dataclass
@@ -101,7 +133,7 @@ class Helm:
 
 
 @pytest.fixture(scope="module")
-def helm(node_cluster: node.Cluster) -> Helm:
+def helm(target: Target) -> Helm:
     binary = subprocess.run(
         ["bash", str(ROOT / "scripts" / "get-helm.sh")],
         check=True,
@@ -109,7 +141,7 @@ def helm(node_cluster: node.Cluster) -> Helm:
         text=True,
         timeout=600,
     ).stdout.split()[-1]
-    return Helm(binary, node_cluster.kubeconfig)
+    return Helm(binary, target.kubeconfig)
 
 
 def apply(kubectl: Kubectl, namespace: str, *docs: dict[str, Any]) -> None:
@@ -118,12 +150,12 @@ def apply(kubectl: Kubectl, namespace: str, *docs: dict[str, Any]) -> None:
 
 
 def deployment(
-    name: str, *, image: str, args: list[str], port: int | None = None
+    name: str, *, image: str, pull: str, args: list[str], port: int | None = None
 ) -> dict[str, Any]:
     container: dict[str, Any] = {
         "name": name,
         "image": image,
-        "imagePullPolicy": "Never",
+        "imagePullPolicy": pull,
         "args": args,
         "securityContext": NON_ROOT,
     }
@@ -162,14 +194,59 @@ def cluster_ip(kubectl: Kubectl, namespace: str, name: str) -> str:
     return str(svc["spec"]["clusterIP"])
 
 
+class Forward:
+    """A Service's port on 127.0.0.1 through ``kubectl port-forward``, for clusters whose
+    Service addresses this host cannot reach (kind, remote ones). Restarted when it drops,
+    e.g. when the pod behind it is replaced, on the same local port."""
+
+    def __init__(self, kubectl: ImpersonatingKubectl, namespace: str, svc: str, port: int):
+        self.port = free_port()
+        self._args = [
+            kubectl.binary,
+            f"--kubeconfig={kubectl.kubeconfig}",
+            "port-forward",
+            "-n",
+            namespace,
+            f"svc/{svc}",
+            f"{self.port}:{port}",
+        ]
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._keep, daemon=True)
+        self._thread.start()
+        wait_for(f"port-forward to {svc}", self._listening, timeout=60)
+
+    def _listening(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def _keep(self) -> None:
+        while not self._stop.is_set():
+            self._proc = subprocess.Popen(
+                self._args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+            self._proc.wait()
+            self._stop.wait(0.5)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._proc:
+            self._proc.terminate()
+        self._thread.join(timeout=10)
+
+
 @dataclass
 class Release:
     namespace: str  # where the chart and the mock LLM run
     runs: str  # where the tests' AgentRuns run
-    sse: str  # the SSE Service's base URL (its ClusterIP, from this host)
-    mock: str  # the mock LLM's base URL (its ClusterIP, from this host)
-    redis: redis_sync.Redis  # the chart's Redis (its ClusterIP, from this host)
+    sse: str  # the SSE Service's base URL, from this host
+    mock: str  # the mock LLM's base URL, from this host
+    redis: redis_sync.Redis  # the chart's Redis, from this host
     values: list[str]
+    tokens: dict[str, str]  # bearer tokens of the test users, for the SSE server
 
     def script(self, rules: list[dict[str, Any]]) -> None:
         req = urllib.request.Request(
@@ -204,9 +281,7 @@ def operator_pod(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
 
 
 @pytest.fixture(scope="module")
-def release(
-    node_cluster: node.Cluster, kubectl: Kubectl, helm: Helm, images: None
-) -> Iterator[Release]:
+def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Iterator[Release]:
     namespace, runs = "agentrun-e2e", "agentrun-e2e-runs"
     remove_release(kubectl, helm, namespace, runs)
     kubectl("create", "namespace", namespace)
@@ -215,14 +290,21 @@ def release(
     apply(
         kubectl,
         namespace,
-        deployment("mock-llm", image=IMAGE, args=mock_args, port=MOCK_PORT),
+        deployment(
+            "mock-llm",
+            image=images.agentrun,
+            pull=images.pull_policy,
+            args=mock_args,
+            port=MOCK_PORT,
+        ),
         service("mock-llm", MOCK_PORT, MOCK_PORT),
     )
+    repository, _, tag = images.agentrun.rpartition(":")
     values = [
-        f"image.repository={IMAGE.split(':')[0]}",
-        f"image.tag={IMAGE.split(':')[1]}",
-        "image.pullPolicy=Never",
-        f"redis.image={REDIS_IMAGE}",
+        f"image.repository={repository}",
+        f"image.tag={tag}",
+        f"image.pullPolicy={images.pull_policy}",
+        *([f"redis.image={images.redis}"] if images.redis else []),
         f"model.baseURL=http://mock-llm.{namespace}.svc:{MOCK_PORT}/v1",
         "model.name=mock",
         f"operator.namespaces={{{runs}}}",
@@ -267,11 +349,21 @@ def release(
         "helm install -> webhooks answering through their Service",
         f"{time.monotonic() - started:.1f}s",
     )
-    # The test users' rights in the runs' namespace, through the chart's ClusterRoles.
+    # The test users' rights in the runs' namespace, through the chart's ClusterRoles. Off
+    # the local node (no static tokens there), a service account stands in for each person
+    # in calls to the SSE server, with the same rights.
+    tokens = {}
     for user, role in ROLES.items():
-        kubectl(
-            "create", "rolebinding", user, "-n", runs, f"--clusterrole={role}", f"--user={user}"
-        )
+        subjects = [f"--user={user}"]
+        if target.kind == "local":
+            tokens[user] = f"agentrun-{user}-token"
+        else:
+            kubectl("create", "serviceaccount", f"e2e-{user}", "-n", runs)
+            subjects.append(f"--serviceaccount={runs}:e2e-{user}")
+            tokens[user] = kubectl(
+                "create", "token", f"e2e-{user}", "-n", runs, "--duration=2h"
+            ).stdout.strip()
+        kubectl("create", "rolebinding", user, "-n", runs, f"--clusterrole={role}", *subjects)
     # The agent's identity: may restart and read the Deployment it works on.
     kubectl("create", "serviceaccount", "agent", "-n", runs)
     kubectl(
@@ -292,19 +384,34 @@ def release(
         "--role=agent",
         f"--serviceaccount={runs}:agent",
     )
-    redis_client = redis_sync.Redis(host=cluster_ip(kubectl, namespace, f"{RELEASE}-redis"))
+    forwards: list[Forward] = []
+
+    def address(svc: str, port: int) -> str:
+        """host:port of a Service from this host: its ClusterIP on the local node (a real
+        Service path), else a port-forward."""
+        if target.kind == "local":
+            return f"{cluster_ip(kubectl, namespace, svc)}:{port}"
+        assert isinstance(kubectl, ImpersonatingKubectl)
+        forwards.append(Forward(kubectl, namespace, svc, port))
+        return f"127.0.0.1:{forwards[-1].port}"
+
+    redis_host, _, redis_port = address(f"{RELEASE}-redis", 6379).partition(":")
+    redis_client = redis_sync.Redis(host=redis_host, port=int(redis_port))
     rel = Release(
         namespace=namespace,
         runs=runs,
-        sse=f"http://{cluster_ip(kubectl, namespace, f'{RELEASE}-sse')}",
-        mock=f"http://{cluster_ip(kubectl, namespace, 'mock-llm')}:{MOCK_PORT}",
+        sse=f"http://{address(f'{RELEASE}-sse', 80)}",
+        mock=f"http://{address('mock-llm', MOCK_PORT)}",
         redis=redis_client,
         values=values,
+        tokens=tokens,
     )
     try:
         yield rel
     finally:
         redis_client.close()
+        for forward in forwards:
+            forward.close()
         remove_release(kubectl, helm, namespace, runs)
 
 
@@ -368,12 +475,12 @@ class Seen:
 
 
 async def read_stream(
-    url: str, user: str, *, last_id: str | None = None, seen: Seen | None = None
+    url: str, token: str, *, last_id: str | None = None, seen: Seen | None = None
 ) -> Seen:
     """Every event of a run through ``url`` (the Service or NGINX) as ``user``, following it
     across dropped connections and a replaced pod by Last-Event-ID, until ``end``."""
     seen = seen or Seen([])
-    headers = {"Authorization": f"Bearer agentrun-{user}-token"}
+    headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=60)) as http:
         async for msg in sse_client.follow(
             http, url, headers=headers, last_id=last_id, max_reconnects=30, retry_delay=0.5
@@ -410,11 +517,11 @@ def test_an_applied_run_streams_through_the_service_and_through_nginx(
         create_run(
             kubectl, release, "hello", "What runs in this namespace?", serviceAccountName="agent"
         )
-        upstream = release.sse.removeprefix("http://") + ":80"
+        upstream = release.sse.removeprefix("http://")
         with nginx(upstream=upstream) as proxy:
             direct, proxied = await asyncio.gather(
-                read_stream(url, "viewer"),
-                read_stream(events_url(proxy, release, "hello"), "viewer"),
+                read_stream(url, release.tokens["viewer"]),
+                read_stream(events_url(proxy, release, "hello"), release.tokens["viewer"]),
             )
         return direct, proxied, start
 
@@ -438,10 +545,10 @@ def test_an_applied_run_streams_through_the_service_and_through_nginx(
 
 
 def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
-    kubectl: Kubectl, release: Release
+    target: Target, kubectl: Kubectl, release: Release
 ) -> None:
-    kubectl("create", "deployment", "web", f"--image={node.PAUSE_IMAGE}", "-n", release.runs)
-    kubectl("rollout", "status", "deployment/web", "-n", release.runs, "--timeout=60s")
+    kubectl("create", "deployment", "web", f"--image={target.pause_image}", "-n", release.runs)
+    kubectl("rollout", "status", "deployment/web", "-n", release.runs, "--timeout=60s", timeout=90)
     assert revision(kubectl, release.runs, "web") == 1
     words = " ".join(f"w{i}" for i in range(60))
     release.script(
@@ -481,7 +588,7 @@ def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
         return sum(1 for e in stream() if e["type"] == "token")
 
     async def story() -> tuple[Seen, float]:
-        reader = asyncio.create_task(read_stream(url, "viewer"))
+        reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
         await asyncio.to_thread(wait_for, "the first tokens", tokens, timeout=60, interval=0.05)
         old = operator_pod(kubectl, release.namespace)
         assert old is not None, "no ready operator pod"
@@ -534,7 +641,9 @@ def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
     # A reconnect from the middle replays exactly the rest.
     middle = len(seen.events) // 2
     rest = asyncio.run(
-        asyncio.wait_for(read_stream(url, "viewer", last_id=seen.events[middle]["id"]), 60)
+        asyncio.wait_for(
+            read_stream(url, release.tokens["viewer"], last_id=seen.events[middle]["id"]), 60
+        )
     )
     assert [e["id"] for e in rest.events] == [e["id"] for e in seen.events[middle + 1 :]]
 
@@ -587,7 +696,7 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
 
     async def story() -> Seen:
         create_run(kubectl, release, "during-upgrade", "survive an upgrade")
-        reader = asyncio.create_task(read_stream(url, "viewer"))
+        reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
         await asyncio.sleep(0)
         # A changed value rolls the operator's pod (its Deployment's strategy: Recreate).
         await asyncio.to_thread(

@@ -12,6 +12,7 @@ loaded with ``Cluster.load_image``.
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
 from typing import Any
@@ -22,6 +23,10 @@ from agentrun_operator.testing import node
 
 from support import Kubectl, wait_for
 
+pytestmark = pytest.mark.skipif(
+    os.environ.get("E2E_CLUSTER", "local") != "local",
+    reason="checks this machine's own node (E2E_CLUSTER=local)",
+)
 KUBECTL_IMAGE = "agentrun.local/kubectl:1.20.2"
 # `kubectl proxy` as a tiny HTTP server: it answers /version for anyone.
 PROXY_ARGS = ["proxy", "--address=0.0.0.0", "--port=8001", "--accept-hosts=.*"]
