@@ -15,6 +15,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -111,13 +112,59 @@ class Webhooks:
         return refusal, []
 
 
+# Nesting allowed below an object's root. ToolApproval spec.arguments is free-form (the only
+# such field), and a real patch or manifest nests a dozen levels; the API server takes up to
+# 10,000, where Python's JSON decoder and comparisons run out of stack (~1,000).
+MAX_NESTING = 64
+_REQUEST_UID = re.compile(rb'"uid"\s*:\s*"([^"\\]{1,128})"')
+
+
+def _deeper_than(value: Any, most: int) -> list[str] | None:
+    """The path to the first value nested deeper than ``most`` levels (iteratively), or None."""
+    todo: list[tuple[Any, list[str]]] = [(value, [])]
+    while todo:
+        item, path = todo.pop()
+        if len(path) > most:
+            return path
+        if isinstance(item, dict):
+            todo.extend((v, [*path, str(k)]) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((v, [*path, f"[{i}]"]) for i, v in enumerate(item))
+    return None
+
+
+def _too_deep(req: dict[str, Any]) -> str | None:
+    obj = req.get("object") or {}
+    spec = obj.get("spec") if isinstance(obj, dict) else None
+    # spec first: managedFields mirror a deep spec, and the spec is what its author wrote.
+    for root, value in (("spec", spec), ("", obj)):
+        path = _deeper_than(value, MAX_NESTING - (1 if root else 0))
+        if path is not None:
+            field = ".".join([p for p in (root, *path[:1]) if p])
+            return f"{field or 'the object'} is nested deeper than {MAX_NESTING} levels"
+    return None
+
+
 def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
+        raw = await request.body()
         try:
-            review = await request.json()
+            review = json.loads(raw)
             req = review["request"]
+        except RecursionError:
+            # Too deep for the decoder: refuse (never admit unchecked), under the request's
+            # uid, which the API server writes first.
+            uid = _REQUEST_UID.search(raw)
+            # Of the two kinds only a ToolApproval has a free-form field to nest in.
+            field = "spec.arguments" if b'"kind":"ToolApproval"' in raw else "the object"
+            too_deep = f"{field} is nested deeper than {MAX_NESTING} levels"
+            uid_only = {"uid": uid[1].decode() if uid else ""}
+            return JSONResponse(_review(uid_only, refusal=too_deep, patch=[]))
         except (ValueError, KeyError, TypeError):
             return JSONResponse({"error": "expected an AdmissionReview"}, status_code=400)
+        deep = _too_deep(req) if isinstance(req, dict) else None
+        if deep is not None:
+            return JSONResponse(_review(req, refusal=deep, patch=[]))
         try:
             refusal, patch = await handler(req)
         except Exception as e:  # a bug must not admit: refuse, and say why

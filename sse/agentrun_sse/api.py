@@ -98,7 +98,7 @@ async def list_runs(request: Request) -> Response:
     who = _caller(request)
     ns = request.query_params.get("namespace") or None
     if ns is not None:
-        bodies.check_path(namespace=(ns, bodies.DNS_LABEL, 63))
+        bodies.check_path(where="query", namespace=(ns, bodies.DNS_LABEL, 63))
     answer = await ctx(request).kube.list_runs(token=who.token, namespace=ns)
     items = [summary(r) for r in answer.get("items") or []]
     items.sort(key=lambda r: str(r.get("createdAt") or ""), reverse=True)

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from starlette.requests import HTTPConnection
 from starlette.responses import Response
 
-from agentrun_sse import kubeapi
+from agentrun_sse import bodies, kubeapi
 from agentrun_sse import settings as settings_mod
 
 SESSION_COOKIE = "agentrun_session"
@@ -105,16 +105,24 @@ def caller(conn: HTTPConnection, *, mode: settings_mod.AuthMode) -> Caller:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthError(401, "Authorization header must be 'Bearer <token>'")
-        return Caller(token, "header")
+        return _well_formed(Caller(token, "header"))
     # Query tokens only for reads (EventSource cannot set headers); a token in the URL of a
     # write would be one more copy of it in history and proxies for no gain.
     query = conn.query_params.get("access_token")
     if query and conn.scope.get("method", "GET") in ("GET", "HEAD"):
-        return Caller(query, "query")
+        return _well_formed(Caller(query, "query"))
     cookie = conn.cookies.get(SESSION_COOKIE)
     if cookie:
-        return Caller(cookie, "cookie")
+        return _well_formed(Caller(cookie, "cookie"))
     raise AuthError(401, "no credentials: send 'Authorization: Bearer <token>' or log in")
+
+
+def _well_formed(who: Caller) -> Caller:
+    # Anything else cannot be sent on to the API server in a header (the client library
+    # refuses it): the caller's 401, not our 500.
+    if who.token is None or not re.fullmatch(bodies.TOKEN_PATTERN, who.token):
+        raise AuthError(401, f"malformed token ({who.source}): a bearer token is visible ASCII")
+    return who
 
 
 def csrf_token(token: str) -> str:

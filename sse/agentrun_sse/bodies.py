@@ -25,6 +25,11 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 # A label value (call ids are labels on their ToolApproval).
 LABEL_VALUE = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 RUN_NAME_MAX = 63
+# A bearer token: visible ASCII, as an HTTP header can carry it.
+TOKEN_PATTERN = r"^[\x21-\x7e]+$"
+# No body of this API nests deeper than a few levels; a deeper one is refused before it can
+# reach json.dumps or pydantic (recursion) on its way to the API server.
+MAX_NESTING = 32
 
 
 class BodyError(Exception):
@@ -116,7 +121,12 @@ class ApprovalRequest(_Body):
 
 
 class LoginRequest(_Body):
-    token: str = Field(min_length=1, max_length=16384, description="A Kubernetes bearer token.")
+    token: str = Field(
+        min_length=1,
+        max_length=16384,
+        pattern=TOKEN_PATTERN,
+        description="A Kubernetes bearer token.",
+    )
 
 
 def _media_type(request: Request) -> str:
@@ -148,20 +158,51 @@ async def read(request: Request, model: type[M], *, form: bool = False) -> M:
             raise BodyError(
                 422, [{"loc": ["body"], "msg": f"invalid JSON: {e}", "type": "json_invalid"}]
             ) from None
+        except RecursionError:  # the C decoder's own guard, ~1000 levels down
+            raise BodyError(422, [_too_deep([])]) from None
+        where = _deeper_than(data, MAX_NESTING)
+        if where is not None:
+            raise BodyError(422, [_too_deep(where[:1])])
     try:
         return model.model_validate(data)
     except ValidationError as e:
         raise BodyError(422, _errors(e)) from None
 
 
-def check_path(**params: tuple[str, str, int]) -> None:
-    """Each path parameter against its (value, pattern, max length); 422 naming it."""
+def _too_deep(loc: list[str | int]) -> dict[str, Any]:
+    return {
+        "loc": ["body", *loc],
+        "msg": f"nested deeper than {MAX_NESTING} levels",
+        "type": "json_too_deep",
+    }
+
+
+def _deeper_than(data: Any, most: int) -> list[str | int] | None:
+    """The path to the first value nested deeper than ``most`` levels, or None.
+
+    Iterative, so it cannot itself run out of stack.
+    """
+    todo: list[tuple[Any, list[str | int]]] = [(data, [])]
+    while todo:
+        value, path = todo.pop()
+        if len(path) > most:
+            return path
+        if isinstance(value, dict):
+            todo.extend((v, [*path, str(k)]) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, [*path, i]) for i, v in enumerate(value))
+    return None
+
+
+def check_path(*, where: str = "path", **params: tuple[str, str, int]) -> None:
+    """Each path (or query) parameter against its (value, pattern, max length); 422 naming it."""
     problems = []
     for name, (value, pattern, most) in params.items():
-        if len(value) > most or not re.match(pattern, value):
+        # fullmatch: with re.match, "$" also matches before a trailing newline ("ns\n").
+        if len(value) > most or not re.fullmatch(pattern, value):
             problems.append(
                 {
-                    "loc": ["path", name],
+                    "loc": [where, name],
                     "msg": f"must match {pattern} and be at most {most} characters",
                     "type": "value_error",
                 }

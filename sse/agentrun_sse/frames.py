@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,12 +31,22 @@ _WORKFLOW_PHASE = {
 }
 
 
+# ASCII digits only (a fullwidth "1" passes str.isdigit and int()), each part within Redis's
+# 64 bits: a client's Last-Event-ID that passes here is one Redis accepts, never an error
+# in the middle of a stream.
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_ID_PART_MAX = 2**64 - 1
+
+
 def parse_id(value: str) -> StreamId:
     """A Redis stream id ("ms-seq" or "ms") as a comparable pair; ValueError if malformed."""
-    ms, _, seq = value.partition("-")
-    if not ms.isdigit() or (seq and not seq.isdigit()):
+    match = _STREAM_ID.fullmatch(value)
+    if match is None:
         raise ValueError(f"not a stream id: {value[:40]!r}")
-    return int(ms), int(seq or 0)
+    ms, seq = int(match[1]), int(match[2] or 0)
+    if ms > _ID_PART_MAX or seq > _ID_PART_MAX:
+        raise ValueError(f"not a stream id (over 64 bits): {value[:40]!r}")
+    return ms, seq
 
 
 def implied_phase(event_type: str, data: Any) -> str | None:

@@ -15,7 +15,9 @@ from agentrun_sse import client, fanout, frames
 def test_stream_ids_compare_as_numbers_not_text() -> None:
     assert frames.parse_id("1700000000000-10") > frames.parse_id("1700000000000-9")
     assert frames.parse_id("5") == (5, 0)
-    for bad in ("", "x-1", "1-x", "-1", "1-2-3"):
+    assert frames.parse_id(f"{2**64 - 1}-{2**64 - 1}") == (2**64 - 1, 2**64 - 1)
+    # Unicode digits pass str.isdigit() and int(), and Redis refuses ids over 64 bits.
+    for bad in ("", "x-1", "1-x", "-1", "1-2-3", "\uff11-\uff10", "\u00b2", f"{2**64}-0", "1-0\n"):
         with pytest.raises(ValueError):
             frames.parse_id(bad)
 
