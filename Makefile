@@ -85,6 +85,10 @@ bench: install controlplane ## Benchmarks: operator (stop latency, 200 runs) and
 	$(BIN)/python bench/bench_operator.py
 	$(BIN)/python bench/bench_sse.py
 
+.PHONY: bench-e2e
+bench-e2e: install ## End-to-end figures on the real node (helm install -> Ready, apply -> first event, pod deleted -> resumed)
+	$(BIN)/python bench/bench_e2e.py --rounds 3
+
 ##@ Image
 IMAGE ?= agentrun:dev
 
@@ -107,7 +111,7 @@ deploy: ## Install or upgrade the chart in the current KUBECONFIG (CRDs first: H
 
 ##@ End-to-end cluster
 .PHONY: cluster-up
-cluster-up: install ## Bring up (or reuse) a real single-node Kubernetes 1.20 cluster here; KUBECONFIG=.work/cluster/kubeconfig
+cluster-up: install ## Bring up (or reuse) a real single-node cluster here (NODE_K8S_VERSION=1.20|1.34); KUBECONFIG=.work/cluster/kubeconfig
 	@scripts/cluster-up.sh >/dev/null
 
 .PHONY: cluster-down
@@ -115,12 +119,14 @@ cluster-down: ## Remove the cluster and everything it changed on this host
 	@scripts/cluster-down.sh
 
 E2E_CLUSTER ?= local
+NODE_K8S_VERSION ?= 1.20
+export NODE_K8S_VERSION
 .PHONY: e2e
 e2e: install ## End-to-end tests: E2E_CLUSTER=local (the real node here), kind, or existing (KUBECONFIG, E2E_IMAGE)
 ifeq ($(E2E_CLUSTER),local)
 	@scripts/cluster-up.sh >/dev/null
 endif
-	E2E_CLUSTER=$(E2E_CLUSTER) K8S_VERSION=1.20 $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
+	E2E_CLUSTER=$(E2E_CLUSTER) K8S_VERSION=$(NODE_K8S_VERSION) $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 ##@ Cleanup
 .PHONY: clean

@@ -10,7 +10,8 @@
 # (CGO_ENABLED=0, -trimpath, -s -w, the version ldflags, k8s's build tags).
 #
 # Binaries are cached outside the repository, keyed by version:
-#   $CACHE/k8s-<version>/bin   kube-apiserver, kube-controller-manager, kubectl (+ node ones)
+#   $CACHE/k8s-<version>/bin   kube-apiserver, kube-controller-manager, kubectl (+ node ones:
+#                              kubelet, kube-proxy, kube-scheduler, a static C `pause`)
 #                              and `etcd`, a link to the one below;
 #   $CACHE/etcd-<version>/bin  etcd.
 # The module and build caches live under $CACHE/go, so a rebuild (another component, a
@@ -66,7 +67,8 @@ missing_k8s() {
   for b in $K8S_BINARIES; do [ -x "$BIN/$b" ] || out="$out $b"; done
   echo "${out# }"
 }
-if [ -z "$(missing_k8s)" ] && [ -x "$ETCD_BIN/etcd" ] && [ -e "$BIN/etcd" ]; then
+pause_ok() { [ "$K8S_COMPONENTS" != node ] || [ -x "$BIN/pause" ]; }
+if [ -z "$(missing_k8s)" ] && [ -x "$ETCD_BIN/etcd" ] && [ -e "$BIN/etcd" ] && pause_ok; then
   log "reusing cached Kubernetes $K8S_VERSION ($K8S_COMPONENTS) and etcd $ETCD_VERSION in $BIN"
   echo "$BIN"; exit 0
 fi
@@ -120,6 +122,17 @@ if [ -n "$MISSING" ]; then
     -tags selinux,notest,grpcnotrace -ldflags "all=${ldflags# } -s -w" $pkgs
 fi
 ln -sfn "$ETCD_BIN/etcd" "$BIN/etcd"
+
+# --- the node's sandbox ("pause") binary: C, from the same tag's source in the module cache --
+if [ "$K8S_COMPONENTS" = node ] && [ ! -x "$BIN/pause" ]; then
+  src="$GOMODCACHE/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c"
+  [ -f "$src" ] || (cd "$K8S_MOD" && GOTOOLCHAIN="$(toolchain_for "$K8S_MOD")" \
+    go mod download k8s.io/kubernetes)
+  log "compiling the static pause binary from $K8S_VERSION's build/pause/linux/pause.c"
+  gcc -Os -static -DVERSION="$K8S_VERSION" -o "$BIN/.pause.new" "$src" >&2
+  strip "$BIN/.pause.new" 2>/dev/null || true
+  mv -f "$BIN/.pause.new" "$BIN/pause"
+fi
 
 log "cached in $BIN: $(cd "$BIN" && ls | tr '\n' ' ')"
 echo "$BIN"

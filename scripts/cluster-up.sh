@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Bring up (or reuse) the real single-node Kubernetes 1.20.2 cluster the e2e tests run on.
+# Bring up (or reuse) the real single-node Kubernetes cluster the e2e tests run on.
 #
 # 1. installs the host packages it needs (Debian's containerd, runc, CNI plugins, iptables,
 #    etcd) when missing; 2. builds the Kubernetes binaries once, cached by version under
@@ -10,13 +10,16 @@
 #    under .work/cluster/; the kubeconfig is .work/cluster/kubeconfig (never ~/.kube), and
 #    its path is printed on stdout. `scripts/cluster-down.sh` removes everything.
 #
-# Env: CLUSTER_DIR (default .work/cluster), PYTHON (default .venv/bin/python),
+# Env: NODE_K8S_VERSION (1.20, the default, or 1.34),
+#      CLUSTER_DIR (default .work/cluster), PYTHON (default .venv/bin/python),
 #      CLUSTER_TIMEOUT (seconds to wait for the node to be Ready, default 300).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${CLUSTER_DIR:-$ROOT/.work/cluster}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+# The node's Kubernetes: 1.20 (Debian's source) or 1.34 (the Go module proxy).
+NODE_VERSION="${NODE_K8S_VERSION:-1.20}"
 
 log() { printf '[cluster-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -39,9 +42,7 @@ if [ "${#need[@]}" -gt 0 ]; then
 fi
 
 log "2/3 Kubernetes binaries (control plane and node) and CoreDNS, cached by version"
-# The node runs 1.20 (Debian's containerd 1.6 and the kubelet flags it needs); the
-# current release's kubelet is not wired up yet.
-BIN="$(K8S_VERSION=1.20 "$ROOT/scripts/build-controlplane.sh" --node)"
+BIN="$(K8S_VERSION="$NODE_VERSION" "$ROOT/scripts/build-controlplane.sh" --node)"
 COREDNS="$("$ROOT/scripts/build-coredns.sh")"
 
 log "3/3 the cluster in $DIR"

@@ -129,6 +129,15 @@ def _decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _delete_runs(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from agentrun_operator import cleanup
+
+    globs = [g.strip() for g in (args.namespaces or "").split(",") if g.strip()]
+    return asyncio.run(cleanup.delete_runs(namespaces=globs, timeout=args.timeout))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentrun",
@@ -160,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument("-n", "--namespace", help="default: the kubeconfig context's")
         cmd.add_argument("--comment", help="a note passed to the agent")
         cmd.set_defaults(func=_decide)
+    delete = sub.add_parser(
+        "delete-runs",
+        help="delete AgentRuns and wait until the operator has cleaned each up (uninstall)",
+    )
+    delete.add_argument(
+        "--namespaces", help="comma-separated namespace globs (default: every namespace)"
+    )
+    delete.add_argument("--timeout", type=float, default=120, help="seconds to wait (120)")
+    delete.set_defaults(func=_delete_runs)
     return parser
 
 

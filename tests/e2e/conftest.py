@@ -126,8 +126,11 @@ def kubectl(target: Target) -> Kubectl | ImpersonatingKubectl:
 
 @pytest.fixture(autouse=True)
 def _dump_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    uses_node = {"node_cluster", "target"} & set(request.fixturenames)
+    cluster = (
+        request.getfixturevalue("node_cluster") if uses_node and E2E_CLUSTER == "local" else None
+    )
     yield
     rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed and E2E_CLUSTER == "local":
-        if "node_cluster" in request.fixturenames or "target" in request.fixturenames:
-            print(dump_cluster(request.getfixturevalue("node_cluster")))
+    if rep is not None and rep.failed and cluster is not None:
+        print(dump_cluster(cluster))

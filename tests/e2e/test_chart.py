@@ -720,7 +720,22 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
 
 
 def test_helm_uninstall_leaves_no_orphans(kubectl: Kubectl, release: Release, helm: Helm) -> None:
-    kubectl("delete", "agentruns", "--all", "-n", release.runs, "--timeout=60s")
+    # A run still waiting for a person when the release goes: the chart's pre-delete hook
+    # deletes it while the operator can still clean it up.
+    release.script(
+        [
+            {
+                "match": "left behind",
+                "replies": [
+                    {"text": "Plan: delete pod x."},
+                    {"tool_calls": [{"name": "k8s_delete_pod", "arguments": {"name": "x"}}]},
+                    {"text": "done"},
+                ],
+            }
+        ]
+    )
+    create_run(kubectl, release, "left-behind", "left behind", tools=["k8s_delete_pod"])
+    wait_phase(kubectl, release.runs, "left-behind", "AwaitingApproval", timeout=60)
     manifest = helm("get", "manifest", RELEASE, "-n", release.namespace)
     objects = [
         (d["kind"], d["metadata"]["name"], d["metadata"].get("namespace", release.namespace))
@@ -729,6 +744,13 @@ def test_helm_uninstall_leaves_no_orphans(kubectl: Kubectl, release: Release, he
     ]
     kinds = {kind for kind, _, _ in objects}
     assert {"Deployment", "StatefulSet", "ClusterRole", "ValidatingWebhookConfiguration"} <= kinds
+    hooks = [
+        d for d in yaml.safe_load_all(helm("get", "hooks", RELEASE, "-n", release.namespace)) if d
+    ]
+    assert [(h["kind"], h["metadata"]["annotations"]["helm.sh/hook"]) for h in hooks] == [
+        ("Job", "pre-delete")
+    ]
+    objects += [(h["kind"], h["metadata"]["name"], release.namespace) for h in hooks]
     helm("uninstall", RELEASE, "-n", release.namespace, "--wait", "--timeout=5m")
 
     def leftovers() -> list[str]:
@@ -750,7 +772,9 @@ def test_helm_uninstall_leaves_no_orphans(kubectl: Kubectl, release: Release, he
         return left + pods.stdout.split()
 
     wait_for("nothing of the release to remain", lambda: not leftovers(), timeout=120, interval=1)
-    # CRDs stay (Helm never deletes crds/); runs and their ToolApprovals went before.
+    # The runs and their ToolApprovals went first; CRDs stay (Helm never deletes crds/).
     left = kubectl("get", "agentruns,toolapprovals", "-n", release.runs, "-o", "name")
     assert left.stdout.split() == []
     assert kubectl("get", "crd", "agentruns.agentrun.dev", check=False).returncode == 0
+    # Nothing holds the runs' namespace: its deletion completes.
+    kubectl("delete", "namespace", release.runs, "--timeout=60s", timeout=90)

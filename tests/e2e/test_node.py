@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agentrun_operator.testing import node
+from agentrun_operator.testing.controlplane import k8s_release
 
 from support import Kubectl, wait_for
 
@@ -27,7 +28,9 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("E2E_CLUSTER", "local") != "local",
     reason="checks this machine's own node (E2E_CLUSTER=local)",
 )
-KUBECTL_IMAGE = "agentrun.local/kubectl:1.20.2"
+KUBECTL_IMAGE = "agentrun.local/kubectl:e2e"
+# The node's release (K8S_VERSION, as `make e2e` passes NODE_K8S_VERSION), e.g. "v1.20.2".
+VERSION = f"v{k8s_release()}"
 # `kubectl proxy` as a tiny HTTP server: it answers /version for anyone.
 PROXY_ARGS = ["proxy", "--address=0.0.0.0", "--port=8001", "--accept-hosts=.*"]
 NON_ROOT = {"runAsUser": 65534, "runAsNonRoot": True, "allowPrivilegeEscalation": False}
@@ -110,7 +113,7 @@ def test_the_node_is_ready(kubectl: Kubectl) -> None:
     ready = {c["type"]: c["status"] for c in status["conditions"]}
     assert ready["Ready"] == "True"
     assert {"type": "InternalIP", "address": node.NODE_IP} in status["addresses"]
-    assert status["nodeInfo"]["kubeletVersion"] == "v1.20.2"
+    assert status["nodeInfo"]["kubeletVersion"] == VERSION
     assert status["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://1.6")
     assert not nodes[0]["spec"].get("taints")
 
@@ -220,7 +223,7 @@ def test_pods_resolve_service_names_through_the_cluster_dns(
         config_map="kubeconfig",
     )
     assert "GET https://kubernetes.default.svc/version 200 OK" in logs, logs
-    assert '"gitVersion": "v1.20.2"' in logs, logs
+    assert f'"gitVersion": "{VERSION}"' in logs, logs
 
 
 def test_a_cluster_ip_service_routes(kubectl: Kubectl, namespace: str, kubectl_image: str) -> None:
@@ -272,14 +275,14 @@ def test_a_cluster_ip_service_routes(kubectl: Kubectl, namespace: str, kubectl_i
         timeout=30,
         interval=0.5,
     )
-    assert '"gitVersion": "v1.20.2"' in str(from_host)
+    assert f'"gitVersion": "{VERSION}"' in str(from_host)
     from_node_port = wait_for(
         "the NodePort to answer on the node address",
         lambda: http_get(f"http://{node.NODE_IP}:{node_port}/version"),
         timeout=30,
         interval=0.5,
     )
-    assert '"gitVersion": "v1.20.2"' in str(from_node_port)
+    assert f'"gitVersion": "{VERSION}"' in str(from_node_port)
     from_pod = run_to_completion(
         kubectl,
         namespace,
@@ -288,4 +291,4 @@ def test_a_cluster_ip_service_routes(kubectl: Kubectl, namespace: str, kubectl_i
         args=[f"--server=http://{cluster_ip}", "get", "--raw", "/version"],
         sa="default",
     )
-    assert '"gitVersion": "v1.20.2"' in from_pod
+    assert f'"gitVersion": "{VERSION}"' in from_pod

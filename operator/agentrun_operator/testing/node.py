@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -381,6 +382,11 @@ class Cluster:
         self._procs: dict[str, dict[str, Any]] = {}
         self._ports: dict[str, int] = {}
 
+    @functools.cached_property
+    def _minor(self) -> int:
+        """The Kubernetes minor version of the binaries (node flags differ across them)."""
+        return self.plane.version()[1]
+
     # -- paths ---------------------------------------------------------------------------
     @property
     def kubeconfig(self) -> Path:
@@ -460,6 +466,12 @@ class Cluster:
 
     def _up(self, *, timeout: float) -> None:
         if self.running():
+            state = self._load(self._state_file) or {}
+            if Path(state.get("bin_dir", "")) != self.bin_dir:
+                raise NodeError(
+                    f"the cluster in {self.workdir} runs the binaries of {state.get('bin_dir')}, "
+                    f"not {self.bin_dir}: `make cluster-down` first to change its version"
+                )
             log(f"reusing the running cluster in {self.workdir}")
             self.attach()
             return
@@ -846,7 +858,8 @@ disabled_plugins = [
                 str(self.bin_dir / "kube-scheduler"),
                 f"--kubeconfig={self.plane.kubeconfig('admin')}",
                 "--leader-elect=false",
-                "--port=0",
+                # --port (insecure serving) is gone since 1.24.
+                *(["--port=0"] if self._minor < 24 else []),
                 "--secure-port=0",
                 "--v=1",
             ],
@@ -905,7 +918,8 @@ disabled_plugins = [
                 f"--kubeconfig={self.workdir / 'pki' / 'kubelet.kubeconfig'}",
                 f"--root-dir={root}",
                 f"--cert-dir={root / 'pki'}",
-                "--container-runtime=remote",
+                # Remote (CRI) is the only runtime since 1.24, and the flag is gone since 1.27.
+                *(["--container-runtime=remote"] if self._minor < 24 else []),
                 f"--container-runtime-endpoint=unix://{self.containerd_socket}",
                 # cadvisor's own containerd client: without it, it waits 5 s for the
                 # system's socket at start, and has no container stats.
@@ -913,7 +927,8 @@ disabled_plugins = [
                 f"--pod-infra-container-image={PAUSE_IMAGE}",
                 f"--hostname-override={NODE_NAME}",
                 f"--node-ip={NODE_IP}",
-                f"--seccomp-profile-root={root / 'seccomp'}",
+                # Gone since 1.23 (profiles live under the root directory).
+                *([f"--seccomp-profile-root={root / 'seccomp'}"] if self._minor < 23 else []),
                 "--v=1",
             ],
         )
