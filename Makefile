@@ -119,14 +119,19 @@ cluster-down: ## Remove the cluster and everything it changed on this host
 	@scripts/cluster-down.sh
 
 E2E_CLUSTER ?= local
-NODE_K8S_VERSION ?= 1.20
+NODE_K8S_VERSION ?= 1.34
 export NODE_K8S_VERSION
 .PHONY: e2e
-e2e: install ## End-to-end tests: E2E_CLUSTER=local (the real node here), kind, or existing (KUBECONFIG, E2E_IMAGE)
+e2e: install ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
 ifeq ($(E2E_CLUSTER),local)
 	@scripts/cluster-up.sh >/dev/null
 endif
 	E2E_CLUSTER=$(E2E_CLUSTER) K8S_VERSION=$(NODE_K8S_VERSION) $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
+
+.PHONY: e2e-oldest
+e2e-oldest: install ## The e2e tests on a Kubernetes 1.20 node (replaces a running cluster of another version)
+	@scripts/cluster-down.sh >/dev/null
+	$(MAKE) e2e NODE_K8S_VERSION=1.20
 
 ##@ Cleanup
 .PHONY: clean

@@ -10,7 +10,7 @@
 #    under .work/cluster/; the kubeconfig is .work/cluster/kubeconfig (never ~/.kube), and
 #    its path is printed on stdout. `scripts/cluster-down.sh` removes everything.
 #
-# Env: NODE_K8S_VERSION (1.20, the default, or 1.34),
+# Env: NODE_K8S_VERSION (1.34, the default, or 1.20),
 #      CLUSTER_DIR (default .work/cluster), PYTHON (default .venv/bin/python),
 #      CLUSTER_TIMEOUT (seconds to wait for the node to be Ready, default 300).
 set -euo pipefail
@@ -18,8 +18,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="${CLUSTER_DIR:-$ROOT/.work/cluster}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-# The node's Kubernetes: 1.20 (Debian's source) or 1.34 (the Go module proxy).
-NODE_VERSION="${NODE_K8S_VERSION:-1.20}"
+# The node's Kubernetes: 1.34 (the Go module proxy) or 1.20 (Debian's source).
+NODE_VERSION="${NODE_K8S_VERSION:-1.34}"
 
 log() { printf '[cluster-up %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 

@@ -60,7 +60,7 @@ CNI_NETWORK = "agentrun"
 BRIDGE = "agentrun0"
 # kubelet's cgroup root, under every cgroup v1 hierarchy: down removes the whole subtree.
 CGROUP_ROOT = "agentrun"
-PAUSE_IMAGE = "agentrun.local/pause:1.20.2"
+PAUSE_IMAGE = "agentrun.local/pause:static"
 CNI_BIN_DIR = Path("/usr/lib/cni")
 CLUSTER_DOMAIN = "cluster.local"
 NODE_BINARIES = (
@@ -370,7 +370,9 @@ class Cluster:
         self, *, workdir: Path, bin_dir: Path | None = None, coredns: Path | None = None
     ) -> None:
         self.workdir = workdir.resolve()
-        self.bin_dir = bin_dir or controlplane.default_bin_dir("1.20")
+        self.bin_dir = bin_dir or controlplane.default_bin_dir(
+            os.environ.get("NODE_K8S_VERSION", "1.34")
+        )
         # Built by scripts/build-coredns.sh (cached by version); needed by `up` only.
         self.coredns = coredns
         self.plane = controlplane.ControlPlane(
