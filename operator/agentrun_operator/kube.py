@@ -356,9 +356,16 @@ class Kube:
             # system:authenticated) itself. Sending Impersonate-Group would also need the
             # `impersonate` verb on groups, which would let the operator claim any group.
             headers["Impersonate-User"] = impersonate
+        query = dict(query or {})
+        if method in _WRITES:
+            # Unknown or duplicate fields are an error, as kubectl apply makes them since
+            # 1.27: the operator's own writes must match the CRDs, and an agent's k8s_patch
+            # or k8s_apply with a misspelled field fails, naming it, instead of dropping it.
+            # Servers before 1.25 ignore the parameter.
+            query.setdefault("fieldValidation", "Strict")
         params = [
             (k, ("true" if v else "false") if isinstance(v, bool) else str(v))
-            for k, v in (query or {}).items()
+            for k, v in query.items()
             if v is not None
         ]
         try:
@@ -385,6 +392,9 @@ class Kube:
         if not raw:
             return {}
         return json.loads(raw)
+
+
+_WRITES = frozenset({"POST", "PUT", "PATCH"})
 
 
 def _error(status: int, reason: str | None, raw: bytes) -> KubeError:

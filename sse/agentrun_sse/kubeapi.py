@@ -92,6 +92,10 @@ class KubeAPI:
         if body is not None:
             headers["Content-Type"] = content_type
             content = json.dumps(body).encode()
+        if method in ("POST", "PUT", "PATCH"):
+            # An unknown field is an error naming it, not silently dropped (as kubectl since
+            # 1.27); servers before 1.25 ignore the parameter.
+            params = {"fieldValidation": "Strict", **(params or {})}
         try:
             r = await self._client.request(
                 method, path, params=params, content=content, headers=headers

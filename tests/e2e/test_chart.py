@@ -2,7 +2,7 @@
 installed with helm, and a user's story through real pods and Services.
 
 Covers: ``helm install --wait`` brings up the operator (with its SSE sidecar), two webhook
-replicas and Redis; an applied AgentRun streams over SSE through the Service and through
+replicas and Redis, in a namespace that enforces Pod Security ``restricted``; an applied AgentRun streams over SSE through the Service and through
 Debian's NGINX configured as ``docs/nginx.conf`` shows; an approver approves with
 ``kubectl patch`` and the run continues; the operator pod deleted mid-run is replaced and
 the run resumes from its checkpoint and finishes, its side-effecting tool executed exactly
@@ -53,7 +53,13 @@ IMAGE = "localhost/agentrun:dev"
 REDIS_IMAGE = "agentrun.local/redis:debian"
 RELEASE = "agentrun"
 MOCK_PORT = 8000
-NON_ROOT = {"runAsNonRoot": True, "allowPrivilegeEscalation": False}
+# Pod Security "restricted", as the release's namespace enforces it.
+RESTRICTED = {
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 ROLES = {"approver": "agentrun-approver", "viewer": "agentrun-viewer", "creator": "agentrun-editor"}
 
 
@@ -157,7 +163,7 @@ def deployment(
         "image": image,
         "imagePullPolicy": pull,
         "args": args,
-        "securityContext": NON_ROOT,
+        "securityContext": RESTRICTED,
     }
     if port:
         container["ports"] = [{"containerPort": port}]
@@ -286,6 +292,9 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
     remove_release(kubectl, helm, namespace, runs)
     kubectl("create", "namespace", namespace)
     kubectl("create", "namespace", runs)
+    # The chart's pods must be admitted under Pod Security "restricted" (1.23+; older API
+    # servers ignore the label).
+    kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     mock_args = ["agentrun", "mock-llm", "--host=0.0.0.0", f"--port={MOCK_PORT}"]
     apply(
         kubectl,

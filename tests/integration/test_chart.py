@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from agentrun_operator import webhooks
+from agentrun_operator.testing.controlplane import ControlPlane
 
 from support import Kubectl
 
@@ -198,6 +199,73 @@ def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kub
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("(server dry run)") == len(docs)
+
+
+# Every API the chart can render (with every option on): all GA, none deprecated or removed
+# in any release up to 1.34.
+GA_APIS = {
+    "v1",
+    "apps/v1",
+    "batch/v1",
+    "rbac.authorization.k8s.io/v1",
+    "admissionregistration.k8s.io/v1",
+    "networking.k8s.io/v1",
+    "gateway.networking.k8s.io/v1",
+    "monitoring.coreos.com/v1",
+    "cert-manager.io/v1",
+}
+EVERY_OPTION = (
+    "redis.persistence.enabled=true",
+    "notifications.enabled=true",
+    "ingress.enabled=true",
+    "gateway.enabled=true",
+    "gateway.parentRefs[0].name=gw",
+    "serviceMonitor.enabled=true",
+    "grafanaDashboard.enabled=true",
+    "webhooks.certManager.enabled=true",
+    "webhooks.certManager.issuerRef.name=ca",
+)
+
+
+def test_the_chart_renders_only_ga_apis(helm: Helm) -> None:
+    rendered = sorted({(d["apiVersion"], d["kind"]) for d in render(helm, *EVERY_OPTION)})
+    print("\n".join(f"{api} {kind}" for api, kind in rendered))
+    assert {api for api, _ in rendered} == GA_APIS
+
+
+def test_chart_pods_meet_pod_security_restricted(
+    helm: Helm, kubectl: Kubectl, cluster: ControlPlane
+) -> None:
+    if cluster.version() < (1, 25):
+        pytest.skip("Pod Security admission is GA from 1.25 (this is 1.20: no such check)")
+    kubectl("create", "namespace", "psa-restricted", check=False)
+    kubectl(
+        "label",
+        "namespace",
+        "psa-restricted",
+        "--overwrite",
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/warn=restricted",
+    )
+    workloads = [
+        d
+        for d in render(helm, "redis.persistence.enabled=true")
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    ]
+    assert len(workloads) == 4
+    proc = kubectl(
+        "apply",
+        "--dry-run=server",
+        "-n",
+        "psa-restricted",
+        "-f",
+        "-",
+        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": workloads}),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    # The API server warns about a workload whose pods the namespace would refuse.
+    assert "PodSecurity" not in proc.stderr, proc.stderr
 
 
 def test_the_dashboard_graphs_metrics_the_operator_exports(helm: Helm) -> None:

@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
+from agentrun_operator import kube
+from agentrun_operator.testing.controlplane import ControlPlane
+
 from support import Kubectl, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,8 +127,16 @@ def test_the_table_covers_enough_cases() -> None:
     assert len(BAD_MANIFESTS) >= 15
 
 
-def test_examples_are_accepted_as_they_are(kubectl: Kubectl, namespace: str) -> None:
-    kubectl("apply", "-n", namespace, "-f", str(ROOT / "examples"))
+def validation(cluster: ControlPlane) -> str:
+    """kubectl's strictest validation this release has: server-side field validation
+    (unknown and duplicate fields are errors) from 1.25, the client-side schema before."""
+    return "--validate=strict" if cluster.version() >= (1, 25) else "--validate=true"
+
+
+def test_examples_are_accepted_as_they_are(
+    kubectl: Kubectl, namespace: str, cluster: ControlPlane
+) -> None:
+    kubectl("apply", validation(cluster), "-n", namespace, "-f", str(ROOT / "examples"))
     names = kubectl("get", "agentruns", "-n", namespace, "-o", "name").stdout.split()
     expected = {
         f"agentrun.agentrun.dev/{doc['metadata']['name']}"
@@ -134,6 +145,48 @@ def test_examples_are_accepted_as_they_are(kubectl: Kubectl, namespace: str) -> 
         if doc and doc["kind"] == "AgentRun"
     }
     assert expected and set(names) == expected
+
+
+def test_a_misspelled_field_is_an_error_naming_it_where_the_server_validates_fields(
+    kubectl: Kubectl, namespace: str, cluster: ControlPlane
+) -> None:
+    doc = yaml.safe_load((ROOT / "examples" / "agentrun-basic.yaml").read_text())
+    doc["spec"]["limits"]["maxStep"] = 3  # maxSteps
+    proc = kubectl(
+        "apply", validation(cluster), "-n", namespace, "-f", "-", input=json.dumps(doc), check=False
+    )
+    if cluster.version() >= (1, 25):
+        assert proc.returncode != 0
+        assert 'unknown field "spec.limits.maxStep"' in proc.stderr, proc.stderr
+    else:  # 1.20: the structural schema prunes it silently
+        assert proc.returncode == 0, proc.stderr
+        got = kubectl("get", "agentrun", doc["metadata"]["name"], "-n", namespace, "-o", "json")
+        assert "maxStep" not in json.loads(got.stdout)["spec"]["limits"]
+
+
+async def test_the_operators_own_writes_are_strictly_validated(
+    cluster: ControlPlane, namespace: str
+) -> None:
+    # What kube.Kube writes (ToolApprovals, status, Events, the agent's k8s_patch/k8s_apply)
+    # goes with fieldValidation=Strict: a field the CRD lacks is an error, not lost.
+    k = await kube.Kube.from_kubeconfig(cluster.kubeconfig("admin"))
+    body = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "ToolApproval",
+        "metadata": {"name": "strict"},
+        "spec": {"runName": "r", "callId": "c-0123456789ab", "tool": "k8s_scale", "reasn": "x"},
+    }
+    try:
+        if cluster.version() >= (1, 25):
+            with pytest.raises(kube.KubeError) as e:
+                await k.request("POST", kube.TOOLAPPROVALS.path(namespace=namespace), body=body)
+            assert e.value.status == 400
+            assert 'unknown field "spec.reasn"' in str(e.value), e.value
+        else:
+            made = await k.request("POST", kube.TOOLAPPROVALS.path(namespace=namespace), body=body)
+            assert "reasn" not in made["spec"]
+    finally:
+        await k.close()
 
 
 def test_the_api_server_fills_in_spec_defaults(kubectl: Kubectl, namespace: str) -> None:
