@@ -12,7 +12,7 @@ import pytest
 
 from agentrun_operator.testing import node
 
-from support import Kubectl
+from support import Kubectl, run_kubectl
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E_CLUSTER = os.environ.get("E2E_CLUSTER", "local")
@@ -52,14 +52,8 @@ class ImpersonatingKubectl:
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
         who = [] if self.user == "admin" else [f"--as={self.user}"]
-        cmd = [self.binary, f"--kubeconfig={self.kubeconfig}", *who, *args]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"kubectl {' '.join(args)} as {self.user} failed ({proc.returncode}):\n"
-                f"{proc.stderr}{proc.stdout}"
-            )
-        return proc
+        base = [self.binary, f"--kubeconfig={self.kubeconfig}", *who]
+        return run_kubectl(base, args, user=self.user, input=input, check=check, timeout=timeout)
 
     def as_user(self, user: str) -> ImpersonatingKubectl:
         return ImpersonatingKubectl(self.binary, self.kubeconfig, user)

@@ -26,6 +26,7 @@ __all__ = [
     "fresh_namespace",
     "get_run",
     "marker",
+    "run_kubectl",
     "stream",
     "wait_event",
     "wait_for",
@@ -43,17 +44,33 @@ class Kubectl:
     def __call__(
         self, *args: str, input: str | None = None, check: bool = True, timeout: float = 60
     ) -> subprocess.CompletedProcess[str]:
-        cmd = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig(self.user)}", *args]
-        proc = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(
-                f"kubectl {' '.join(args)} as {self.user} failed ({proc.returncode}):\n"
-                f"{proc.stderr}{proc.stdout}"
-            )
-        return proc
+        base = [str(self.plane.kubectl), f"--kubeconfig={self.plane.kubeconfig(self.user)}"]
+        return run_kubectl(base, args, user=self.user, input=input, check=check, timeout=timeout)
 
     def as_user(self, user: str) -> Kubectl:
         return Kubectl(self.plane, user)
+
+
+def run_kubectl(
+    base: list[str],
+    args: tuple[str, ...],
+    *,
+    user: str,
+    input: str | None,
+    check: bool,
+    timeout: float,
+) -> subprocess.CompletedProcess[str]:
+    """``base`` (kubectl and its connection flags) + ``args``; fails naming the command and
+    the user when ``check`` and it did."""
+    proc = subprocess.run(
+        [*base, *args], input=input, capture_output=True, text=True, timeout=timeout
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"kubectl {' '.join(args)} as {user} failed ({proc.returncode}):\n"
+            f"{proc.stderr}{proc.stdout}"
+        )
+    return proc
 
 
 def wait_for(

@@ -48,6 +48,14 @@ def render(helm: Helm, *sets: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
 
 
+def dry_run(
+    kubectl: Kubectl, namespace: str, docs: list[dict[str, Any]]
+) -> subprocess.CompletedProcess[str]:
+    """A server-side dry-run apply of ``docs``: admission and validation, nothing stored."""
+    body = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    return kubectl("apply", "--dry-run=server", "-n", namespace, "-f", "-", input=body, check=False)
+
+
 def test_helm_lint_passes(helm: Helm) -> None:
     out = helm("lint", str(CHART), "--strict").stdout
     assert "0 chart(s) failed" in out
@@ -187,16 +195,7 @@ def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kub
     docs = render(
         helm, "redis.persistence.enabled=true", "notifications.enabled=true", "ingress.enabled=true"
     )
-    proc = kubectl(
-        "apply",
-        "--dry-run=server",
-        "-n",
-        "agentrun-system",
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}),
-        check=False,
-    )
+    proc = dry_run(kubectl, "agentrun-system", docs)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("(server dry run)") == len(docs)
 
@@ -253,16 +252,7 @@ def test_chart_pods_meet_pod_security_restricted(
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
     assert len(workloads) == 4
-    proc = kubectl(
-        "apply",
-        "--dry-run=server",
-        "-n",
-        "psa-restricted",
-        "-f",
-        "-",
-        input=json.dumps({"apiVersion": "v1", "kind": "List", "items": workloads}),
-        check=False,
-    )
+    proc = dry_run(kubectl, "psa-restricted", workloads)
     assert proc.returncode == 0, proc.stderr
     # The API server warns about a workload whose pods the namespace would refuse.
     assert "PodSecurity" not in proc.stderr, proc.stderr

@@ -253,6 +253,15 @@ def _run(
     return proc
 
 
+def _http_ok(url: str) -> bool:
+    """A component's health endpoint answers 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return bool(r.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def _iptables_chains(tool: str) -> dict[str, list[str]]:
     """table -> chain names, from ``iptables-save``; empty when the tool is missing."""
     if not shutil.which(f"{tool}-save"):
@@ -843,15 +852,8 @@ disabled_plugins = [
         assert self.coredns is not None  # checked by _preflight
         self._spawn("coredns", [str(self.coredns), "-conf", str(root / "Corefile")])
 
-        def healthy() -> bool:
-            url = f"http://127.0.0.1:{self._ports['coredns-health']}/health"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return bool(r.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
-        self._wait("coredns", healthy, 60)
+        health = f"http://127.0.0.1:{self._ports['coredns-health']}/health"
+        self._wait("coredns", lambda: _http_ok(health), 60)
 
     def _start_scheduler(self) -> None:
         self._spawn(
@@ -966,16 +968,9 @@ disabled_plugins = [
             conditions = (node or {}).get("status", {}).get("conditions", [])
             return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
-        def proxy_synced() -> bool:
-            url = f"http://127.0.0.1:{self._ports['kube-proxy-healthz']}/healthz"
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    return bool(r.status == 200)
-            except (urllib.error.URLError, OSError):
-                return False
-
+        proxy_health = f"http://127.0.0.1:{self._ports['kube-proxy-healthz']}/healthz"
         self._wait("kubelet", node_ready, timeout)
-        self._wait("kube-proxy", proxy_synced, 60)
+        self._wait("kube-proxy", lambda: _http_ok(proxy_health), 60)
 
     # -- down, step by step --------------------------------------------------------------
     def _our_pids(self, executables: tuple[str, ...]) -> list[int]:
