@@ -350,3 +350,82 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
             with contextlib.suppress(Exception):
                 await page.screenshot(FAILURE_SCREENSHOT)
             raise
+
+
+async def test_approve_all_pending_decides_each_call_on_its_own_in_chromium(
+    cluster: ControlPlane,
+    redis_server: RedisServer,
+    kubectl: Kubectl,
+    namespace: str,
+    redis: aioredis.Redis,
+) -> None:
+    uid = create(
+        kubectl,
+        {
+            "apiVersion": "agentrun.dev/v1alpha1",
+            "kind": "AgentRun",
+            "metadata": {"name": "many", "namespace": namespace},
+            "spec": {"goal": "restart everything"},
+        },
+    )
+    calls = ["c-0000000000a1", "c-0000000000a2"]
+    for call in calls:
+        create(
+            kubectl,
+            {
+                "apiVersion": "agentrun.dev/v1alpha1",
+                "kind": "ToolApproval",
+                "metadata": {
+                    "name": f"many-{call}",
+                    "namespace": namespace,
+                    "labels": {"agentrun.dev/run": "many", "agentrun.dev/call-id": call},
+                },
+                "spec": {"runName": "many", "callId": call, "tool": "k8s_delete_pod"},
+            },
+        )
+    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/many").start()
+    await op.emit("workflow", {"state": "awaiting_approval", "node": "gate", "step": 2})
+    for call in calls:
+        await op.emit(
+            "approval",
+            {
+                "callId": call,
+                "approval": f"many-{call}",
+                "tool": "k8s_delete_pod",
+                "arguments": {"name": call},
+                "state": "pending",
+            },
+        )
+    conf = settings.Settings(
+        host="127.0.0.1",
+        port=0,
+        heartbeat_seconds=1.0,
+        redis_url=redis_server.url,
+        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
+    )
+    async with testing.LiveServer(conf) as server, chromium() as page:
+        try:
+            await page.send("Page.navigate", {"url": server.url + f"/#/runs/{namespace}/many"})
+            await page.event("Page.loadEventFired")
+            await page.until("!document.getElementById('login').hidden", what="the login form")
+            await page.js("document.getElementById('token').focus()")
+            await page.send("Input.insertText", {"text": cluster.token("admin")})
+            await page.js("document.querySelector('#login-form button').click()")
+            cards = "document.querySelectorAll('.card.approval button.approve').length"
+            await page.until(f"{cards} === 2", what="two pending approvals")
+            await page.js("document.getElementById('approve-all').click()")
+            statuses = (
+                "[...document.querySelectorAll('.card.approval .status')].map(s => s.textContent)"
+            )
+            await page.until(
+                f"{statuses}.filter(t => t === 'approving…').length === 2", what="two decisions"
+            )
+            for call in calls:
+                ta = json.loads(
+                    kubectl("get", "ta", f"many-{call}", "-n", namespace, "-o", "json").stdout
+                )
+                assert ta["spec"]["decision"] == "Approved", ta["spec"]
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await page.screenshot(FAILURE_SCREENSHOT)
+            raise
