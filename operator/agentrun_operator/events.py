@@ -43,7 +43,11 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     A blocking pool: hundreds of concurrent runs wait briefly for a connection instead of
     failing with MaxConnectionsError.
     """
-    retry = Retry(ExponentialBackoff(cap=2.0, base=0.05), retries=8)
+    # Retries nest: a command retries, and each try's reconnect retries again, so the
+    # worst case is about (retries + 1)^2 connection attempts. These give a Redis restart
+    # some 7 s to come back; a longer outage reaches the caller, which waits and says why
+    # (runs._supervise) instead of hanging in a retry loop for a minute and more.
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -120,11 +124,13 @@ class Fenced(RuntimeError):
     """This process no longer owns the run: another operator took it over."""
 
 
-# KEYS: owner, seq, events. ARGV: owner token, maxlen, JSON before seq, JSON after seq.
+# KEYS: owner, seq, events, calls. ARGV: owner token, maxlen, JSON before seq, JSON after
+# seq, and optionally a call id and its record (stored in the same step as the event).
 _APPEND = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('FENCED run owned by another operator')
 end
+if ARGV[5] then redis.call('HSET', KEYS[4], ARGV[5], ARGV[6]) end
 local seq = redis.call('INCR', KEYS[2])
 local id = redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', 'data',
                       ARGV[3] .. seq .. ARGV[4])
@@ -214,7 +220,12 @@ class EventWriter:
         self.last_id: str | None = None
         self.last_seq = 0
 
-    async def append(self, type: EventType, data: Mapping[str, Any]) -> str:
+    async def append(
+        self, type: EventType, data: Mapping[str, Any], *, call: tuple[str, str] | None = None
+    ) -> str:
+        """Append one event; with ``call`` (call id, record JSON), store that tool call's
+        record in the same atomic step, so a crash can never leave an outcome reported but
+        not recorded (it would be reported again on resume) or recorded but not reported."""
         ts = now_rfc3339()
         # The envelope is split around seq, which only the script knows.
         head = (
@@ -227,8 +238,13 @@ class EventWriter:
         )
         try:
             result = await self._script(
-                keys=[owner_key(self._uid), seq_key(self._uid), events_key(self._uid)],
-                args=[self._lease.token, self._maxlen, head, tail],
+                keys=[
+                    owner_key(self._uid),
+                    seq_key(self._uid),
+                    events_key(self._uid),
+                    calls_key(self._uid),
+                ],
+                args=[self._lease.token, self._maxlen, head, tail, *(call or ())],
             )
         except aioredis.ResponseError as e:
             if "FENCED" in str(e):

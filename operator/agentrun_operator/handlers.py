@@ -50,6 +50,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.networking.request_timeout = 60
+    # Our handlers are thin: when one fails, the API server or Redis was briefly away.
+    # Retry in seconds, not kopf's default minute (a decision would wait that long).
+    settings.execution.default_backoff = 5
     metrics.serve(host=cfg.health_host, port=cfg.metrics_port)
     k = await kube.Kube.from_env()
     redis = events.connect(cfg.redis_url)
@@ -58,7 +61,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     )
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
     expiries = asyncio.create_task(registry.watch_expiries(), name="agentrun-expiries")
-    background = [control, expiries]
+    sweeper = asyncio.create_task(registry.sweep_leftovers(), name="agentrun-leftovers")
+    background = [control, expiries, sweeper]
     if cfg.notify_configmap:
         registry.notifier = notify.Notifier(
             k8s=k,
@@ -110,8 +114,10 @@ async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
             state.registry.forget(body), timeout=state.settings.redis_cleanup_seconds
         )
     except Exception as e:
+        state.registry.leftovers.add(body.metadata.uid)
         logger.error(
-            f"gave up deleting the Redis keys of run uid {body.metadata.uid} "
-            f"({type(e).__name__}: {e}); delete them by hand: redis-cli --scan --pattern "
-            f"'agentrun:{{{body.metadata.uid}}}:*' | xargs redis-cli unlink"
+            f"could not delete the Redis keys of run uid {body.metadata.uid} yet "
+            f"({type(e).__name__}: {e}); they go once Redis is back (should the operator "
+            f"restart first, delete them by hand: redis-cli --scan --pattern "
+            f"'agentrun:{{{body.metadata.uid}}}:*' | xargs redis-cli unlink)"
         )

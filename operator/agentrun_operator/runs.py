@@ -25,6 +25,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
 
 from agentrun_operator import (
     approvals,
@@ -237,18 +238,30 @@ class Emitter:
         self._buf_node = ""
         self._timer: asyncio.TimerHandle | None = None
         self._flusher: asyncio.Task[None] | None = None  # keeps the timer's task alive
+        # A timed flush that failed (Redis away): the run's next call raises it, so the
+        # failure is neither lost in a background task nor the tokens with it.
+        self._failed: Exception | None = None
         self.step = 0
 
-    async def emit(self, type: events.EventType, data: Mapping[str, Any]) -> str:
+    async def emit(
+        self,
+        type: events.EventType,
+        data: Mapping[str, Any],
+        *,
+        call: tuple[str, dict[str, Any]] | None = None,
+    ) -> str:
+        """Append an event; ``call`` (call id, record) is stored with it atomically."""
+        record = None if call is None else (call[0], json.dumps(call[1]))
         async with self._lock:
             await self._flush_tokens_locked()
-            event_id = await self._writer.append(type, data)
+            event_id = await self._writer.append(type, data, call=record)
         if type != "token":
             self._status.progress(lastEventId=event_id)
         return event_id
 
     async def token(self, text: str, node: str) -> None:
         async with self._lock:
+            self._raise_failed()
             if self._buf and node != self._buf_node:
                 await self._flush_tokens_locked()
             self._buf += text
@@ -261,19 +274,31 @@ class Emitter:
 
     def _flush_soon(self) -> None:
         self._timer = None
-        self._flusher = asyncio.create_task(self.flush())
+        self._flusher = asyncio.create_task(self._flush_in_background())
+
+    async def _flush_in_background(self) -> None:
+        try:
+            await self.flush()
+        except Exception as e:
+            self._failed = e
 
     async def flush(self) -> None:
         async with self._lock:
             await self._flush_tokens_locked()
 
+    def _raise_failed(self) -> None:
+        if self._failed is not None:
+            failed, self._failed = self._failed, None
+            raise failed
+
     async def _flush_tokens_locked(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._raise_failed()
         if self._buf:
-            text, self._buf = self._buf, ""
-            await self._writer.append("token", {"text": text, "node": self._buf_node})
+            await self._writer.append("token", {"text": self._buf, "node": self._buf_node})
+            self._buf = ""  # only once it is in the stream
 
     @property
     def last_id(self) -> str | None:
@@ -303,7 +328,6 @@ class RunDeps:
         usage: Usage,
         sa_kube: kube.ServiceAccountKube,
         redis: aioredis.Redis,
-        writer: events.EventWriter,
     ) -> None:
         self.goal = spec.goal
         self.namespace = ref.namespace
@@ -321,7 +345,6 @@ class RunDeps:
         self.usage = usage
         self._kube = sa_kube
         self._redis = redis
-        self._writer = writer
         self._prices = settings.price_table()
 
     def mint_call_id(self) -> str:
@@ -432,10 +455,11 @@ class RunDeps:
                 }
             )
             await self._emitter.emit(
-                "tool", {**base, "status": "denied", "result": json.loads(content), "durationMs": 0}
+                "tool",
+                {**base, "status": "denied", "result": json.loads(content), "durationMs": 0},
+                call=(call_id, {"state": "done", "content": content}),
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
-            await self._record(call_id, {"state": "done", "content": content})
             return content
         started = time.monotonic()
         outcome: tools.ToolOutcome | None = None
@@ -462,8 +486,9 @@ class RunDeps:
                     "it took effect; check the object before trying again",
                 )
         else:
-            await self._record(call_id, {"state": "started"})
-            await self._emitter.emit("tool", {**base, "status": "started"})
+            await self._emitter.emit(
+                "tool", {**base, "status": "started"}, call=(call_id, {"state": "started"})
+            )
         if outcome is None:
             outcome = await tools.run_tool(
                 self._kube,
@@ -481,19 +506,38 @@ class RunDeps:
             "result": outcome.result if outcome.error is None else {"error": outcome.error},
             "durationMs": int((time.monotonic() - started) * 1000),
         }
-        await self._emitter.emit("tool", payload)
-        self._status.progress(usage=self.usage.as_status())
         content = json.dumps(payload["result"], default=str)
-        await self._record(call_id, {"state": "done", "content": content})
+        # One step: reported and recorded together, so a resumed run reports it once.
+        await self._emitter.emit(
+            "tool", payload, call=(call_id, {"state": "done", "content": content})
+        )
+        self._status.progress(usage=self.usage.as_status())
         return content
-
-    async def _record(self, call_id: str, record: dict[str, Any]) -> None:
-        await self._writer.record_call(call_id, json.dumps(record))
 
 
 def _short(text: str, limit: int = 300) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# A status message written while a run waits for Redis or the API server; the run's next
+# status write replaces it.
+WAITING = "Waiting: "
+
+
+def unavailable(e: BaseException) -> str | None:
+    """What could not be reached, past the clients' own retries ("Redis", "the Kubernetes
+    API"), or None when ``e`` is not about reaching something."""
+    if isinstance(e, kube.KubeError):
+        # 0: no connection; 429: "storage is (re)initializing" while kube-apiserver starts.
+        return "the Kubernetes API" if e.status in (0, 429, 502, 503, 504) else None
+    if isinstance(e, redis_errors.ConnectionError | redis_errors.TimeoutError):
+        return "Redis"  # BusyLoadingError (Redis loading its AOF) is a ConnectionError
+    return None
+
+
+def _waiting(st: Mapping[str, Any]) -> bool:
+    return str(st.get("message") or "").startswith(WAITING)
 
 
 @dataclass
@@ -503,6 +547,8 @@ class _Slot:
     stop_by: str | None = None
     stopping: bool = False
     finishing: bool = False
+    deleted: bool = False
+    recheck: bool = False  # a vote came while the task ran: look at the approvals again
     enforcer: asyncio.Task[None] | None = None
 
 
@@ -519,6 +565,8 @@ class Registry:
     queued: dict[str, RunRef] = field(default_factory=dict)
     ttl_tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     expiries: dict[str, tuple[dt.datetime, RunRef]] = field(default_factory=dict)
+    # Uids of runs deleted while Redis was unreachable: their keys are deleted once it is back.
+    leftovers: set[str] = field(default_factory=set)
     _closing: bool = False
 
     # -- entry points from handlers -----------------------------------------------------
@@ -562,7 +610,16 @@ class Registry:
         namespace = approval["metadata"]["namespace"]
         run = (approval.get("spec") or {}).get("runName")
         body = await self.k8s.get_agentrun(namespace=namespace, name=run) if run else None
-        if body is not None and (body.get("status") or {}).get("phase") == "AwaitingApproval":
+        if body is None:
+            return
+        slot = self.running.get(body["metadata"]["uid"])
+        if slot is not None:
+            # Its task may have read the approvals just before this vote and be about to
+            # end, waiting for it: have it look once more when it ends.
+            slot.recheck = True
+        elif (body.get("status") or {}).get("phase") not in models.FINISHED_PHASES:
+            # Not only AwaitingApproval: the phase read may predate that status write by
+            # a task that has ended since. A task started for nothing ends at the gate.
             await self.ensure(body)
 
     async def stop_uid(self, uid: str, *, by: str | None) -> bool:
@@ -604,6 +661,7 @@ class Registry:
             ttl.cancel()
         slot = self.running.get(ref.uid)
         if slot is not None:
+            slot.deleted = True
             self._cancel(slot, by=slot.stop_by or "deletion")
             with contextlib.suppress(BaseException):
                 await asyncio.wait_for(asyncio.shield(slot.task), timeout=10)
@@ -673,7 +731,7 @@ class Registry:
         prom.RUNS_ACTIVE.labels("queued").set(len(self.queued))
 
     def _start(self, ref: RunRef) -> None:
-        task = asyncio.create_task(self._run(ref), name=f"agentrun:{ref.key}")
+        task = asyncio.create_task(self._supervise(ref), name=f"agentrun:{ref.key}")
         self.running[ref.uid] = _Slot(ref=ref, task=task)
         self._gauges()
         uid = ref.uid
@@ -720,7 +778,8 @@ class Registry:
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.lease_seconds / 3)
 
-    async def _keep_lease(self, lease: events.Lease, main: asyncio.Task[Any]) -> None:
+    async def _keep_lease(self, lease: events.Lease, main: asyncio.Task[Any]) -> bool:
+        """Renew the lease while the run executes; True once it is lost (``main`` cancelled)."""
         while True:
             await asyncio.sleep(self.settings.lease_seconds / 3)
             try:
@@ -731,13 +790,64 @@ class Registry:
             if not ok:
                 log.error("lost the lease of run %s; stopping local execution", lease.uid)
                 main.cancel()
-                return
+                return True
 
-    async def _run(self, ref: RunRef) -> None:
+    async def _supervise(self, ref: RunRef) -> None:
+        """The task of one run. Redis or the API server unreachable past the clients' own
+        retries is not the run's fault: say so in its status, wait, and resume it from its
+        checkpoint (exactly-once holds as across an operator restart), rather than leave
+        the run without a task until the operator restarts."""
+        delay = 1.0
+        while True:
+            try:
+                if not await self._run(ref):
+                    slot = self.running.get(ref.uid)
+                    if slot is None or not slot.recheck or slot.stopping:
+                        return
+                    slot.recheck = False
+                    continue
+                why = "its lease expired while Redis was unreachable"
+            except Exception as e:
+                what = unavailable(e)
+                if what is None or self._closing:
+                    raise
+                why = f"{what} is unreachable ({_short(str(e), 200)})"
+            slot = self.running.get(ref.uid)
+            if slot is None or slot.deleted:
+                return
+            log.warning("run %s: %s; resuming in %.0fs", ref.key, why, delay)
+            with contextlib.suppress(Exception):  # the API server may be what is down
+                await self.k8s.patch_agentrun_status(
+                    namespace=ref.namespace,
+                    name=ref.name,
+                    status={
+                        "message": f"{WAITING}{why}; the run resumes from its checkpoint once "
+                        f"it is back (next try in {delay:.0f}s)"
+                    },
+                )
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                if not slot.stopping:
+                    raise
+                _uncancel()  # stopped while waiting: the next try finishes it as Stopped
+            delay = min(delay * 2, 10.0)
+
+    async def _run(self, ref: RunRef) -> bool:
+        """Execute the run until it ends, waits for people or is stopped. True when it must
+        be tried again: its lease expired (Redis was away) and nobody else holds it."""
         body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
         if body is None or body["metadata"]["uid"] != ref.uid:
-            return
+            return False
         st: dict[str, Any] = dict(body.get("status") or {})
+        slot = self.running.get(ref.uid)
+        if slot is not None and slot.stopping:
+            # Stopped while it waited for Redis or the API server: finish, do not run it.
+            slot.finishing = True
+            await self._finish_without_task(
+                ref, st, by=slot.stop_by, message=f"stopped by {slot.stop_by or 'a stop request'}"
+            )
+            return False
         try:
             lease = await self._acquire(ref)
         except asyncio.CancelledError:
@@ -747,7 +857,7 @@ class Registry:
             slot.finishing = True
             _uncancel()
             await self._finish_without_task(ref, st, by=slot.stop_by)
-            return
+            return False
         me = asyncio.current_task()
         assert me is not None
         keeper = asyncio.create_task(self._keep_lease(lease, me))
@@ -764,32 +874,46 @@ class Registry:
         emitter = Emitter(writer, statusw, flush_ms=self.settings.token_flush_ms)
         fenced = False
         try:
-            await self._execute(ref, body, st, emitter, statusw, writer)
+            if not await self._ended_before(ref, statusw):
+                await self._execute(ref, body, st, emitter, statusw)
         except events.Fenced:
             fenced = True
-            log.warning("run %s is owned by another operator now", ref.key)
+            log.warning("run %s: lease lost", ref.key)
         except asyncio.CancelledError:
             slot = self.running.get(ref.uid)
             if slot is None or not slot.stopping:
-                raise  # operator shutdown: leave the run as it is, to resume later
-            slot.finishing = True
-            _uncancel()
-            await emitter.flush()
-            await self._finish(
-                ref,
-                emitter,
-                statusw,
-                phase="Stopped",
-                reason="Stopped",
-                message=f"stopped by {slot.stop_by or 'a stop request'}",
-                stopped_by=slot.stop_by,
-            )
+                lost = keeper.done() and not keeper.cancelled() and keeper.result()
+                if not lost or self._closing:
+                    raise  # operator shutdown: leave the run as it is, to resume later
+                _uncancel()  # the keeper lost the lease: see below who holds it now
+                fenced = True
+            else:
+                slot.finishing = True
+                _uncancel()
+                try:
+                    await emitter.flush()
+                    await self._finish(
+                        ref,
+                        emitter,
+                        statusw,
+                        phase="Stopped",
+                        reason="Stopped",
+                        message=f"stopped by {slot.stop_by or 'a stop request'}",
+                        stopped_by=slot.stop_by,
+                    )
+                except events.Fenced:
+                    fenced = True  # a retry finishes it (see _run's start) if nobody owns it
         finally:
             keeper.cancel()
             await statusw.close()
             if not fenced:
                 with contextlib.suppress(Exception):
                     await lease.release()
+        if not fenced:
+            return False
+        # Another operator owns it now (it goes on there), or the lease expired while Redis
+        # was away and nobody holds it: then it goes on here, from its checkpoint.
+        return await self.redis.get(events.owner_key(ref.uid)) is None
 
     async def _execute(
         self,
@@ -798,7 +922,6 @@ class Registry:
         st: dict[str, Any],
         emitter: Emitter,
         statusw: StatusWriter,
-        writer: events.EventWriter,
     ) -> None:
         spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
         last_usage = await self._last_usage(ref)
@@ -829,7 +952,6 @@ class Registry:
                 usage=usage,
                 sa_kube=sa_kube,
                 redis=self.redis,
-                writer=writer,
             )
             graph = workflow.build(deps, checkpointer=self.saver)
             snapshot = await graph.aget_state(config_)
@@ -844,7 +966,7 @@ class Registry:
                 await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
             else:
                 await emitter.workflow("pending", node="", step=0)
-            if statusw.current.get("phase") != "Running":
+            if statusw.current.get("phase") != "Running" or _waiting(statusw.current):
                 await statusw.phase(
                     "Running",
                     reason="Resumed" if resuming else "Started",
@@ -903,6 +1025,8 @@ class Registry:
         except (events.Fenced, asyncio.CancelledError):
             raise
         except kube.KubeError as e:
+            if unavailable(e):
+                raise  # not the run's fault: it waits and resumes (see _supervise)
             # The API server refused what the operator itself needed (not a tool call).
             log.exception("run %s: Kubernetes API error", ref.key)
             await self._fail(
@@ -1109,7 +1233,7 @@ class Registry:
                     reason="AwaitingApproval",
                     message=f"waiting for a decision on {', '.join(names)}",
                 )
-            elif statusw.current.get("pendingApprovals") != names:
+            elif statusw.current.get("pendingApprovals") != names or _waiting(statusw.current):
                 await statusw.phase(
                     "AwaitingApproval",
                     reason="AwaitingApproval",
@@ -1174,6 +1298,19 @@ class Registry:
                 if when <= now and uid not in self.running:
                     self.expiries.pop(uid, None)
                     self._start(ref)
+
+    async def sweep_leftovers(self, *, every: float = 5.0) -> None:
+        """Delete the keys of runs deleted while Redis was unreachable, once it is back."""
+        while not self._closing:
+            await asyncio.sleep(every)
+            for uid in list(self.leftovers):
+                try:
+                    await events.delete_run_keys(self.redis, uid)
+                except Exception as e:
+                    log.warning("Redis keys of deleted run uid %s still there: %s", uid, e)
+                    break
+                self.leftovers.discard(uid)
+                log.info("deleted the Redis keys of run uid %s, deleted while Redis was away", uid)
 
     async def _resolve_model(
         self, spec: models.AgentRunSpec, sa_kube: kube.ServiceAccountKube
@@ -1286,8 +1423,55 @@ class Registry:
         if body is not None:
             self._schedule_ttl(ref, body.get("spec") or {}, statusw.current)
 
+    async def _ended_before(self, ref: RunRef, statusw: StatusWriter) -> bool:
+        """Whether the run's stream already ends (the operator or the API server went away
+        between its `end` event and its final status write); then write that status from
+        the stream, appending nothing, so the run ends once."""
+        last: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=1)
+        end = events.decode(*last[0]) if last else None
+        if end is None or end.get("type") != "end":
+            return False
+        data = end.get("data") or {}
+        phase = str(data.get("phase") or "Failed")
+        by = str(data.get("stoppedBy") or "") or None
+        reason, message = {
+            "Succeeded": ("Succeeded", "the agent finished"),
+            "Stopped": ("Stopped", f"stopped by {by or 'a stop request'}"),
+        }.get(phase, ("Failed", "the run failed"))
+        if phase == "Failed":
+            entries: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=20)
+            fault = next(
+                (
+                    ev["data"]
+                    for ev in (events.decode(i, f) for i, f in entries)
+                    if ev.get("type") == "fault" and (ev.get("data") or {}).get("fatal")
+                ),
+                None,
+            )
+            if fault is not None:
+                reason = str(fault.get("code") or reason)
+                message = str(fault.get("message") or message)
+        usage = await self._last_usage(ref)
+        result = str(data.get("result") or "")
+        await statusw.phase(
+            phase,
+            reason=reason,
+            message=message,
+            result=status.cap_result(result) if result else None,
+            stoppedBy=by,
+            lastEventId=end["id"],
+            usage=usage.as_status() if usage else None,
+            pendingApprovals=[],
+            pendingApprovalCount=0,
+            streamPath=events.stream_path(ref.namespace, ref.name),
+        )
+        body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
+        if body is not None:
+            self._schedule_ttl(ref, body.get("spec") or {}, statusw.current)
+        return True
+
     async def _finish_without_task(
-        self, ref: RunRef, st: dict[str, Any], *, by: str | None
+        self, ref: RunRef, st: dict[str, Any], *, by: str | None, message: str | None = None
     ) -> None:
         lease = await events.Lease.acquire(
             self.redis,
@@ -1310,13 +1494,15 @@ class Registry:
         emitter = Emitter(writer, statusw, flush_ms=0)
         emitter.step = int(st.get("step") or 0)
         try:
+            if await self._ended_before(ref, statusw):
+                return
             await self._finish(
                 ref,
                 emitter,
                 statusw,
                 phase="Stopped",
                 reason="Stopped",
-                message=f"stopped by {by or 'a stop request'} before it ran",
+                message=message or f"stopped by {by or 'a stop request'} before it ran",
                 stopped_by=by,
             )
         finally:

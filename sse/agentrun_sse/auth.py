@@ -202,9 +202,13 @@ class RunCache:
     def put(self, key: tuple[str, str, str], run: dict[str, Any]) -> None:
         if self._ttl <= 0:
             return
-        self._items[key] = (time.monotonic() + self._ttl, run)
+        now = time.monotonic()
+        self._items[key] = (now + self._ttl, run)
         self._items.move_to_end(key)
-        while len(self._items) > self._size:
+        # One ttl for all, so the oldest entries expire first: drop those from the front.
+        # (Waiting for the size bound instead would keep thousands of stale AgentRun
+        # bodies, one per run ever watched.)
+        while len(self._items) > self._size or next(iter(self._items.values()))[0] < now:
             self._items.popitem(last=False)
 
 

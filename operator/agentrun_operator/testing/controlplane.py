@@ -430,7 +430,13 @@ class ControlPlane:
         proc = self.procs["kube-apiserver"]
         args = [str(a) for a in proc.args]  # type: ignore[union-attr]
         proc.terminate()
-        proc.wait(timeout=15)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # Current releases stop listening at once but may then wait a minute for open
+            # long-running connections (watches) before exiting: no need to wait for that.
+            proc.kill()
+            proc.wait(timeout=10)
         self._spawn("kube-apiserver", args, detach=False)
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"), timeout)
 
