@@ -2,8 +2,9 @@
 installed with helm, and a user's story through real pods and Services.
 
 Covers: ``helm install --wait`` brings up the operator (with its SSE sidecar), two webhook
-replicas and Redis, in a namespace that enforces Pod Security ``restricted``; an applied AgentRun streams over SSE through the Service and through
-Debian's NGINX configured as ``docs/nginx.conf`` shows; an approver approves with
+replicas and Redis, in a namespace that enforces Pod Security ``restricted``; an applied
+AgentRun streams over SSE through the Service and through Debian's NGINX configured as
+``docs/nginx.conf`` shows; an approver approves with
 ``kubectl patch`` and the run continues; the operator pod deleted mid-run is replaced and
 the run resumes from its checkpoint and finishes, its side-effecting tool executed exactly
 once (counted by the Deployment's revision, on the cluster side); a viewer that follows the
