@@ -30,8 +30,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import settings, testing
+from agentrun_sse import testing
 
+from sse_support import sse_settings
 from support import Kubectl
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -182,6 +183,16 @@ async def chromium() -> AsyncIterator[CDP]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+async def log_in(page: CDP, url: str, token: str) -> None:
+    """Open ``url``, and log in with ``token`` through the login form (typed, as a person)."""
+    await page.send("Page.navigate", {"url": url})
+    await page.event("Page.loadEventFired")
+    await page.until("!document.getElementById('login').hidden", what="the login form")
+    await page.js("document.getElementById('token').focus()")
+    await page.send("Input.insertText", {"text": token})
+    await page.js("document.querySelector('#login-form button').click()")
+
+
 def create(kubectl: Kubectl, manifest: dict[str, Any]) -> str:
     out = kubectl("create", "-f", "-", "-o", "jsonpath={.metadata.uid}", input=json.dumps(manifest))
     return out.stdout.strip()
@@ -225,21 +236,10 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
     op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/ui-run").start()
     await op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
     await op.emit("token", {"text": "Looking ", "node": "act"})  # history, replayed on open
-    conf = settings.Settings(
-        host="127.0.0.1",
-        port=0,
-        heartbeat_seconds=1.0,
-        redis_url=redis_server.url,
-        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
-    )
+    conf = sse_settings(cluster, redis_server.url, heartbeat_seconds=1.0)
     async with testing.LiveServer(conf) as server, chromium() as page:
         try:
-            await page.send("Page.navigate", {"url": server.url + "/"})
-            await page.event("Page.loadEventFired")
-            await page.until("!document.getElementById('login').hidden", what="the login form")
-            await page.js("document.getElementById('token').focus()")
-            await page.send("Input.insertText", {"text": cluster.token("admin")})
-            await page.js("document.querySelector('#login-form button').click()")
+            await log_in(page, server.url + "/", cluster.token("admin"))
             links = "[...document.querySelectorAll('#run-table a')]"
             is_ours = f"a => a.textContent === {json.dumps(f'{namespace}/ui-run')}"
             await page.until(f"{links}.some({is_ours})", what="the run in the list")
@@ -396,21 +396,10 @@ async def test_approve_all_pending_decides_each_call_on_its_own_in_chromium(
                 "state": "pending",
             },
         )
-    conf = settings.Settings(
-        host="127.0.0.1",
-        port=0,
-        heartbeat_seconds=1.0,
-        redis_url=redis_server.url,
-        kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
-    )
+    conf = sse_settings(cluster, redis_server.url, heartbeat_seconds=1.0)
     async with testing.LiveServer(conf) as server, chromium() as page:
         try:
-            await page.send("Page.navigate", {"url": server.url + f"/#/runs/{namespace}/many"})
-            await page.event("Page.loadEventFired")
-            await page.until("!document.getElementById('login').hidden", what="the login form")
-            await page.js("document.getElementById('token').focus()")
-            await page.send("Input.insertText", {"text": cluster.token("admin")})
-            await page.js("document.querySelector('#login-form button').click()")
+            await log_in(page, server.url + f"/#/runs/{namespace}/many", cluster.token("admin"))
             cards = "document.querySelectorAll('.card.approval button.approve').length"
             await page.until(f"{cards} === 2", what="two pending approvals")
             await page.js("document.getElementById('approve-all').click()")
