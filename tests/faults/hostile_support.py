@@ -7,11 +7,9 @@ Owns nothing the product runs. Never reaches beyond 127.0.0.1.
 
 from __future__ import annotations
 
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,8 +19,9 @@ from typing import Any
 import httpx
 import redis as redis_sync
 import yaml
+from faults import fault_support
 
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
+from agentrun_operator.testing.controlplane import ControlPlane
 
 from support import Kubectl, fresh_namespace, wait_for
 
@@ -30,75 +29,17 @@ GROUP_PATH = "/apis/agentrun.dev/v1alpha1"
 WEBHOOK_LABEL = "agentrun-test/webhooks"  # as tests/conftest.py labels namespaces it judges
 
 
-class SSEProcess:
-    """``python -m agentrun_sse`` on a free loopback port, against the test control plane.
-
-    The kubeconfig gives the API server's address and CA only: in ``kubernetes`` auth mode
-    the server loads no credentials and acts with each caller's token.
-    """
+class SSEProcess(fault_support.SSEProcess):
+    """``python -m agentrun_sse`` on a free loopback port, against the test control plane
+    (the kubeconfig gives the API server's address and CA only: in ``kubernetes`` auth mode
+    the server acts with each caller's token), plus what the hostile-input tests check
+    after every request."""
 
     def __init__(self, *, plane: ControlPlane, redis_url: str, workdir: Path) -> None:
-        self.plane = plane
-        self.redis_url = redis_url
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def log_path(self) -> Path:
-        return self.workdir / "sse.log"
-
-    def start(self, *, timeout: float = 30) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTRUN_")}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agentrun_sse",
-                    "--host=127.0.0.1",
-                    f"--port={self.port}",
-                    f"--kubeconfig={self.plane.kubeconfig('admin')}",
-                    f"--redis-url={self.redis_url}",
-                    "--heartbeat=0.5",
-                ],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-        def healthy() -> bool:
-            if not self.alive():
-                raise AssertionError(f"the SSE server exited at start:\n{self.log_tail()}")
-            try:
-                return httpx.get(f"{self.url}/healthz", timeout=1).text == "ok"
-            except httpx.HTTPError:
-                return False
-
-        wait_for("the SSE server to answer /healthz", healthy, timeout=timeout)
+        super().__init__(plane=plane, redis_url=redis_url, workdir=workdir, heartbeat_seconds=0.5)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self, lines: int = 40) -> str:
-        if not self.log_path.exists():
-            return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def server_errors(self) -> list[str]:
         """Log lines of unhandled exceptions (uvicorn's "Exception in ASGI application")."""
