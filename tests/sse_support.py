@@ -4,6 +4,7 @@ Debian's NGINX run from ``docs/nginx.conf`` itself (the integration and e2e test
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import shutil
 import socket
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
-from agentrun_sse import settings
+from agentrun_sse import client, settings
 
 import support
 from support import Kubectl
@@ -114,3 +115,62 @@ def nginx(*, upstream: str, edits: dict[str, str] | None = None) -> Iterator[str
             proc.kill()
             proc.communicate()
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+# -- a viewer that never reads ----------------------------------------------------------
+
+
+class StuckViewer:
+    """A viewer that never reads: a plain socket with a tiny receive buffer. ``read_all``
+    finally reads what the server left in it, until the server closed the stream."""
+
+    def __init__(self, port: int, path: str, token: str) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.sock.setblocking(False)
+        self.port, self.path, self.token = port, path, token
+
+    async def open(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
+        request = (
+            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        await loop.sock_sendall(self.sock, request.encode())
+
+    async def read_all(self, *, timeout: float = 30) -> tuple[list[client.Message], bool]:
+        """The messages, and whether the response ended properly (its last chunk came)."""
+        loop = asyncio.get_running_loop()
+        raw = bytearray()
+        async with asyncio.timeout(timeout):
+            while chunk := await loop.sock_recv(self.sock, 1 << 16):
+                raw += chunk
+                if raw.endswith(b"\r\n0\r\n\r\n"):
+                    break
+        self.sock.close()
+        complete = raw.endswith(b"\r\n0\r\n\r\n")
+        head, _, body = bytes(raw).partition(b"\r\n\r\n")
+        assert b" 200 " in head.split(b"\r\n")[0], head[:200]
+        parser = client.Parser()
+        out = []
+        for line in dechunk(body).decode(errors="replace").split("\n"):
+            msg = parser.feed(line)
+            if msg is not None:
+                out.append(msg)
+        return out, complete
+
+
+def dechunk(body: bytes) -> bytes:
+    """The payload of a chunked body (a cut-off last chunk counts as far as it goes)."""
+    out, i = bytearray(), 0
+    while i < len(body):
+        j = body.find(b"\r\n", i)
+        if j < 0:
+            break
+        size = int(body[i:j], 16)
+        if size == 0:
+            break
+        out += body[j + 2 : j + 2 + size]
+        i = j + 2 + size + 2
+    return bytes(out)

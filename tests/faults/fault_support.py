@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -532,59 +531,3 @@ def viewer_process(port: int, path: str, token: str, n: int, pipe: Any) -> None:
 
     pipe.send(asyncio.run(main()))
     pipe.close()
-
-
-class StuckViewer:
-    """A viewer that never reads: a plain socket with a tiny receive buffer. ``read_all``
-    finally reads what the server left in it, until the server closed the stream."""
-
-    def __init__(self, port: int, path: str, token: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.setblocking(False)
-        self.port, self.path, self.token = port, path, token
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
-        request = (
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        await loop.sock_sendall(self.sock, request.encode())
-
-    async def read_all(self, *, timeout: float = 30) -> tuple[list[client.Message], bool]:
-        """The messages, and whether the response ended properly (its last chunk came)."""
-        loop = asyncio.get_running_loop()
-        raw = bytearray()
-        async with asyncio.timeout(timeout):
-            while chunk := await loop.sock_recv(self.sock, 1 << 16):
-                raw += chunk
-                if raw.endswith(b"\r\n0\r\n\r\n"):
-                    break
-        self.sock.close()
-        complete = raw.endswith(b"\r\n0\r\n\r\n")
-        head, _, body = bytes(raw).partition(b"\r\n\r\n")
-        assert b" 200 " in head.split(b"\r\n")[0], head[:200]
-        parser = client.Parser()
-        out = []
-        for line in _dechunk(body).decode(errors="replace").split("\n"):
-            msg = parser.feed(line)
-            if msg is not None:
-                out.append(msg)
-        return out, complete
-
-
-def _dechunk(body: bytes) -> bytes:
-    """The payload of a chunked body (a cut-off last chunk counts as far as it goes)."""
-    out, i = bytearray(), 0
-    while i < len(body):
-        j = body.find(b"\r\n", i)
-        if j < 0:
-            break
-        size = int(body[i:j], 16)
-        if size == 0:
-            break
-        out += body[j + 2 : j + 2 + size]
-        i = j + 2 + size + 2
-    return bytes(out)

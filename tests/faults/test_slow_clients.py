@@ -18,13 +18,14 @@ from pathlib import Path
 
 import pytest
 from faults.conftest import Figures, count
-from faults.fault_support import SSEProcess, StuckViewer, clock, rss_mib, viewer_process
+from faults.fault_support import SSEProcess, clock, rss_mib, viewer_process
 
 from agentrun_operator import events
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import testing
 
+from sse_support import StuckViewer
 from support import Kubectl, create_run
 
 SCENARIO = "Slow clients"

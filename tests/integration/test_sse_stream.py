@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -31,7 +30,7 @@ from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import client, testing
 
-from sse_support import create_run, sse_settings
+from sse_support import StuckViewer, create_run, sse_settings
 from support import Kubectl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -261,55 +260,6 @@ async def test_metrics_count_streams_events_and_latency(
 
 
 # -- a slow viewer ---------------------------------------------------------------------
-class RawViewer:
-    """A viewer that does not read: a plain socket with a tiny receive buffer."""
-
-    def __init__(self, port: int, path: str, token: str) -> None:
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        self.sock.setblocking(False)
-        self.port, self.path, self.token = port, path, token
-
-    async def open(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.sock_connect(self.sock, ("127.0.0.1", self.port))
-        request = (
-            f"GET {self.path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            f"Authorization: Bearer {self.token}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        await loop.sock_sendall(self.sock, request.encode())
-
-    async def read_all(self, *, timeout: float = 20) -> list[client.Message]:
-        loop = asyncio.get_running_loop()
-        raw = bytearray()
-        async with asyncio.timeout(timeout):
-            while chunk := await loop.sock_recv(self.sock, 1 << 16):
-                raw += chunk
-                if raw.endswith(b"\r\n0\r\n\r\n"):
-                    break
-        self.sock.close()
-        head, _, body = bytes(raw).partition(b"\r\n\r\n")
-        assert b" 200 " in head.split(b"\r\n")[0], head
-        parser = client.Parser()
-        out: list[client.Message] = []
-        for line in dechunk(body).decode().split("\n"):
-            msg = parser.feed(line)
-            if msg is not None:
-                out.append(msg)
-        return out
-
-
-def dechunk(body: bytes) -> bytes:
-    out, i = bytearray(), 0
-    while True:
-        j = body.index(b"\r\n", i)
-        size = int(body[i:j], 16)
-        if size == 0:
-            return bytes(out)
-        out += body[j + 2 : j + 2 + size]
-        i = j + 2 + size + 2
-
-
 async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
     cluster: ControlPlane,
     redis_server: RedisServer,
@@ -320,7 +270,7 @@ async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
     conf = sse_settings(cluster, redis_server.url, viewer_queue=queue, read_count=16)
     async with testing.LiveServer(conf) as small:
         hub = small.ctx.hub
-        slow = RawViewer(
+        slow = StuckViewer(
             small.port, events.stream_path(run.namespace, run.name), cluster.token("admin")
         )
         await slow.open()
@@ -346,7 +296,7 @@ async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
             await run.op.end()
             for tap in fast:
                 assert seqs(await tap.until_closed()) == [total + 1]
-        got = await slow.read_all()
+        got, _ = await slow.read_all()
         assert got[-1].event == "lagged"
         reason = got[-1].json()
         assert "fell behind" in reason["reason"]
