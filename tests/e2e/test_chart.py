@@ -707,7 +707,6 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     async def story() -> Seen:
         create_run(kubectl, release, "during-upgrade", "survive an upgrade")
         reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
-        await asyncio.sleep(0)
         # A changed value rolls the operator's pod (its Deployment's strategy: Recreate).
         await asyncio.to_thread(
             helm,
