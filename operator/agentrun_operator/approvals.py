@@ -17,6 +17,28 @@ from typing import Any, Literal
 
 from agentrun_operator import models
 
+# Nesting allowed below an object's root. ToolApproval spec.arguments is free-form (the only
+# such field), and a real patch or manifest nests a dozen levels; the API server takes up to
+# 10,000, where Python's JSON decoder and comparisons run out of stack (~1,000).
+MAX_NESTING = 64
+# A tool call's arguments become spec.arguments, two levels below the ToolApproval's root.
+MAX_ARGUMENT_NESTING = MAX_NESTING - 2
+
+
+def deeper_than(value: Any, most: int) -> list[str] | None:
+    """The path to the first value nested deeper than ``most`` levels (iteratively), or None."""
+    todo: list[tuple[Any, list[str]]] = [(value, [])]
+    while todo:
+        item, path = todo.pop()
+        if len(path) > most:
+            return path
+        if isinstance(item, dict):
+            todo.extend((v, [*path, str(k)]) for k, v in item.items())
+        elif isinstance(item, list):
+            todo.extend((v, [*path, f"[{i}]"]) for i, v in enumerate(item))
+    return None
+
+
 RUN_LABEL = "agentrun.dev/run"
 CALL_LABEL = "agentrun.dev/call-id"
 CREATED_BY = "agentrun.dev/created-by"

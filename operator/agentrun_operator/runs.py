@@ -350,6 +350,13 @@ class RunDeps:
     def mint_call_id(self) -> str:
         return "c-" + secrets.token_hex(6)
 
+    def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
+        try:
+            tools.parse_arguments(name, arguments)
+        except tools.ArgumentError as e:
+            return str(e)
+        return None
+
     async def workflow_event(self, state: str, *, node: str, step: int) -> None:
         await self._emitter.workflow(state, node=node, step=step)
         self._status.progress(step=step)
@@ -440,7 +447,10 @@ class RunDeps:
         if record.get("state") == "done":
             return str(record["content"])  # already executed and reported once
         base = {"callId": call_id, "name": name, "arguments": arguments}
-        if name in self.required and (decision or {}).get("decision") != "approved":
+        # A call with bad arguments was never put to a person (the gate skips it): it fails
+        # below, in run_tool, as the tool error it is, before anything is executed.
+        unasked = decision is None and self.argument_error(name, arguments) is not None
+        if name in self.required and not unasked and (decision or {}).get("decision") != "approved":
             d = decision or {
                 "decision": "denied",
                 "by": "agentrun",

@@ -36,8 +36,8 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from agentrun_operator import approvals, models
 from agentrun_operator import kube as kubeapi
-from agentrun_operator import models
 
 logger = logging.getLogger(__name__)
 
@@ -675,6 +675,14 @@ def parse_arguments(name: str, arguments: Any) -> BaseModel:
         raise ArgumentError("name", f"unknown tool {name!r}; tools: {', '.join(_TOOLS)}")
     if not isinstance(arguments, dict):
         raise ArgumentError("arguments", "must be a JSON object")
+    # Deeper than a ToolApproval may hold: no person could be asked about it, and no real
+    # patch or manifest needs it.
+    path = approvals.deeper_than(arguments, approvals.MAX_ARGUMENT_NESTING)
+    if path is not None:
+        raise ArgumentError(
+            path[0],
+            f"nested deeper than {approvals.MAX_ARGUMENT_NESTING} levels; send a flatter value",
+        )
     try:
         return tool.args.model_validate(arguments)
     except ValidationError as e:

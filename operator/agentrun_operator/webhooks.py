@@ -112,25 +112,8 @@ class Webhooks:
         return refusal, []
 
 
-# Nesting allowed below an object's root. ToolApproval spec.arguments is free-form (the only
-# such field), and a real patch or manifest nests a dozen levels; the API server takes up to
-# 10,000, where Python's JSON decoder and comparisons run out of stack (~1,000).
-MAX_NESTING = 64
+MAX_NESTING = approvals.MAX_NESTING
 _REQUEST_UID = re.compile(rb'"uid"\s*:\s*"([^"\\]{1,128})"')
-
-
-def _deeper_than(value: Any, most: int) -> list[str] | None:
-    """The path to the first value nested deeper than ``most`` levels (iteratively), or None."""
-    todo: list[tuple[Any, list[str]]] = [(value, [])]
-    while todo:
-        item, path = todo.pop()
-        if len(path) > most:
-            return path
-        if isinstance(item, dict):
-            todo.extend((v, [*path, str(k)]) for k, v in item.items())
-        elif isinstance(item, list):
-            todo.extend((v, [*path, f"[{i}]"]) for i, v in enumerate(item))
-    return None
 
 
 def _too_deep(req: dict[str, Any]) -> str | None:
@@ -138,7 +121,7 @@ def _too_deep(req: dict[str, Any]) -> str | None:
     spec = obj.get("spec") if isinstance(obj, dict) else None
     # spec first: managedFields mirror a deep spec, and the spec is what its author wrote.
     for root, value in (("spec", spec), ("", obj)):
-        path = _deeper_than(value, MAX_NESTING - (1 if root else 0))
+        path = approvals.deeper_than(value, MAX_NESTING - (1 if root else 0))
         if path is not None:
             field = ".".join([p for p in (root, *path[:1]) if p])
             return f"{field or 'the object'} is nested deeper than {MAX_NESTING} levels"

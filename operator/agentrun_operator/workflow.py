@@ -91,6 +91,11 @@ class Deps(Protocol):
 
     def mint_call_id(self) -> str: ...
 
+    def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
+        """What is wrong with a call's arguments (the call then fails as a tool error, and
+        nobody is asked to approve it), or None."""
+        ...
+
 
 def initial_state(deps: Deps) -> RunState:
     return {
@@ -183,7 +188,11 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
         return {"messages": [reply], "step": step, "call_ids": ids}
 
     async def gate(state: RunState) -> RunState:
-        waiting = pending_approvals(state, deps.required)
+        waiting = [
+            c
+            for c in pending_approvals(state, deps.required)
+            if deps.argument_error(c["name"], c["args"]) is None
+        ]
         if not waiting:
             return {}
         # No side effects before interrupt(): this node runs again when resumed.

@@ -7,7 +7,8 @@ Covers: approve → the tool runs exactly once; deny → the agent is told; the 
 forged decidedBy; a second decision; operator-written fields; timeout with `deny` and with
 `stop`; stop while waiting (approvals Cancelled); the operator killed while waiting with the
 decision made while it is down; two calls needing approval in one run; who created and
-who stopped a run; spec immutability.
+who stopped a run; spec immutability; a call with bad arguments fails as a tool error
+without asking anyone.
 """
 
 from __future__ import annotations
@@ -229,6 +230,44 @@ def test_a_denied_call_is_not_run_and_the_agent_is_told_why(
         if any("not now" in str(m.get("content")) for m in c["messages"])
     ]
     assert prompts, "the agent saw the denial and its comment"
+
+
+def test_a_call_with_bad_arguments_fails_as_a_tool_error_without_asking_anyone(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    # Two calls needing approval whose arguments can never run: one misses 'replicas', one
+    # is nested deeper than a ToolApproval may hold (the webhook would refuse it).
+    deep: dict[str, Any] = {"leaf": 1}
+    for _ in range(70):
+        deep = {"x": deep}
+    goal = script.add(
+        marker("bad-args"),
+        [
+            {"text": "plan: scale web"},
+            {
+                "tool_calls": [
+                    {"name": "k8s_scale", "arguments": {"kind": "Deployment", "name": "web"}},
+                    {
+                        "name": "k8s_scale",
+                        "arguments": {"kind": "Deployment", "name": "web", "replicas": deep},
+                    },
+                ]
+            },
+            {"text": "done"},
+        ],
+    )
+    uid = start_scaling_run(kubectl, namespace, agent_sa, goal)
+    st = wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed", "AwaitingApproval")
+    assert st["phase"] == "Succeeded", st
+    assert approvals_of(kubectl, namespace, "scale") == [], "nobody is asked about them"
+    evs = stream(r, uid)
+    assert [e for e in evs if e["type"] == "approval"] == []
+    failed = [e["data"] for e in evs if e["type"] == "tool" and e["data"]["status"] == "failed"]
+    errors = sorted(f["result"]["error"] for f in failed)
+    assert len(errors) == 2, errors
+    assert "argument 'replicas' is required" in errors[0]
+    assert "argument 'replicas': nested deeper than 62 levels" in errors[1]
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
 
 
 def test_people_without_the_right_cannot_decide(

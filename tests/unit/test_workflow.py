@@ -52,6 +52,9 @@ class ScriptedDeps:
     def mint_call_id(self) -> str:
         return f"c-{next(self._ids):012x}"
 
+    def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
+        return "argument 'kind': is required" if "kind" not in arguments else None
+
 
 def tool_call(name: str, call_id: str = "m1") -> AIMessage:
     return AIMessage("", tool_calls=[{"name": name, "args": {"kind": "pods"}, "id": call_id}])
@@ -111,6 +114,22 @@ async def test_a_required_tool_interrupts_and_resumes_with_the_decision() -> Non
     final = await graph.ainvoke(Command(resume={"c-000000000001": decision}), config)
     assert final["result"] == "final"
     assert deps.executed == [("k8s_scale", "c-000000000001", decision)]
+
+
+async def test_a_required_call_with_bad_arguments_is_not_put_to_a_person() -> None:
+    bad = AIMessage("", tool_calls=[{"name": "k8s_scale", "args": {"name": "web"}, "id": "m1"}])
+    deps = ScriptedDeps(
+        [AIMessage("plan"), bad, AIMessage("gave up"), AIMessage("final")],
+        required=frozenset({"k8s_scale"}),
+    )
+    graph = workflow.build(deps, checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    result = await graph.ainvoke(workflow.initial_state(deps), config)
+    # No interrupt: the call goes straight to tool_call, undecided, which fails it as the
+    # argument error it is.
+    assert "__interrupt__" not in result
+    assert result["result"] == "final"
+    assert deps.executed == [("k8s_scale", "c-000000000001", None)]
 
 
 async def test_invalid_tool_call_arguments_are_answered_not_crashed() -> None:
