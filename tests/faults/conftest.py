@@ -37,6 +37,7 @@ class Figures:
     """Figures of this session: (scenario, figure) -> (value, bound)."""
 
     rows: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    merged: bool = False  # whether the session's figures went into the docs
 
     def record(self, scenario: str, figure: str, value: object, bound: str = "") -> None:
         """One line of the reliability table, e.g.
@@ -71,8 +72,18 @@ def _parse(text: str) -> dict[tuple[str, str], tuple[str, str, str]]:
     return rows
 
 
+def _whole(session: pytest.Session) -> bool:
+    """Whether this session ran whole scenarios, whose figures may go into the docs: no
+    ``-k`` and no single test picked by node id (parts of a scenario give part counts), and
+    nothing failed."""
+    picked = any("::" in str(arg) for arg in session.config.args)
+    return not session.config.option.keyword and not picked and session.testsfailed == 0
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    if not _FIGURES.rows:
+    # (Runs before the terminal summary, which the terminal reporter writes after it.)
+    _FIGURES.merged = _whole(session)
+    if not _FIGURES.rows or not _FIGURES.merged:
         return
     text = REPORT.read_text() if REPORT.exists() else ""
     rows = _parse(text)
@@ -91,6 +102,11 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _FIGURES.rows:
         terminalreporter.section(f"reliability figures ({MODE} counts)")
+        if not _FIGURES.merged:
+            terminalreporter.write_line(
+                f"(not merged into {REPORT.relative_to(ROOT)}: part of a scenario ran, or a test"
+                " failed)"
+            )
         for (scenario, figure), (value, bound) in _FIGURES.rows.items():
             terminalreporter.write_line(
                 f"{scenario}: {figure} = {value}" + (f" (bound {bound})" if bound else "")
