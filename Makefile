@@ -41,6 +41,7 @@ lint: install ## ruff, mypy --strict and import-linter
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	MYPYPATH=tests $(BIN)/mypy tests bench
 	$(BIN)/lint-imports
 
 .PHONY: fmt

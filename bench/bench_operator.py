@@ -24,7 +24,7 @@ import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis as redis_sync
 
@@ -78,7 +78,10 @@ def wait_first(r: redis_sync.Redis, uid: str, pred: Any, timeout: float = 60) ->
     last = "0-0"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        reply = r.xread({events.events_key(uid): last}, block=1000, count=100)
+        reply = cast(
+            list[tuple[bytes, list[tuple[bytes, dict[bytes | str, bytes | str]]]]],
+            r.xread({events.events_key(uid): last}, block=1000, count=100),
+        )
         for _s, entries in reply or []:
             for event_id, fields in entries:
                 ev = events.decode(event_id, fields)
@@ -167,7 +170,10 @@ def main() -> None:
         api.call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
 
         first_event: list[float] = []
-        patch_end, patch_phase, ctl_end, ctl_phase = [], [], [], []
+        patch_end: list[float] = []
+        patch_phase: list[float] = []
+        ctl_end: list[float] = []
+        ctl_phase: list[float] = []
         for i in range(args.stops):
             for how in ("patch", "control"):
                 name = f"stop-{how}-{i}"

@@ -29,7 +29,7 @@ def sse_settings(cluster: ControlPlane, redis_url: str, **kw: object) -> setting
         redis_url=redis_url,
         kube=settings.KubeTarget(server=cluster.server, ca_file=str(cluster.ca_file)),
     )
-    return settings.Settings(**{**base.__dict__, **kw})  # type: ignore[arg-type]
+    return settings.Settings(**{**base.__dict__, **kw})
 
 
 def create_run(kubectl: Kubectl, namespace: str, name: str = "r1") -> str:

@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis as redis_sync
 
@@ -151,8 +151,14 @@ def wait_phase(
     return result
 
 
+def decoded(entries: object) -> list[dict[str, Any]]:
+    """Entries as XRANGE / XREVRANGE return them, decoded (redis-py types those loosely)."""
+    typed = cast(list[tuple[bytes, dict[bytes | str, bytes | str]]], entries)
+    return [events.decode(i, f) for i, f in typed]
+
+
 def stream(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
-    return [events.decode(i, f) for i, f in r.xrange(events.events_key(uid))]
+    return decoded(r.xrange(events.events_key(uid)))
 
 
 def wait_event(

@@ -46,7 +46,7 @@ from agentrun_sse import client as sse_client
 
 from e2e_support import KIND_CLUSTER, ImpersonatingKubectl, Target
 from sse_support import nginx
-from support import Kubectl, assert_clean_stream, get_run, wait_for, wait_phase
+from support import Kubectl, assert_clean_stream, decoded, get_run, wait_for, wait_phase
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "agentrun"
@@ -592,7 +592,7 @@ def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
     key = events.events_key(uid)
 
     def stream() -> list[dict[str, Any]]:
-        return [events.decode(i, f) for i, f in release.redis.xrange(key)]
+        return decoded(release.redis.xrange(key))
 
     def tokens() -> int:
         return sum(1 for e in stream() if e["type"] == "token")
@@ -678,7 +678,7 @@ def test_stop_ends_a_run_and_a_finished_run_is_deleted_after_its_ttl(
     )
     status = wait_phase(kubectl, release.runs, "talker", "Stopped", timeout=30)
     assert status["stoppedBy"] == "creator"
-    last = events.decode(*release.redis.xrevrange(key, count=1)[0])
+    [last] = decoded(release.redis.xrevrange(key, count=1))
     assert last["type"] == "end" and last["data"]["phase"] == "Stopped"
 
     def gone() -> bool:

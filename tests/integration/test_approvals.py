@@ -13,6 +13,7 @@ without asking anyone.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -61,22 +62,15 @@ def namespace(op_namespace: str, kubectl: Kubectl) -> str:
         "--clusterrole=agentrun-approver",
         "--user=creator",
     )
-    for user in bindings:
-        wait_for(
-            f"{user}'s role binding to take effect",
-            lambda user=user: (
-                kubectl.as_user(user)(
-                    "auth",
-                    "can-i",
-                    "get",
-                    "agentruns.agentrun.dev",
-                    "-n",
-                    op_namespace,
-                    check=False,
-                ).stdout.strip()
-                == "yes"
-            ),
+
+    def can_read(user: str) -> bool:
+        out = kubectl.as_user(user)(
+            "auth", "can-i", "get", "agentruns.agentrun.dev", "-n", op_namespace, check=False
         )
+        return out.stdout.strip() == "yes"
+
+    for user in bindings:
+        wait_for(f"{user}'s role binding to take effect", functools.partial(can_read, user))
     return op_namespace
 
 

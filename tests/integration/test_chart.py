@@ -269,7 +269,9 @@ def test_the_dashboard_graphs_metrics_the_operator_exports(helm: Helm) -> None:
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and "dashboard" in d["metadata"]["name"])
     dashboard = json.loads(cm["data"]["agentrun.json"])
     exported = {
-        m.describe()[0].name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)
+        next(iter(m.describe())).name
+        for m in vars(metrics).values()
+        if isinstance(m, MetricWrapperBase)
     }
 
     used = {

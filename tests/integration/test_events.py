@@ -13,6 +13,8 @@ from redis import asyncio as aioredis
 
 from agentrun_operator import events
 
+from support import decoded
+
 
 async def writer_for(
     redis: aioredis.Redis, uid: str, operator_id: str = "op-a"
@@ -23,8 +25,7 @@ async def writer_for(
 
 
 async def read_all(redis: aioredis.Redis, uid: str) -> list[dict[str, object]]:
-    entries = await redis.xrange(events.events_key(uid))
-    return [events.decode(i, f) for i, f in entries]
+    return decoded(await redis.xrange(events.events_key(uid)))
 
 
 async def test_events_carry_the_envelope_and_a_gap_free_seq(redis: aioredis.Redis) -> None:

@@ -31,7 +31,7 @@ from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import client, testing
 
 from sse_support import StuckViewer, create_run, sse_settings
-from support import Kubectl
+from support import Kubectl, decoded
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -191,7 +191,8 @@ async def test_a_replay_from_before_trimmed_history_begins_with_trimmed(
     op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1", maxlen=10).start()
     run = Run(namespace, "r1", uid, op)
     ids = await run.op.tokens(250)
-    first_id = (await redis.xrange(events.events_key(run.uid), count=1))[0][0].decode()
+    [first] = decoded(await redis.xrange(events.events_key(run.uid), count=1))
+    first_id = first["id"]
     assert first_id != ids[0], "MAXLEN trimmed nothing; the test needs trimmed history"
     first_seq = ids.index(first_id) + 1
     await run.op.end()

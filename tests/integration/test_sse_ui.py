@@ -143,7 +143,7 @@ async def chromium() -> AsyncIterator[CDP]:
     )
     try:
         assert proc.stderr is not None
-        lines = []
+        lines: list[str] = []
         async with asyncio.timeout(30):
             while True:
                 line = (await proc.stderr.readline()).decode()

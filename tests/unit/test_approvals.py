@@ -40,10 +40,8 @@ def vote(user: str, decision: str) -> dict[str, Any]:
 
 
 def test_one_approval_settles_by_default_and_any_denial_denies() -> None:
-    assert (
-        approvals.settle(ta([vote("alice", "Approved")]), min_approvals=1, now=NOW).outcome
-        == "approved"
-    )  # type: ignore[union-attr]
+    settled = approvals.settle(ta([vote("alice", "Approved")]), min_approvals=1, now=NOW)
+    assert settled is not None and settled.outcome == "approved"
     two = ta([vote("alice", "Approved"), vote("bob", "Denied")])
     settled = approvals.settle(two, min_approvals=2, now=NOW)
     assert settled is not None and settled.outcome == "denied" and settled.by == "bob"
