@@ -112,7 +112,6 @@ class Webhooks:
         return refusal, []
 
 
-MAX_NESTING = approvals.MAX_NESTING
 _REQUEST_UID = re.compile(rb'"uid"\s*:\s*"([^"\\]{1,128})"')
 
 
@@ -121,10 +120,10 @@ def _too_deep(req: dict[str, Any]) -> str | None:
     spec = obj.get("spec") if isinstance(obj, dict) else None
     # spec first: managedFields mirror a deep spec, and the spec is what its author wrote.
     for root, value in (("spec", spec), ("", obj)):
-        path = approvals.deeper_than(value, MAX_NESTING - (1 if root else 0))
+        path = approvals.deeper_than(value, approvals.MAX_NESTING - (1 if root else 0))
         if path is not None:
             field = ".".join([p for p in (root, *path[:1]) if p])
-            return f"{field or 'the object'} is nested deeper than {MAX_NESTING} levels"
+            return f"{field or 'the object'} is nested deeper than {approvals.MAX_NESTING} levels"
     return None
 
 
@@ -140,7 +139,7 @@ def _endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             uid = _REQUEST_UID.search(raw)
             # Of the two kinds only a ToolApproval has a free-form field to nest in.
             field = "spec.arguments" if b'"kind":"ToolApproval"' in raw else "the object"
-            too_deep = f"{field} is nested deeper than {MAX_NESTING} levels"
+            too_deep = f"{field} is nested deeper than {approvals.MAX_NESTING} levels"
             uid_only = {"uid": uid[1].decode() if uid else ""}
             return JSONResponse(_review(uid_only, refusal=too_deep, patch=[]))
         except (ValueError, KeyError, TypeError):
