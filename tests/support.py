@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import redis as redis_sync
 
@@ -153,8 +153,7 @@ def wait_phase(
 
 def decoded(entries: object) -> list[dict[str, Any]]:
     """Entries as XRANGE / XREVRANGE return them, decoded (redis-py types those loosely)."""
-    typed = cast(list[tuple[bytes, dict[bytes | str, bytes | str]]], entries)
-    return [events.decode(i, f) for i, f in typed]
+    return events.decode_entries(entries)
 
 
 def stream(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:

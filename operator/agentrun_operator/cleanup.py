@@ -10,17 +10,11 @@ approvals, its Redis keys). Never removes a finalizer itself: that would lose th
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import sys
 import time
 from typing import TextIO
 
-from agentrun_operator import kube
-
-
-def matches(namespace: str, globs: list[str]) -> bool:
-    """A namespace the operator watches: any glob matches, or no globs at all."""
-    return not globs or any(fnmatch.fnmatchcase(namespace, g) for g in globs)
+from agentrun_operator import config, kube
 
 
 async def delete_runs(
@@ -30,11 +24,10 @@ async def delete_runs(
     ``timeout`` seconds until they are gone. 0 when none remain, 1 otherwise."""
     k = await kube.Kube.from_env()
     try:
-        listed = await k.request("GET", kube.AGENTRUNS.path(namespace=None))
         runs = [
             (r["metadata"]["namespace"], r["metadata"]["name"])
-            for r in listed.get("items", [])
-            if matches(r["metadata"]["namespace"], namespaces)
+            for r in await k.list_agentruns(namespace=None)
+            if config.in_namespaces(r["metadata"]["namespace"], namespaces)
         ]
         for ns, name in runs:
             await k.delete_agentrun(namespace=ns, name=name)

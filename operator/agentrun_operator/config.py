@@ -8,10 +8,11 @@ start with a message that names it. Never prints a secret value.
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import json
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -57,6 +58,13 @@ class Price(BaseModel):
     cached: float | None = Field(default=None, ge=0)
 
 
+def in_namespaces(namespace: str, globs: Sequence[str]) -> bool:
+    """Whether ``namespace`` matches a glob of AGENTRUN_NAMESPACES (or a notification
+    route): any glob matches, or there are none (every namespace). Case-sensitive, as
+    namespace names are lower case."""
+    return not globs or any(fnmatch.fnmatchcase(namespace, g) for g in globs)
+
+
 class Settings(BaseModel):
     """Every operator setting, with its environment variable as the alias."""
 
@@ -88,6 +96,8 @@ class Settings(BaseModel):
     health_port: int = Field(default=8081, ge=0, le=65535, alias="AGENTRUN_HEALTH_PORT")
     metrics_port: int = Field(default=9090, ge=0, le=65535, alias="AGENTRUN_METRICS_PORT")
     redis_cleanup_seconds: float = Field(default=30.0, ge=0, alias="AGENTRUN_REDIS_CLEANUP_SECONDS")
+    # 0: never look for the keys of runs deleted while Redis was away.
+    orphan_sweep_seconds: float = Field(default=600.0, ge=0, alias="AGENTRUN_ORPHAN_SWEEP_SECONDS")
 
     operator_usernames: list[str] = Field(default_factory=list, alias="AGENTRUN_OPERATOR_USERNAMES")
     notify_configmap: str = Field(

@@ -103,13 +103,22 @@ def run_keys_pattern(uid: str) -> str:
 
 
 CONTROL_PATTERN = "agentrun:{*}:control"
+EVENTS_PATTERN = "agentrun:{*}:events"
+
+
+def _uid_of(key: str, suffix: str) -> str | None:
+    prefix, suffix = "agentrun:{", "}:" + suffix
+    if key.startswith(prefix) and key.endswith(suffix):
+        return key[len(prefix) : -len(suffix)]
+    return None
 
 
 def uid_from_control_channel(channel: str) -> str | None:
-    prefix, suffix = "agentrun:{", "}:control"
-    if channel.startswith(prefix) and channel.endswith(suffix):
-        return channel[len(prefix) : -len(suffix)]
-    return None
+    return _uid_of(channel, "control")
+
+
+def uid_from_events_key(key: bytes | str) -> str | None:
+    return _uid_of(key.decode() if isinstance(key, bytes) else key, "events")
 
 
 def stream_path(namespace: str, name: str) -> str:
@@ -274,6 +283,12 @@ def decode(event_id: bytes | str, fields: Mapping[bytes | str, bytes | str]) -> 
     event: dict[str, Any] = json.loads(raw if raw is not None else "{}")
     event["id"] = _text(event_id)
     return event
+
+
+def decode_entries(entries: object) -> list[dict[str, Any]]:
+    """Entries as XRANGE / XREVRANGE return them, decoded (redis-py types those loosely)."""
+    typed = cast(list[tuple[bytes | str, Mapping[bytes | str, bytes | str]]], entries or [])
+    return [decode(event_id, fields) for event_id, fields in typed]
 
 
 async def delete_run_keys(redis: aioredis.Redis, uid: str) -> int:

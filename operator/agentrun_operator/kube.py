@@ -206,6 +206,11 @@ class Kube:
             raise
         return found
 
+    async def list_agentruns(self, *, namespace: str | None) -> list[dict[str, Any]]:
+        """The AgentRuns of ``namespace`` (None: of every namespace)."""
+        found = await self.request("GET", AGENTRUNS.path(namespace=namespace))
+        return list(found.get("items") or [])
+
     async def patch_agentrun_status(
         self, *, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:

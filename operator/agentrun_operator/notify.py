@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fnmatch
 import logging
 import time
 from typing import Any, Literal
@@ -27,7 +26,7 @@ import httpx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from agentrun_operator import kube
+from agentrun_operator import config, kube
 
 log = logging.getLogger("agentrun.notify")
 
@@ -48,10 +47,7 @@ class Route(BaseModel):
     events: list[EventName] = Field(default_factory=lambda: list(ALL_EVENTS))  # type: ignore[arg-type]
 
     def wants(self, *, namespace: str, event: str) -> bool:
-        in_scope = not self.namespaces or any(
-            fnmatch.fnmatchcase(namespace, pattern) for pattern in self.namespaces
-        )
-        return in_scope and event in self.events
+        return config.in_namespaces(namespace, self.namespaces) and event in self.events
 
 
 def parse_routes(text: str) -> list[Route]:

@@ -1310,9 +1310,20 @@ class Registry:
                     self._start(ref)
 
     async def sweep_leftovers(self, *, every: float = 5.0) -> None:
-        """Delete the keys of runs deleted while Redis was unreachable, once it is back."""
+        """Delete the keys of runs deleted while Redis was unreachable, once it is back; and
+        every ``AGENTRUN_ORPHAN_SWEEP_SECONDS`` (first a minute after start), the keys of any
+        run that no longer exists: deleted while Redis was away and this operator restarted
+        before it came back, or while no operator ran at all."""
+        period = self.settings.orphan_sweep_seconds
+        next_sweep = time.monotonic() + min(60.0, period)
         while not self._closing:
             await asyncio.sleep(every)
+            if period and time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + period
+                try:
+                    await self.sweep_orphans()
+                except Exception as e:  # next time; Redis or the API server is away
+                    log.warning("could not look for the keys of deleted runs: %s", e)
             for uid in list(self.leftovers):
                 try:
                     await events.delete_run_keys(self.redis, uid)
@@ -1321,6 +1332,44 @@ class Registry:
                     break
                 self.leftovers.discard(uid)
                 log.info("deleted the Redis keys of run uid %s, deleted while Redis was away", uid)
+
+    async def sweep_orphans(self) -> int:
+        """Delete the Redis keys of runs in this operator's namespaces whose AgentRun no
+        longer exists. Returns how many runs' keys went.
+
+        Keys are listed before the runs: a run whose keys the scan found existed before the
+        list was read, so a uid missing from the list is a deleted run, never a new one. A
+        run is told by its event stream, whose every entry names ``ns/name``; runs of
+        namespaces another operator watches (sharing this Redis) are left alone.
+        """
+        candidates: dict[str, dict[str, str]] = {}  # namespace -> uid -> name
+        async for key in self.redis.scan_iter(match=events.EVENTS_PATTERN, count=500):
+            uid = events.uid_from_events_key(key)
+            if uid is None or uid in self.running or uid in self.queued:
+                continue
+            first = events.decode_entries(await self.redis.xrange(events.events_key(uid), count=1))
+            if not first:
+                continue
+            namespace, _, name = str(first[0].get("run", "")).partition("/")
+            if namespace and config.in_namespaces(namespace, self.settings.namespaces):
+                candidates.setdefault(namespace, {})[uid] = name
+        swept = 0
+        for namespace, uids in candidates.items():
+            alive = {
+                run["metadata"]["uid"] for run in await self.k8s.list_agentruns(namespace=namespace)
+            }
+            for uid, name in uids.items():
+                if uid not in alive:
+                    await events.delete_run_keys(self.redis, uid)
+                    self.leftovers.discard(uid)
+                    swept += 1
+                    log.info(
+                        "deleted the Redis keys of %s/%s (uid %s), a deleted run",
+                        namespace,
+                        name,
+                        uid,
+                    )
+        return swept
 
     async def _resolve_model(
         self, spec: models.AgentRunSpec, sa_kube: kube.ServiceAccountKube
@@ -1356,9 +1405,8 @@ class Registry:
 
     async def _last_usage(self, ref: RunRef) -> Usage | None:
         """Running totals from the last metrics event: exact even after a crash."""
-        entries: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=200)
-        for event_id, fields in entries:
-            event = events.decode(event_id, fields)
+        entries = await self.redis.xrevrange(events.events_key(ref.uid), count=200)
+        for event in events.decode_entries(entries):
             if event.get("type") == "metrics":
                 total = (event.get("data") or {}).get("total")
                 if isinstance(total, dict):
@@ -1437,8 +1485,10 @@ class Registry:
         """Whether the run's stream already ends (the operator or the API server went away
         between its `end` event and its final status write); then write that status from
         the stream, appending nothing, so the run ends once."""
-        last: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=1)
-        end = events.decode(*last[0]) if last else None
+        last = events.decode_entries(
+            await self.redis.xrevrange(events.events_key(ref.uid), count=1)
+        )
+        end = last[0] if last else None
         if end is None or end.get("type") != "end":
             return False
         data = end.get("data") or {}
@@ -1449,11 +1499,11 @@ class Registry:
             "Stopped": ("Stopped", f"stopped by {by or 'a stop request'}"),
         }.get(phase, ("Failed", "the run failed"))
         if phase == "Failed":
-            entries: Any = await self.redis.xrevrange(events.events_key(ref.uid), count=20)
+            entries = await self.redis.xrevrange(events.events_key(ref.uid), count=20)
             fault = next(
                 (
                     ev["data"]
-                    for ev in (events.decode(i, f) for i, f in entries)
+                    for ev in events.decode_entries(entries)
                     if ev.get("type") == "fault" and (ev.get("data") or {}).get("fatal")
                 ),
                 None,

@@ -1,12 +1,13 @@
-"""The operator end to end on real parts: kube-apiserver 1.20, redis-server, the operator as a
-real process, and the mock LLM over HTTP driven by the real langchain-openai client.
+"""The operator end to end on real parts: kube-apiserver (1.34, or 1.20 with make
+test-oldest), redis-server, the operator as a real process, and the mock LLM over HTTP
+driven by the real langchain-openai client.
 
 Covers: the happy path with its event sequence; a tool call the service account may not
 make; each limit (steps, tokens, cost, time); stop during tokens, while waiting on the
 model, through the Redis control channel and before start; a tool that needs approval
 failing closed; kill -9 mid-run (the run finishes, the side effect happened once, the stream
-continues without gaps); delete mid-run; TTL; a model endpoint outside the allow-list and
-one that is down.
+continues without gaps); delete mid-run; TTL; the Redis keys of runs deleted behind the
+operator's back swept; a model endpoint outside the allow-list and one that is down.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 import redis as redis_sync
 
-from agentrun_operator import events
+from agentrun_operator import config, events, kube, runs
+from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.redisserver import RedisServer
 
 from support import (
@@ -403,6 +406,48 @@ def test_ttl_deletes_a_finished_run_and_its_stream(
         timeout=60,
     )
     wait_for("its Redis keys to go", lambda: r.keys(f"agentrun:{{{uid}}}:*") == [], timeout=15)
+
+
+async def test_the_keys_of_runs_deleted_behind_the_operators_back_are_swept(
+    kubectl: Kubectl,
+    namespace: str,
+    r: redis_sync.Redis,
+    redis_server: RedisServer,
+    cluster: ControlPlane,
+) -> None:
+    # A run deleted while Redis was away, and the operator restarted before it came back:
+    # nothing remembers its keys but the keys themselves.
+    live = create_run(kubectl, namespace, "kept", goal=marker("sweep") + " look")
+    assert wait_phase(kubectl, namespace, "kept", "Succeeded", "Failed")["phase"] == "Succeeded"
+
+    def ghost(run: str) -> str:
+        uid = str(uuid.uuid4())
+        event = {"v": 1, "run": run, "uid": uid, "seq": 1, "type": "workflow", "data": {}}
+        r.xadd(events.events_key(uid), {"data": json.dumps(event)})
+        r.hset(events.calls_key(uid), "c-000000000001", '{"state": "done"}')
+        return uid
+
+    gone = ghost(f"{namespace}/deleted-long-ago")
+    # Another operator's namespace (sharing this Redis): not this operator's to judge.
+    foreign = ghost("elsewhere/not-mine")
+    k = await kube.Kube.from_kubeconfig(cluster.kubeconfig("agentrun-operator"))
+    registry = runs.Registry(
+        settings=config.Settings(namespaces=["op-*"]),
+        k8s=k,
+        redis=events.connect(redis_server.url),
+        saver=None,
+    )
+    try:
+        # With the operator's own rights (it lists AgentRuns in its namespaces). (The
+        # operator's own periodic sweep may get there first: the same code.)
+        await registry.sweep_orphans()
+    finally:
+        await registry.redis.aclose()
+        await k.close()
+    assert r.keys(f"agentrun:{{{gone}}}:*") == [], "the deleted run's keys are gone"
+    assert len(r.keys(f"agentrun:{{{foreign}}}:*")) == 2, "another operator's run is untouched"
+    assert r.xlen(events.events_key(live)) > 0, "a run that exists keeps its stream"
+    r.delete(events.events_key(foreign), events.calls_key(foreign))
 
 
 # -- model endpoint -----------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agentrun_operator import cleanup
+from agentrun_operator import config
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from agentrun_operator import cleanup
     ],
 )
 def test_only_the_operators_namespaces(namespace: str, globs: list[str], expected: bool) -> None:
-    assert cleanup.matches(namespace, globs) is expected
+    assert config.in_namespaces(namespace, globs) is expected
 
 
 def test_the_cli_parses_globs_and_timeout() -> None:
