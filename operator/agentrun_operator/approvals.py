@@ -21,8 +21,10 @@ from agentrun_operator import models
 # such field), and a real patch or manifest nests a dozen levels; the API server takes up to
 # 10,000, where Python's JSON decoder and comparisons run out of stack (~1,000).
 MAX_NESTING = 64
-# A tool call's arguments become spec.arguments, two levels below the ToolApproval's root.
-MAX_ARGUMENT_NESTING = MAX_NESTING - 2
+# A tool call's arguments become spec.arguments, two levels below the ToolApproval's root;
+# but the API server mirrors them into metadata.managedFields[0].fieldsV1.f:spec.f:arguments,
+# six levels down, before the webhook sees the object.
+MAX_ARGUMENT_NESTING = MAX_NESTING - 6
 
 
 def deeper_than(value: Any, most: int) -> list[str] | None:

@@ -18,6 +18,8 @@ from redis import asyncio as aioredis
 
 from agentrun_operator import checkpoint, config, events, kube, metrics, models, notify, runs
 
+log = logging.getLogger("agentrun.handlers")
+
 GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
 FINALIZER = "agentrun.dev/finalizer"
 
@@ -59,6 +61,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     registry = runs.Registry(
         settings=cfg, k8s=k, redis=redis, saver=checkpoint.RedisCheckpointSaver(redis)
     )
+    try:
+        registry.cluster_id = await k.cluster_id()
+    except kube.KubeError as e:
+        log.warning(
+            "cannot read namespace kube-system (%s): runs' Redis keys are not stamped with "
+            "this cluster's identity, and keys of runs deleted while Redis was away are "
+            "not swept",
+            e,
+        )
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
     expiries = asyncio.create_task(registry.watch_expiries(), name="agentrun-expiries")
     sweeper = asyncio.create_task(registry.sweep_leftovers(), name="agentrun-leftovers")

@@ -206,6 +206,12 @@ class Kube:
             raise
         return found
 
+    async def cluster_id(self) -> str:
+        """The cluster's identity: the uid of its kube-system namespace (stable for the
+        cluster's life, different in every cluster)."""
+        found = await self.request("GET", "/api/v1/namespaces/kube-system")
+        return str(found["metadata"]["uid"])
+
     async def list_agentruns(self, *, namespace: str | None) -> list[dict[str, Any]]:
         """The AgentRuns of ``namespace`` (None: of every namespace)."""
         found = await self.request("GET", AGENTRUNS.path(namespace=namespace))

@@ -351,11 +351,7 @@ class RunDeps:
         return "c-" + secrets.token_hex(6)
 
     def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
-        try:
-            tools.parse_arguments(name, arguments)
-        except tools.ArgumentError as e:
-            return str(e)
-        return None
+        return _argument_error(name, arguments)
 
     async def workflow_event(self, state: str, *, node: str, step: int) -> None:
         await self._emitter.workflow(state, node=node, step=step)
@@ -447,10 +443,14 @@ class RunDeps:
         if record.get("state") == "done":
             return str(record["content"])  # already executed and reported once
         base = {"callId": call_id, "name": name, "arguments": arguments}
-        # A call with bad arguments was never put to a person (the gate skips it): it fails
-        # below, in run_tool, as the tool error it is, before anything is executed.
-        unasked = decision is None and self.argument_error(name, arguments) is not None
-        if name in self.required and not unasked and (decision or {}).get("decision") != "approved":
+        started = time.monotonic()
+        if decision is None:
+            # Arguments that can never run: no person was asked (the gate skips such calls)
+            # and nothing starts; the model gets the error, naming the argument to fix.
+            error = self.argument_error(name, arguments)
+            if error is not None:
+                return await self._report(base, tools.ToolOutcome("failed", None, error), started)
+        if name in self.required and (decision or {}).get("decision") != "approved":
             d = decision or {
                 "decision": "denied",
                 "by": "agentrun",
@@ -471,7 +471,6 @@ class RunDeps:
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
             return content
-        started = time.monotonic()
         outcome: tools.ToolOutcome | None = None
         if record.get("state") == "started" and name in models.MUTATING_TOOLS:
             # We crashed after starting this call: did it land? Ask the object, not memory.
@@ -508,8 +507,15 @@ class RunDeps:
                 call_id=call_id,
                 max_bytes=self._settings.tool_result_max_bytes,
             )
+        return await self._report(base, outcome, started)
+
+    async def _report(
+        self, base: dict[str, Any], outcome: tools.ToolOutcome, started: float
+    ) -> str:
+        """A call's outcome as its ``tool`` event and call record, in one step (so a resumed
+        run reports it once); the content the model sees."""
         self.usage.tool_calls += 1
-        prom.TOOL_CALLS.labels(name, outcome.status).inc()
+        prom.TOOL_CALLS.labels(base["name"], outcome.status).inc()
         payload: dict[str, Any] = {
             **base,
             "status": outcome.status,
@@ -517,12 +523,20 @@ class RunDeps:
             "durationMs": int((time.monotonic() - started) * 1000),
         }
         content = json.dumps(payload["result"], default=str)
-        # One step: reported and recorded together, so a resumed run reports it once.
         await self._emitter.emit(
-            "tool", payload, call=(call_id, {"state": "done", "content": content})
+            "tool", payload, call=(base["callId"], {"state": "done", "content": content})
         )
         self._status.progress(usage=self.usage.as_status())
         return content
+
+
+def _argument_error(name: str, arguments: dict[str, Any]) -> str | None:
+    """What makes a call's arguments unable to ever run (as the model sees it), or None."""
+    try:
+        tools.parse_arguments(name, arguments)
+    except tools.ArgumentError as e:
+        return f"{name}: {e}"
+    return None
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -577,6 +591,9 @@ class Registry:
     expiries: dict[str, tuple[dt.datetime, RunRef]] = field(default_factory=dict)
     # Uids of runs deleted while Redis was unreachable: their keys are deleted once it is back.
     leftovers: set[str] = field(default_factory=set)
+    # This cluster's identity (the kube-system namespace's uid), stamped on every run's keys
+    # so that the sweep never touches another cluster's runs in a shared Redis. "": no sweep.
+    cluster_id: str = ""
     _closing: bool = False
 
     # -- entry points from handlers -----------------------------------------------------
@@ -784,9 +801,15 @@ class Registry:
                 ttl_seconds=self.settings.lease_seconds,
             )
             if lease is not None:
+                await self._stamp(ref)
                 return lease
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.settings.lease_seconds / 3)
+
+    async def _stamp(self, ref: RunRef) -> None:
+        """Mark the run's keys as this cluster's: only such keys are ever swept."""
+        if self.cluster_id:
+            await self.redis.hset(events.meta_key(ref.uid), "cluster", self.cluster_id)
 
     async def _keep_lease(self, lease: events.Lease, main: asyncio.Task[Any]) -> bool:
         """Renew the lease while the run executes; True once it is lost (``main`` cancelled)."""
@@ -1076,6 +1099,20 @@ class Registry:
         for item in items:
             call_id = item["callId"]
             ta = existing.get(call_id)
+            invalid = _argument_error(item["tool"], item.get("arguments") or {})
+            if invalid is not None and (
+                ta is None
+                or approvals.settle(ta, min_approvals=policy.min_approvals, now=now) is None
+            ):
+                # A call paused before this operator judged arguments at the gate, whose
+                # arguments can never run: nobody is asked (any approval still waiting is
+                # cancelled), and the call fails as the tool error it is. A decision people
+                # already made stands.
+                if ta is not None and (ta.get("status") or {}).get("state") in (None, "Pending"):
+                    await self._cancel_approval(
+                        ref, emitter, ta, f"its arguments can never run: {invalid}"
+                    )
+                continue
             if ta is None:
                 ta = await self.k8s.create_toolapproval(
                     namespace=ref.namespace,
@@ -1275,29 +1312,29 @@ class Registry:
 
     async def _cancel_pending_approvals(self, ref: RunRef, emitter: Emitter) -> None:
         for ta in await self._approvals(ref):
-            if (ta.get("status") or {}).get("state") not in (None, "Pending"):
-                continue
-            spec = ta.get("spec") or {}
-            await self.k8s.patch_toolapproval_status(
-                namespace=ref.namespace,
-                name=ta["metadata"]["name"],
-                status={
-                    "state": "Cancelled",
-                    "decidedAt": events.now_rfc3339(),
-                    "message": "the run finished",
-                },
-            )
-            await emitter.emit(
-                "approval",
-                {
-                    "callId": spec.get("callId"),
-                    "approval": ta["metadata"]["name"],
-                    "tool": spec.get("tool"),
-                    "arguments": spec.get("arguments") or {},
-                    "state": "cancelled",
-                    "decidedBy": "",
-                },
-            )
+            if (ta.get("status") or {}).get("state") in (None, "Pending"):
+                await self._cancel_approval(ref, emitter, ta, "the run finished")
+
+    async def _cancel_approval(
+        self, ref: RunRef, emitter: Emitter, ta: Mapping[str, Any], why: str
+    ) -> None:
+        spec = ta.get("spec") or {}
+        await self.k8s.patch_toolapproval_status(
+            namespace=ref.namespace,
+            name=ta["metadata"]["name"],
+            status={"state": "Cancelled", "decidedAt": events.now_rfc3339(), "message": why},
+        )
+        await emitter.emit(
+            "approval",
+            {
+                "callId": spec.get("callId"),
+                "approval": ta["metadata"]["name"],
+                "tool": spec.get("tool"),
+                "arguments": spec.get("arguments") or {},
+                "state": "cancelled",
+                "decidedBy": "",
+            },
+        )
 
     async def watch_expiries(self) -> None:
         """One loop for all runs waiting on people: wake a run when an approval expires."""
@@ -1339,25 +1376,41 @@ class Registry:
 
         Keys are listed before the runs: a run whose keys the scan found existed before the
         list was read, so a uid missing from the list is a deleted run, never a new one. A
-        run is told by its event stream, whose every entry names ``ns/name``; runs of
-        namespaces another operator watches (sharing this Redis) are left alone.
+        run is told by its event stream, whose every entry names ``ns/name``. Only keys
+        stamped with this cluster's identity are candidates, and only in this operator's
+        namespaces: runs of another cluster or operator sharing this Redis are left alone.
         """
+        if not self.cluster_id:
+            return 0
         candidates: dict[str, dict[str, str]] = {}  # namespace -> uid -> name
         async for key in self.redis.scan_iter(match=events.EVENTS_PATTERN, count=500):
             uid = events.uid_from_events_key(key)
             if uid is None or uid in self.running or uid in self.queued:
                 continue
-            first = events.decode_entries(await self.redis.xrange(events.events_key(uid), count=1))
-            if not first:
+            try:
+                stamp = await self.redis.hget(events.meta_key(uid), "cluster")
+                if (
+                    stamp is None
+                    or (stamp.decode() if isinstance(stamp, bytes) else str(stamp))
+                    != self.cluster_id
+                ):
+                    continue
+                first = await self.redis.xrange(events.events_key(uid), count=1)
+                run = str(events.decode_entries(first)[0].get("run", "")) if first else ""
+            except (redis_errors.ResponseError, ValueError, IndexError) as e:
+                log.warning("sweep: cannot read run uid %s's keys: %s", uid, e)
                 continue
-            namespace, _, name = str(first[0].get("run", "")).partition("/")
+            namespace, _, name = run.partition("/")
             if namespace and config.in_namespaces(namespace, self.settings.namespaces):
                 candidates.setdefault(namespace, {})[uid] = name
         swept = 0
         for namespace, uids in candidates.items():
-            alive = {
-                run["metadata"]["uid"] for run in await self.k8s.list_agentruns(namespace=namespace)
-            }
+            try:
+                listed = await self.k8s.list_agentruns(namespace=namespace)
+            except kube.KubeError as e:  # e.g. 403: no rights there; the others still go
+                log.warning("sweep: cannot list the AgentRuns of %s: %s", namespace, e)
+                continue
+            alive = {run["metadata"]["uid"] for run in listed}
             for uid, name in uids.items():
                 if uid not in alive:
                     await events.delete_run_keys(self.redis, uid)
@@ -1545,6 +1598,7 @@ class Registry:
                 events.control_key(ref.uid), json.dumps({"action": "stop", "by": by or ""})
             )
             return
+        await self._stamp(ref)
         statusw = StatusWriter(
             self.k8s, ref, current=st, interval=self.settings.status_interval_seconds
         )

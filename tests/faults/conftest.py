@@ -72,17 +72,24 @@ def _parse(text: str) -> dict[tuple[str, str], tuple[str, str, str]]:
     return rows
 
 
-def _whole(session: pytest.Session) -> bool:
+_PARTIAL: list[str] = []  # fault tests left out of this session
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    _PARTIAL.extend(i.nodeid for i in items if "faults" in Path(str(i.fspath)).parts)
+
+
+def _whole(session: pytest.Session, exitstatus: int) -> bool:
     """Whether this session ran whole scenarios, whose figures may go into the docs: no
-    ``-k`` and no single test picked by node id (parts of a scenario give part counts), and
-    nothing failed."""
+    fault test deselected (``-k``, ``-m``, ``--deselect``), none picked by node id (parts of
+    a scenario give part counts), and the session ended with every test passed."""
     picked = any("::" in str(arg) for arg in session.config.args)
-    return not session.config.option.keyword and not picked and session.testsfailed == 0
+    return not _PARTIAL and not picked and exitstatus == 0
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # (Runs before the terminal summary, which the terminal reporter writes after it.)
-    _FIGURES.merged = _whole(session)
+    _FIGURES.merged = _whole(session, exitstatus)
     if not _FIGURES.rows or not _FIGURES.merged:
         return
     text = REPORT.read_text() if REPORT.exists() else ""

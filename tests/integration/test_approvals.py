@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
+from agentrun_operator import approvals
+
 from support import (
     Kubectl,
     OperatorProcess,
@@ -260,8 +262,51 @@ def test_a_call_with_bad_arguments_fails_as_a_tool_error_without_asking_anyone(
     errors = sorted(f["result"]["error"] for f in failed)
     assert len(errors) == 2, errors
     assert "argument 'replicas' is required" in errors[0]
-    assert "argument 'replicas': nested deeper than 62 levels" in errors[1]
+    assert "argument 'replicas': nested deeper than 58 levels" in errors[1]
     assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """An object whose innermost value sits ``levels`` keys down."""
+    value: Any = "x"
+    for _ in range(levels):
+        value = {"a": value}
+    return dict(value)
+
+
+def test_arguments_nested_to_the_limit_are_put_to_a_person_and_one_more_level_is_not(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    # The API server mirrors spec.arguments into managedFields four levels deeper; the
+    # webhook must still take the deepest arguments the tools accept.
+    limit = approvals.MAX_ARGUMENT_NESTING
+    call = {"kind": "Deployment", "name": "web", "patch": nested(limit - 1)}
+    too_deep = {"kind": "Deployment", "name": "web", "patch": nested(limit)}
+    goal = script.add(
+        marker("nesting"),
+        [
+            {"text": "plan: patch web"},
+            {
+                "tool_calls": [
+                    {"name": "k8s_patch", "arguments": call},
+                    {"name": "k8s_patch", "arguments": too_deep},
+                ]
+            },
+            {"text": "done"},
+        ],
+    )
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    uid = create_run(
+        kubectl, namespace, "deep", goal=goal, serviceAccountName=agent_sa, tools=["k8s_patch"]
+    )
+    [name] = wait_awaiting(kubectl, namespace, "deep")
+    [ta] = approvals_of(kubectl, namespace, "deep")
+    assert ta["spec"]["arguments"] == call
+    assert decide(kubectl, namespace, name, "approver", "Denied").returncode == 0
+    assert wait_phase(kubectl, namespace, "deep", "Succeeded", "Failed")["phase"] == "Succeeded"
+    tool = [e["data"] for e in stream(r, uid) if e["type"] == "tool"]
+    assert [t["status"] for t in tool] == ["denied", "failed"], tool
+    assert f"argument 'patch': nested deeper than {limit} levels" in tool[1]["result"]["error"]
 
 
 def test_people_without_the_right_cannot_decide(

@@ -419,35 +419,46 @@ async def test_the_keys_of_runs_deleted_behind_the_operators_back_are_swept(
     # nothing remembers its keys but the keys themselves.
     live = create_run(kubectl, namespace, "kept", goal=marker("sweep") + " look")
     assert wait_phase(kubectl, namespace, "kept", "Succeeded", "Failed")["phase"] == "Succeeded"
+    k = await kube.Kube.from_kubeconfig(cluster.kubeconfig("agentrun-operator"))
+    this_cluster = await k.cluster_id()
+    assert r.hget(events.meta_key(live), "cluster") == this_cluster.encode(), "runs are stamped"
 
-    def ghost(run: str) -> str:
+    def ghost(run: str, stamp: str | None = this_cluster) -> str:
         uid = str(uuid.uuid4())
         event = {"v": 1, "run": run, "uid": uid, "seq": 1, "type": "workflow", "data": {}}
         r.xadd(events.events_key(uid), {"data": json.dumps(event)})
         r.hset(events.calls_key(uid), "c-000000000001", '{"state": "done"}')
+        if stamp is not None:
+            r.hset(events.meta_key(uid), "cluster", stamp)
         return uid
 
     gone = ghost(f"{namespace}/deleted-long-ago")
-    # Another operator's namespace (sharing this Redis): not this operator's to judge.
-    foreign = ghost("elsewhere/not-mine")
-    k = await kube.Kube.from_kubeconfig(cluster.kubeconfig("agentrun-operator"))
+    # Not this operator's to judge: another operator's namespace, another cluster's run
+    # (sharing this Redis), keys from before runs were stamped.
+    kept = [
+        ghost("elsewhere/not-mine"),
+        ghost(f"{namespace}/other-cluster", stamp=str(uuid.uuid4())),
+        ghost(f"{namespace}/unstamped", stamp=None),
+    ]
     registry = runs.Registry(
         settings=config.Settings(namespaces=["op-*"]),
         k8s=k,
         redis=events.connect(redis_server.url),
         saver=None,
+        cluster_id=this_cluster,
     )
     try:
-        # With the operator's own rights (it lists AgentRuns in its namespaces). (The
-        # operator's own periodic sweep may get there first: the same code.)
+        # With the operator's own rights. (The operator's own periodic sweep may get there
+        # first: the same code.)
         await registry.sweep_orphans()
     finally:
         await registry.redis.aclose()
         await k.close()
     assert r.keys(f"agentrun:{{{gone}}}:*") == [], "the deleted run's keys are gone"
-    assert len(r.keys(f"agentrun:{{{foreign}}}:*")) == 2, "another operator's run is untouched"
+    for uid in kept:
+        assert r.exists(events.events_key(uid), events.calls_key(uid)) == 2, uid
+        r.delete(events.events_key(uid), events.calls_key(uid), events.meta_key(uid))
     assert r.xlen(events.events_key(live)) > 0, "a run that exists keeps its stream"
-    r.delete(events.events_key(foreign), events.calls_key(foreign))
 
 
 # -- model endpoint -----------------------------------------------------------------------
