@@ -1,5 +1,5 @@
-"""Operator benchmarks on real parts (kube-apiserver 1.20, redis-server, the operator process,
-the mock LLM over HTTP), all on 127.0.0.1.
+"""Operator benchmarks on real parts (kube-apiserver of K8S_VERSION, default 1.34;
+redis-server, the operator process, the mock LLM over HTTP), all on 127.0.0.1.
 
 Figures:
 - stop latency: `spec.stop` patch → `end` event in the stream and → `status.phase=Stopped`;
@@ -29,7 +29,7 @@ from typing import Any, cast
 import redis as redis_sync
 
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
+from agentrun_operator.testing.controlplane import ControlPlane, k8s_release
 from agentrun_operator.testing.mockllm import MockLLMThread
 from agentrun_operator.testing.operatorproc import OperatorProcess
 from agentrun_operator.testing.redisserver import RedisServer
@@ -248,7 +248,7 @@ def main() -> None:
         def ms(xs: list[float]) -> str:
             return f"p50 {statistics.median(xs) * 1000:7.1f} ms   p99 {pct(xs, 99) * 1000:7.1f} ms"
 
-        print("\n== agentrun operator benchmark (127.0.0.1, Kubernetes 1.20.2, redis 7) ==")
+        print(f"\n== agentrun operator benchmark (127.0.0.1, Kubernetes {k8s_release()}) ==")
         print(f"create → first event       {ms(first_event)}   (n={len(first_event)})")
         print(f"stop patch → end event     {ms(patch_end)}")
         print(f"stop patch → Stopped       {ms(patch_phase)}")
