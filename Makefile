@@ -87,8 +87,8 @@ bench: install controlplane ## Benchmarks: operator (stop latency, 200 runs) and
 	$(BIN)/python bench/bench_sse.py
 
 .PHONY: bench-e2e
-bench-e2e: install ## End-to-end figures on the real node (helm install -> Ready, apply -> first event, pod deleted -> resumed)
-	$(BIN)/python bench/bench_e2e.py --rounds 3
+bench-e2e: install ## End-to-end figures on the real node, NODE_K8S_VERSION=1.34|1.20 (helm install -> Ready, apply -> first event, pod deleted -> resumed)
+	K8S_VERSION=$(NODE_K8S_VERSION) $(BIN)/python bench/bench_e2e.py --rounds 3
 
 ##@ Image
 IMAGE ?= agentrun:dev

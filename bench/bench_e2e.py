@@ -24,7 +24,8 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIGURE = re.compile(r"^\[figure\] (?P<name>.+?): (?P<value>[0-9.]+)(?P<unit>s| MiB)$")
+# Anywhere in a line: with -s, pytest's progress dots share the line a test's output starts.
+FIGURE = re.compile(r"\[figure\] (?P<name>.+?): (?P<value>[0-9.]+)(?P<unit>s| MiB)$")
 
 
 def main() -> int:
@@ -51,14 +52,14 @@ def main() -> int:
             cwd=ROOT,
             capture_output=True,
             text=True,
-            env={**os.environ, "K8S_VERSION": "1.20"},
+            env={**os.environ, "K8S_VERSION": os.environ.get("K8S_VERSION", "1.34")},
         )
         if proc.returncode != 0:
             print(proc.stdout[-4000:], proc.stderr[-2000:], file=sys.stderr)
             print(f"round {n} failed ({proc.returncode})", file=sys.stderr)
             return 1
         for line in proc.stdout.splitlines():
-            m = FIGURE.match(line.strip())
+            m = FIGURE.search(line.strip())
             if m:
                 values[(m["name"], m["unit"].strip())].append(float(m["value"]))
         print(f"round {n} done in {time.monotonic() - started:.0f}s", file=sys.stderr)
