@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "sse")]
 
 from agentrun_operator import events  # noqa: E402
+from agentrun_operator.testing import procs  # noqa: E402
 from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir, free_port  # noqa: E402
 from agentrun_operator.testing.redisserver import RedisServer  # noqa: E402
 from agentrun_sse import testing  # noqa: E402
@@ -321,9 +322,7 @@ async def main() -> int:
             plane=plane, redis_url=redis.url, port=port, namespace="bench", n=args.throughput_events
         )
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(15)
+        procs.stop(server, timeout=15)
         redis.stop()
         plane.stop()
         shutil.rmtree(work, ignore_errors=True)

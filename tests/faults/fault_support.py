@@ -17,7 +17,6 @@ import json
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import pytest
 import redis as redis_sync
 
 from agentrun_operator import events
+from agentrun_operator.testing import procs
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_operator.testing.operatorproc import OperatorProcess
 from agentrun_sse import client
@@ -156,18 +156,10 @@ class SSEProcess:
         raise AssertionError(f"the SSE server not healthy after {timeout}s:\n{self.log_tail()}")
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of the server's /metrics (0 when absent)."""

@@ -49,7 +49,7 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from agentrun_operator import events
+from agentrun_operator import events, models
 from agentrun_operator.testing.controlplane import USERS, ControlPlane
 from agentrun_operator.testing.operatorproc import WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
@@ -446,11 +446,12 @@ def test_the_manifest_table_goes_beyond_the_crd_table() -> None:
 
 # -- generated manifests (hypothesis) -----------------------------------------------------
 
-# Names: any text that is not a valid name (a DNS label of at most 63 characters).
-_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# Names: any text that is not a valid AgentRun name: a DNS subdomain, as for every custom
+# resource ("0.0" is one), of at most 63 characters, which the webhook adds.
+_VALID_NAME = re.compile(models.DNS_SUBDOMAIN_PATTERN)
 bad_names = st.text(
     alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), min_size=1, max_size=80
-).filter(lambda s: not (len(s) <= 63 and _DNS_LABEL.fullmatch(s)))
+).filter(lambda s: not (len(s) <= models.MAX_RUN_NAME and _VALID_NAME.fullmatch(s)))
 
 # Every typed field of spec, by the JSON type its schema declares.
 TYPED_FIELDS: dict[str, str] = {

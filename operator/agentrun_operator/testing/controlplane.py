@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from agentrun_operator.testing import procs
+
 
 @dataclass(frozen=True)
 class User:
@@ -412,14 +414,7 @@ class ControlPlane:
 
     def stop(self) -> None:
         for name in ("kube-controller-manager", "kube-apiserver", "etcd"):
-            proc = self.procs.pop(name, None)
-            if proc and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            procs.stop(self.procs.pop(name, None), timeout=15)
         shutil.rmtree(self._fast_dir(), ignore_errors=True)
 
     def alive(self) -> bool:
@@ -429,14 +424,9 @@ class ControlPlane:
         """Kill and start kube-apiserver again with the same flags (fault tests)."""
         proc = self.procs["kube-apiserver"]
         args = [str(a) for a in proc.args]  # type: ignore[union-attr]
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            # Current releases stop listening at once but may then wait a minute for open
-            # long-running connections (watches) before exiting: no need to wait for that.
-            proc.kill()
-            proc.wait(timeout=10)
+        # Current releases stop listening at once but may then wait a minute for open
+        # long-running connections (watches) before exiting: no need to wait for that.
+        procs.stop(proc, timeout=10)
         self._spawn("kube-apiserver", args, detach=False)
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"), timeout)
 

@@ -7,13 +7,13 @@ started again with the same identity, as a crashed pod's container would be.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from agentrun_operator.testing import procs
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
 
 
@@ -94,18 +94,10 @@ class OperatorProcess:
 
     def kill(self) -> None:
         """kill -9: no cleanup, no goodbye."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
+        procs.kill(self.proc)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc)
 
     def log_tail(self, lines: int = 60) -> str:
         if not self.log_path.exists():
@@ -174,13 +166,7 @@ class WebhookProcess:
         _wait("the webhook server", healthy, timeout)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, timeout=10)
 
     def log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from agentrun_operator.testing import procs
 from agentrun_operator.testing.controlplane import free_port
 
 
@@ -78,17 +79,9 @@ class RedisServer:
             return False
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        procs.stop(self.proc, timeout=10)
         self.proc = None
 
     def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        procs.kill(self.proc)
         self.proc = None
