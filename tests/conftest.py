@@ -99,12 +99,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(workdir=tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 # Markers by location: integration (control plane, Redis), e2e (a real node), faults.
@@ -237,11 +233,8 @@ def operator(
             "AGENTRUN_UI_URL": "https://agentrun.example.com",
         },
     )
-    proc.start()
-    try:
+    with proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture

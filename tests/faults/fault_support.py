@@ -82,7 +82,7 @@ def start_operator(
     return proc
 
 
-class SSEProcess:
+class SSEProcess(procs.Managed):
     """``python -m agentrun_sse`` as its own process on a fixed loopback port: kill -9 it and
     start it again on the same address, as a crashed container comes back behind a Service."""
 

@@ -58,15 +58,14 @@ def api_operator(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = start_operator(
+    with start_operator(
         cluster,
         redis_url=redis_server.url,
         script=script,
         workdir=tmp_path_factory.mktemp("operator-api"),
         namespaces="fapi-*",
-    )
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -119,9 +119,7 @@ def ground(
     bindings = {"creator": "agentrun-editor", "approver": "agentrun-approver"}
     workdir = tmp_path_factory.mktemp("hostile")
     with contextlib.ExitStack() as stack:
-        redis_server = RedisServer(workdir=workdir / "redis", appendonly=False)
-        redis_server.start()
-        stack.callback(redis_server.stop)
+        redis_server = stack.enter_context(RedisServer(workdir=workdir / "redis", appendonly=False))
         sse = hs.SSEProcess(plane=cluster, redis_url=redis_server.url, workdir=workdir)
         stack.callback(sse.stop)
         api = stack.enter_context(hs.kube_api(cluster))

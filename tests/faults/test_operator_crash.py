@@ -108,10 +108,8 @@ def script_for(script: Script, plan: Plan) -> str:
 
 @pytest.fixture(scope="module")
 def crash_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(workdir=tmp_path_factory.mktemp("redis-crash"))
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis-crash")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -123,15 +121,14 @@ def crashing_operator(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = start_operator(
+    with start_operator(
         cluster,
         redis_url=crash_redis.url,
         script=script,
         workdir=tmp_path_factory.mktemp("operator-crash"),
         namespaces="fcrash-*",
-    )
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

@@ -65,10 +65,8 @@ CLEANUP_SECONDS = 5  # AGENTRUN_REDIS_CLEANUP_SECONDS: how long a deletion waits
 
 @pytest.fixture(scope="module")
 def own_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(workdir=tmp_path_factory.mktemp("redis-faults"), appendonly=True)
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis-faults"), appendonly=True) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -80,28 +78,25 @@ def redis_operator(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = start_operator(
+    with start_operator(
         cluster,
         redis_url=own_redis.url,
         script=script,
         workdir=tmp_path_factory.mktemp("operator-redis"),
         namespaces="fredis-*",
         env={"AGENTRUN_REDIS_CLEANUP_SECONDS": str(CLEANUP_SECONDS)},
-    )
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def redis_sse(
     cluster: ControlPlane, own_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SSEProcess]:
-    proc = SSEProcess(
+    with SSEProcess(
         plane=cluster, redis_url=own_redis.url, workdir=tmp_path_factory.mktemp("sse-redis")
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

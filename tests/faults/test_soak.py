@@ -41,10 +41,8 @@ REDIS_GROWTH_KIB = 256.0
 
 @pytest.fixture(scope="module")
 def soak_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(workdir=tmp_path_factory.mktemp("redis-soak"))
-    server.start()
-    yield server
-    server.stop()
+    with RedisServer(workdir=tmp_path_factory.mktemp("redis-soak")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +54,24 @@ def soak_operator(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = start_operator(
+    with start_operator(
         cluster,
         redis_url=soak_redis.url,
         script=script,
         workdir=tmp_path_factory.mktemp("operator-soak"),
         namespaces="fsoak-*",
-    )
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def soak_sse(
     cluster: ControlPlane, soak_redis: RedisServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SSEProcess]:
-    proc = SSEProcess(
+    with SSEProcess(
         plane=cluster, redis_url=soak_redis.url, workdir=tmp_path_factory.mktemp("sse-soak")
-    )
-    proc.start()
-    yield proc
-    proc.stop()
+    ) as proc:
+        yield proc
 
 
 @pytest.fixture

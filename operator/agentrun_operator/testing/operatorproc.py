@@ -27,7 +27,7 @@ def _wait(what: str, ready: object, timeout: float) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-class OperatorProcess:
+class OperatorProcess(procs.Managed):
     """The operator as a real process (`python -m agentrun_operator`), killable with -9."""
 
     def __init__(

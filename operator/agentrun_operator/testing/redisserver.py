@@ -19,7 +19,7 @@ class RedisServerError(RuntimeError):
     pass
 
 
-class RedisServer:
+class RedisServer(procs.Managed):
     def __init__(self, *, workdir: Path, port: int | None = None, appendonly: bool = True) -> None:
         self.workdir = workdir
         self.port = port or free_port()
