@@ -162,11 +162,13 @@ async def test_heartbeats_keep_an_idle_stream_open_past_the_proxy_read_timeout(
             nginx(upstream=f"127.0.0.1:{beating.port}", edits=short) as with_beats,
             nginx(upstream=f"127.0.0.1:{silent.port}", edits=short) as without,
         ):
+            # Before the streams open: NGINX's read timeout runs from the response headers,
+            # which each tap has received by the time it is entered.
+            opened = time.monotonic()
             async with (
                 testing.StreamTap(http, with_beats + path) as kept,
                 testing.StreamTap(http, without + path) as cut,
             ):
-                opened = time.monotonic()
                 # Without heartbeats NGINX ends the stream after its 1 s read timeout...
                 assert await cut.until_closed(timeout=10, heartbeats=True) == []
                 assert 0.9 < time.monotonic() - opened < 5
