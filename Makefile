@@ -17,16 +17,48 @@ help: ## Show this help
 	  /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
 
 ##@ Development
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# Python dependencies come from uv.lock (a universal lock: the host's Python and the image's
+# 3.11.2 alike), installed by a pinned uv that lives in the cache, outside the repository.
+UV_VERSION := 0.13.9
+AGENTRUN_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/agentrun
+UV := $(AGENTRUN_CACHE)/uv-$(UV_VERSION)/bin/uv
+# Never download a Python: the lock resolves for the interpreter this machine has.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+DEPS := PYTHON=$(PYTHON) scripts/install-deps.sh
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+.PHONY: deps
+deps: ## Install the missing system packages for everything (DEPS_FOR=demo|test|oldest|e2e|all)
+	@$(DEPS) $(or $(DEPS_FOR),all)
+
+# deps-demo, deps-test, ...: what one purpose needs (quiet when nothing is missing).
+.PHONY: deps-%
+deps-%:
+	@$(DEPS) $*
+
+$(UV):
+	@$(DEPS) python
+	@echo "installing uv $(UV_VERSION) into $(AGENTRUN_CACHE)/uv-$(UV_VERSION)"
+	@rm -rf $(AGENTRUN_CACHE)/uv-$(UV_VERSION)
+	@$(PYTHON) -m venv $(AGENTRUN_CACHE)/uv-$(UV_VERSION)
+	@$(AGENTRUN_CACHE)/uv-$(UV_VERSION)/bin/pip install -q --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@# --locked: a pyproject.toml that disagrees with uv.lock fails here (run `make lock`).
+	$(UV) sync --locked --extra dev --python $(PYTHON) --quiet
 	@touch $@
 
 .PHONY: install
-install: $(VENV)/.installed ## Create .venv and install agentrun with its dev tools
+install: $(VENV)/.installed ## Create .venv with exactly the locked versions of agentrun's dependencies
+
+.PHONY: lock
+lock: | $(UV) ## Refresh uv.lock from pyproject.toml (newest versions allowed; review the diff)
+	$(UV) lock --upgrade --python $(PYTHON)
+
+.PHONY: check-lock
+check-lock: | $(UV) ## Fail if uv.lock does not match pyproject.toml
+	@$(UV) lock --check --python $(PYTHON) --quiet \
+	  || { echo "uv.lock is out of date with pyproject.toml: run \`make lock\` and commit it"; exit 1; }
 
 .PHONY: crds
 crds: install ## Regenerate crds/ and the chart's copy from the pydantic models
@@ -37,7 +69,7 @@ check-crds: install ## Fail if crds/ drifted from the models
 	$(BIN)/python -m agentrun_operator.crdgen --check
 
 .PHONY: lint
-lint: install ## ruff, mypy --strict and import-linter
+lint: install check-lock ## uv.lock up to date, ruff, mypy --strict and import-linter
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -52,14 +84,15 @@ fmt: install ## Format and auto-fix with ruff
 ##@ Test
 .PHONY: controlplane
 controlplane: ## Build (once, cached by version) the Kubernetes binaries the tests run (K8S_VERSION=1.20|1.34)
+	@$(DEPS) $(if $(filter 1.20%,$(K8S_VERSION)),build-oldest,demo)
 	@scripts/build-controlplane.sh >/dev/null
 
 .PHONY: test
-test: lint check-crds controlplane ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
+test: deps-test lint check-crds controlplane ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
 	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-oldest
-test-oldest: install ## The unit and integration tests on the oldest supported Kubernetes (1.20)
+test-oldest: deps-oldest install ## The unit and integration tests on the oldest supported Kubernetes (1.20)
 	$(MAKE) --no-print-directory controlplane K8S_VERSION=1.20
 	K8S_VERSION=1.20 $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
@@ -69,8 +102,12 @@ test-unit: install ## Unit tests only (no control plane, no Redis)
 
 ##@ Demo
 .PHONY: demo
-demo: install controlplane ## Start the local control plane, Redis, mock LLM, operator; stream an example run
+demo: deps-demo install controlplane ## Start the local control plane, Redis, mock LLM, operator; stream an example run
 	@scripts/demo.sh
+
+.PHONY: demo-check
+demo-check: deps-demo install controlplane ## `make demo` without a person: exit 0 only when its runs reach Succeeded and AwaitingApproval
+	@scripts/demo.sh check
 
 .PHONY: demo-down
 demo-down: ## Stop everything `make demo` started
@@ -82,26 +119,23 @@ sse-dev: install ## Run the SSE server on 127.0.0.1:8080 without auth (dev only;
 	$(BIN)/python -m agentrun_sse --no-auth
 
 .PHONY: bench
-bench: install controlplane ## Benchmarks: operator (stop latency, 200 runs) and SSE fan-out
+bench: deps-test install controlplane ## Benchmarks: operator (stop latency, 200 runs) and SSE fan-out
 	$(BIN)/python bench/bench_operator.py
 	$(BIN)/python bench/bench_sse.py
 
 .PHONY: bench-e2e
-bench-e2e: install ## End-to-end figures on the real node, NODE_K8S_VERSION=1.34|1.20 (helm install -> Ready, apply -> first event, pod deleted -> resumed)
+bench-e2e: deps-e2e install ## End-to-end figures on the real node, NODE_K8S_VERSION=1.34|1.20 (helm install -> Ready, apply -> first event, pod deleted -> resumed)
 	K8S_VERSION=$(NODE_K8S_VERSION) $(BIN)/python bench/bench_e2e.py --rounds 3
 
 ##@ Image
 IMAGE ?= agentrun:dev
 
 .PHONY: wheelhouse
-wheelhouse: install ## Wheels of agentrun and every dependency, for an offline image build
-	rm -rf dist/wheelhouse && mkdir -p dist/wheelhouse
-	# async-timeout: redis needs it on Python < 3.11.3 (Debian bookworm's 3.11.2), which the
-	# host's resolver (a newer 3.11) leaves out.
-	$(BIN)/pip wheel -q --wheel-dir dist/wheelhouse . "async-timeout>=4.0.3"
+wheelhouse: install ## The locked runtime wheels (markers for the image's Python 3.11.2) and agentrun's own
+	@UV=$(UV) PY=$(BIN)/python scripts/build-wheelhouse.sh
 
 .PHONY: image
-image: install ## Build the image with buildah on a debootstrap base (no Docker, no registry)
+image: deps-image install ## Build the image with buildah on a debootstrap base (no Docker, no registry)
 	scripts/build-image.sh localhost/$(IMAGE) .work/images/agentrun.tar
 
 .PHONY: deploy
@@ -112,7 +146,7 @@ deploy: ## Install or upgrade the chart in the current KUBECONFIG (CRDs first: H
 
 ##@ End-to-end cluster
 .PHONY: cluster-up
-cluster-up: install ## Bring up (or reuse) a real single-node cluster here (NODE_K8S_VERSION=1.20|1.34); KUBECONFIG=.work/cluster/kubeconfig
+cluster-up: deps-e2e install ## Bring up (or reuse) a real single-node cluster here (NODE_K8S_VERSION=1.20|1.34); KUBECONFIG=.work/cluster/kubeconfig
 	@scripts/cluster-up.sh >/dev/null
 
 .PHONY: cluster-down
@@ -123,14 +157,14 @@ E2E_CLUSTER ?= local
 NODE_K8S_VERSION ?= 1.34
 export NODE_K8S_VERSION
 .PHONY: e2e
-e2e: install ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
+e2e: deps-e2e install ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
 ifeq ($(E2E_CLUSTER),local)
 	@scripts/cluster-up.sh >/dev/null
 endif
 	E2E_CLUSTER=$(E2E_CLUSTER) K8S_VERSION=$(NODE_K8S_VERSION) $(BIN)/pytest tests/e2e -m e2e $(PYTEST_ARGS)
 
 .PHONY: e2e-oldest
-e2e-oldest: install ## The e2e tests on a Kubernetes 1.20 node (replaces a running cluster of another version)
+e2e-oldest: deps-e2e deps-build-oldest install ## The e2e tests on a Kubernetes 1.20 node (replaces a running cluster of another version)
 	@scripts/cluster-down.sh >/dev/null
 	$(MAKE) e2e NODE_K8S_VERSION=1.20
 

@@ -51,21 +51,12 @@ if [ -z "$MISSING" ] && [ "$NEED_PAUSE" = 0 ]; then
   log "reusing cached Kubernetes $FULL binaries ($K8S_COMPONENTS) in $BIN"
   echo "$BIN"; exit 0
 fi
-build_pkgs="golang-go rsync dpkg-dev golang-github-modern-go-reflect2-dev"
 if [ "$NEED_PAUSE" = 1 ]; then
   log "to build: ${MISSING:-nothing from Go} + pause"
-  build_pkgs="$build_pkgs gcc libc6-dev"
+  "$(dirname "$0")/install-deps.sh" build-oldest pause
 else
   log "to build: $MISSING"
-fi
-
-need_pkgs=()
-for p in $build_pkgs; do
-  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
-done
-if [ "${#need_pkgs[@]}" -gt 0 ]; then
-  log "installing build packages: ${need_pkgs[*]}"
-  apt-get install -y -qq "${need_pkgs[@]}" >&2
+  "$(dirname "$0")/install-deps.sh" build-oldest
 fi
 
 # apt-get source needs a deb-src entry for bookworm main.

@@ -16,12 +16,7 @@ BASE_TAR="$CACHE/images/agentrun-base-bookworm-py3.tar"
 STORAGE=(--storage-driver vfs)
 log() { printf '[image %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
-need=()
-for p in buildah debootstrap; do command -v "$p" >/dev/null || need+=("$p"); done
-if [ "${#need[@]}" -gt 0 ]; then
-  log "installing ${need[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+scripts/install-deps.sh image
 
 if ! buildah "${STORAGE[@]}" inspect --type image "$BASE_NAME" >/dev/null 2>&1; then
   if [ -f "$BASE_TAR" ]; then

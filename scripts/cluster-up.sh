@@ -2,8 +2,8 @@
 # Bring up (or reuse) the real single-node Kubernetes cluster the e2e tests run on.
 #
 # 1. installs the host packages it needs (Debian's containerd, runc, CNI plugins, iptables,
-#    etcd) when missing; 2. builds the Kubernetes binaries once, cached by version under
-#    ~/.cache/agentrun (scripts/build-controlplane.sh --node); 3. starts etcd, kube-apiserver,
+#    etcd) when missing (scripts/install-deps.sh); 2. builds the Kubernetes binaries once,
+#    cached by version under ~/.cache/agentrun (scripts/build-controlplane.sh --node); 3. starts etcd, kube-apiserver,
 #    kube-controller-manager, kube-scheduler, a private containerd, kubelet, kube-proxy and
 #    CoreDNS
 #    (agentrun_operator.testing.node). Idempotent: a running cluster is reused. All state lives
@@ -32,13 +32,10 @@ fi
 
 started=$(date +%s)
 log "1/3 host packages"
-need=()
-for p in containerd runc containernetworking-plugins iptables conntrack etcd-server; do
-  dpkg -s "$p" >/dev/null 2>&1 || need+=("$p")
-done
-if [ "${#need[@]}" -gt 0 ]; then
-  log "installing ${need[*]}"
-  apt-get install -y -qq "${need[@]}" >&2 || { apt-get update -qq >&2 && apt-get install -y -qq "${need[@]}" >&2; }
+if [ "$NODE_VERSION" = 1.20 ]; then
+  "$ROOT/scripts/install-deps.sh" node pause build-oldest
+else
+  "$ROOT/scripts/install-deps.sh" node pause demo
 fi
 
 log "2/3 Kubernetes binaries (control plane and node) and CoreDNS, cached by version"

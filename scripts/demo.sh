@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: a local control plane, Redis, the mock LLM and the operator; then it applies
 # examples/ and streams the example run's events in this terminal.
+# `scripts/demo.sh check` (`make demo-check`, which CI runs) does the same without a person:
+# it exits 0 only once the example run has Succeeded and the approval example waits for a
+# person (AwaitingApproval), and says what went wrong otherwise.
 # `scripts/demo.sh down` stops what it started. Everything lives under .work/demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +19,9 @@ stop_pidfile() {
   if [ -f "$1" ]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi
 }
 
-if [ "${1:-}" = "down" ]; then
+MODE="${1:-show}"
+case "$MODE" in show|check|down) ;; *) echo "usage: $0 [show|check|down]" >&2; exit 2 ;; esac
+if [ "$MODE" = down ]; then
   for p in sse operator webhooks mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
   if [ -x "$PY" ]; then
     "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
@@ -25,7 +30,8 @@ if [ "${1:-}" = "down" ]; then
   exit 0
 fi
 
-say "control plane: etcd + kube-apiserver + kube-controller-manager (Kubernetes 1.20.2)"
+release=$("$PY" -c 'from agentrun_operator.testing.controlplane import k8s_release; print(k8s_release())')
+say "control plane: etcd + kube-apiserver + kube-controller-manager (Kubernetes $release)"
 KUBECONFIG=$("$PY" -m agentrun_operator.testing.controlplane up --dir "$WORK/controlplane")
 export KUBECONFIG
 KUBECTL=$("$PY" -c 'from agentrun_operator.testing.controlplane import default_bin_dir; print(default_bin_dir() / "kubectl")')
@@ -134,7 +140,15 @@ say "applying examples/ in namespace $NS"
 "$KUBECTL" delete agentruns --all -n "$NS" --wait=true >/dev/null 2>&1 || true
 "$KUBECTL" apply -n "$NS" -f examples/
 say "streaming $NS/$RUN (Ctrl-C stops watching, not the run):"
-AGENTRUN_REDIS_URL="$REDIS_URL" .venv/bin/agentrun watch "$NS/$RUN" || true
+if [ "$MODE" = check ]; then
+  # The same stream, bounded: `watch` returns at the run's `end` event.
+  rc=0
+  AGENTRUN_REDIS_URL="$REDIS_URL" timeout 180 .venv/bin/agentrun watch "$NS/$RUN" || rc=$?
+  if [ "$rc" = 124 ]; then say "FAILED: the stream of $NS/$RUN did not end within 180 s"; exit 1; fi
+  if [ "$rc" != 0 ]; then say "FAILED: agentrun watch $NS/$RUN exited with $rc"; exit 1; fi
+else
+  AGENTRUN_REDIS_URL="$REDIS_URL" .venv/bin/agentrun watch "$NS/$RUN" || true
+fi
 echo
 "$KUBECTL" get agentruns -n "$NS"
 cat <<MSG
@@ -153,3 +167,23 @@ cat <<MSG
   AGENTRUN_REDIS_URL=$REDIS_URL .venv/bin/agentrun watch $NS/$RUN   # replay the stream
   make demo-down                        # stop everything
 MSG
+
+if [ "$MODE" = check ]; then
+  # phase NAME WANT SECONDS: wait (bounded) until the run's phase is WANT.
+  phase() {
+    local got="" deadline=$(( $(date +%s) + $3 ))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+      got=$("$KUBECTL" get agentrun "$1" -n "$NS" -o 'jsonpath={.status.phase}' 2>/dev/null || true)
+      [ "$got" = "$2" ] && return 0
+      case "$got" in Succeeded|Failed|Stopped) break ;; esac
+      sleep 1
+    done
+    say "FAILED: $NS/$1 is '${got:-without a phase}', expected $2 (log: $WORK/operator.log)"
+    "$KUBECTL" get agentrun "$1" -n "$NS" -o 'jsonpath={.status.message}{"\n"}' >&2 || true
+    return 1
+  }
+  phase "$RUN" Succeeded 30
+  phase scale-web AwaitingApproval 120
+  curl -fs "$UI" >/dev/null || { say "FAILED: the web UI at $UI does not answer"; exit 1; }
+  say "check passed: $RUN Succeeded, scale-web AwaitingApproval, the web UI answers at $UI"
+fi

@@ -8,8 +8,14 @@ toolchain_of() { awk '$1 == "toolchain" { print $2; exit }' "$1/go.mod"; }
 
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build"
 export GOFLAGS="-mod=mod -buildvcs=false" GOWORK=off CGO_ENABLED=0 GO111MODULE=on
-command -v go >/dev/null || export PATH="/usr/local/go/bin:$PATH"
-command -v go >/dev/null || { log "no go on PATH nor in /usr/local/go/bin"; exit 1; }
+# The go that starts the build must know `toolchain` lines (>= 1.21; install-deps.sh asks for
+# 1.24): Debian's golang-go (1.19, for Kubernetes 1.20) may come first on PATH.
+go_minor() { local v; v=$("${1:-go}" env GOVERSION 2>/dev/null) || return 1; v=${v#go1.}; echo "${v%%.*}"; }
+if [ "$(go_minor go || echo 0)" -lt 21 ] 2>/dev/null; then export PATH="/usr/local/go/bin:$PATH"; fi
+if [ "$(go_minor go || echo 0)" -lt 21 ] 2>/dev/null; then
+  log "no Go >= 1.21 on PATH nor in /usr/local/go/bin (scripts/install-deps.sh demo says more)"
+  exit 1
+fi
 
 # go build -v lists each package it compiles into $2; the heartbeat counts them.
 HB=""

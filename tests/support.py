@@ -4,6 +4,7 @@ waited for."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 import uuid
@@ -11,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import redis as redis_sync
 
 from agentrun_operator import events
@@ -26,12 +28,32 @@ __all__ = [
     "fresh_namespace",
     "get_run",
     "marker",
+    "require_tool",
     "run_kubectl",
     "stream",
     "wait_event",
     "wait_for",
     "wait_phase",
 ]
+
+
+# Set to 1 to let tests whose system tool (nginx, chromium) is missing skip instead of fail.
+ALLOW_MISSING_TOOLS = "AGENTRUN_ALLOW_MISSING_TOOLS"
+
+
+def require_tool(path: str, *, package: str) -> None:
+    """Fail the test when a system tool it drives is absent, naming the fix: a suite that
+    skips silently on a machine without nginx proves nothing about the proxy config. Only an
+    explicit AGENTRUN_ALLOW_MISSING_TOOLS=1 turns that into a skip."""
+    if os.path.exists(path):
+        return
+    hint = (
+        f"{path} not found: run `scripts/install-deps.sh test` (or apt-get install {package}); "
+        f"{ALLOW_MISSING_TOOLS}=1 skips such tests instead"
+    )
+    if os.environ.get(ALLOW_MISSING_TOOLS) == "1":
+        pytest.skip(hint)
+    pytest.fail(hint, pytrace=False)
 
 
 @dataclass

@@ -208,7 +208,7 @@ async def test_stop_patches_spec_stop_and_publishes_on_the_control_channel(
         assert message is not None, "nothing published on the control channel"
         assert json.loads(message["data"]) == {"action": "stop", "by": r.json()["by"]}
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
     stop = kubectl("get", "agentrun", "r1", "-n", namespace, "-o", "jsonpath={.spec.stop}")
     assert stop.stdout == "true"
 

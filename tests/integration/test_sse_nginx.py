@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -28,11 +27,12 @@ from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import testing
 
 from sse_support import NGINX, create_run, nginx, sse_settings
-from support import Kubectl
+from support import Kubectl, require_tool
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(NGINX), reason="nginx not installed (apt-get install nginx)"
-)
+
+@pytest.fixture(autouse=True)
+def nginx_installed() -> None:
+    require_tool(NGINX, package="nginx")
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ import base64
 import contextlib
 import itertools
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -33,15 +32,16 @@ from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import testing
 
 from sse_support import sse_settings
-from support import Kubectl
+from support import Kubectl, require_tool
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/agentrun-ui.png")
 FAILURE_SCREENSHOT = Path("/tmp/agentrun-ui-failure.png")
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM), reason="chromium not installed (apt-get install chromium)"
-)
+
+@pytest.fixture(autouse=True)
+def chromium_installed() -> None:
+    require_tool(CHROMIUM, package="chromium")
 
 
 class CDP:
