@@ -127,8 +127,18 @@ for p in "${missing[@]}"; do say "  $p: ${WHY[$p]}"; done
 export DEBIAN_FRONTEND=noninteractive
 start=$(date +%s)
 # A fresh machine may have no package lists at all, or lists older than the archive.
+# apt's own output goes to a log, shown only when a step fails.
+aptlog=$(mktemp -t agentrun-apt.XXXXXX)
+apt_get() {
+  if ! "${SUDO[@]}" apt-get "$@" >"$aptlog" 2>&1; then
+    tail -n 40 "$aptlog" >&2
+    say "FAILED: apt-get $* (the output above; full log $aptlog)"
+    exit 1
+  fi
+}
 say "apt-get update"
-"${SUDO[@]}" apt-get update -qq >&2
-say "apt-get install (this can take a few minutes the first time)"
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+apt_get update
+say "apt-get install (a few minutes the first time; chromium is the largest)"
+apt_get install -y --no-install-recommends "${missing[@]}"
+rm -f "$aptlog"
 say "installed in $(( $(date +%s) - start ))s"
