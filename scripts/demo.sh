@@ -143,11 +143,11 @@ say "streaming $NS/$RUN (Ctrl-C stops watching, not the run):"
 if [ "$MODE" = check ]; then
   # The same stream, bounded: `watch` returns at the run's `end` event.
   rc=0
-  AGENTRUN_REDIS_URL="$REDIS_URL" timeout 180 .venv/bin/agentrun watch "$NS/$RUN" || rc=$?
+  timeout 180 .venv/bin/agentrun watch --server "$UI" "$NS/$RUN" || rc=$?
   if [ "$rc" = 124 ]; then say "FAILED: the stream of $NS/$RUN did not end within 180 s"; exit 1; fi
   if [ "$rc" != 0 ]; then say "FAILED: agentrun watch $NS/$RUN exited with $rc"; exit 1; fi
 else
-  AGENTRUN_REDIS_URL="$REDIS_URL" .venv/bin/agentrun watch "$NS/$RUN" || true
+  .venv/bin/agentrun watch --server "$UI" "$NS/$RUN" || true
 fi
 echo
 "$KUBECTL" get agentruns -n "$NS"
@@ -164,7 +164,7 @@ cat <<MSG
   kubectl get ta -n $NS                 # the scale-web run waits for an approval; decide it
                                         # as the user "approver" (group approvers):
   KUBECONFIG=${KUBECONFIG%/*}/approver.yaml kubectl patch ta NAME -n $NS --type merge -p '{"spec":{"decision":"Approved"}}'
-  AGENTRUN_REDIS_URL=$REDIS_URL .venv/bin/agentrun watch $NS/$RUN   # replay the stream
+  .venv/bin/agentrun watch --server $UI $NS/$RUN   # replay the stream (as you)
   make demo-down                        # stop everything
 MSG
 

@@ -14,8 +14,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from agentrun_operator import sseclient as client
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
-from agentrun_sse import client, settings
+from agentrun_sse import settings
 
 import support
 from support import Kubectl

@@ -3,6 +3,7 @@ waited for."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
-from agentrun_operator import events
+from agentrun_operator import events, models
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.operatorproc import OperatorProcess
 
@@ -24,10 +25,13 @@ __all__ = [
     "OperatorProcess",
     "Script",
     "assert_clean_stream",
+    "bind_roles",
     "create_run",
+    "fix_settings",
     "fresh_namespace",
     "get_run",
     "marker",
+    "open_approval",
     "require_tool",
     "run_kubectl",
     "stream",
@@ -121,6 +125,59 @@ def fresh_namespace(kubectl: Kubectl, request: Any, prefix: str) -> Iterator[str
     kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
+# One thing each agentrun ClusterRole allows (verb, resource in agentrun.dev), to tell when
+# a binding has taken effect.
+ROLE_PROBES = {
+    "agentrun-viewer": ("get", "toolapprovals"),
+    "agentrun-approver": ("patch", "toolapprovals"),
+    "agentrun-editor": ("create", "agentruns"),
+    "agentrun-sa-user": ("use", "serviceaccounts"),  # virtual: `kubectl auth can-i` says no
+}
+
+
+def bind_roles(kubectl: Kubectl, namespace: str, bindings: list[tuple[str, str]]) -> None:
+    """RoleBindings of agentrun's ClusterRoles to test users, ``[(user, role), ...]``;
+    returns once each is in effect (RBAC caches briefly)."""
+    for user, role in bindings:
+        kubectl(
+            "create",
+            "rolebinding",
+            f"{user}-{role}",
+            "-n",
+            namespace,
+            f"--clusterrole={role}",
+            f"--user={user}",
+        )
+
+    def can(user: str, verb: str, resource: str) -> bool:
+        review = {
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {
+                "resourceAttributes": {
+                    "namespace": namespace,
+                    "verb": verb,
+                    "group": models.GROUP,
+                    "resource": resource,
+                }
+            },
+        }
+        out = kubectl.as_user(user)(
+            "create",
+            "--validate=false",
+            "-f",
+            "-",
+            "-o",
+            "jsonpath={.status.allowed}",
+            input=json.dumps(review),
+        )
+        return out.stdout.strip() == "true"
+
+    for user, role in bindings:
+        verb, resource = ROLE_PROBES[role]
+        wait_for(f"{user}'s {role} to take effect", functools.partial(can, user, verb, resource))
+
+
 class Script:
     """The mock LLM's rules, accumulated: each test adds rules keyed by a unique marker."""
 
@@ -154,6 +211,38 @@ def create_run(kubectl: Kubectl, namespace: str, name: str, **spec: Any) -> str:
     }
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(doc))
     return str(get_run(kubectl, namespace, name)["metadata"]["uid"])
+
+
+def _replace_status(kubectl: Kubectl, path: str, status: dict[str, Any]) -> None:
+    """Merge ``status`` into an object's status as the operator would, through the status
+    subresource (``replace --raw``: kubectl 1.20 has no ``--subresource``)."""
+    current = json.loads(kubectl("get", "--raw", path).stdout)
+    current["status"] = {**(current.get("status") or {}), **status}
+    kubectl("replace", "--raw", f"{path}/status", "-f", "-", input=json.dumps(current))
+
+
+def fix_settings(kubectl: Kubectl, namespace: str, run: str) -> None:
+    """What the operator writes when it first sees a run (status.effective, createdBy), for
+    tests of the webhook and the SSE server that run no operator."""
+    body = get_run(kubectl, namespace, run)
+    spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
+    generation = int(body["metadata"].get("generation") or 1)
+    creator = (body["metadata"].get("annotations") or {}).get("agentrun.dev/created-by")
+    status = {
+        "effective": models.effective_settings(spec, generation=generation),
+        **({"createdBy": creator} if creator else {}),
+    }
+    _replace_status(
+        kubectl, f"/apis/agentrun.dev/v1alpha1/namespaces/{namespace}/agentruns/{run}", status
+    )
+
+
+def open_approval(kubectl: Kubectl, namespace: str, name: str, *, seconds: int = 3600) -> None:
+    """What the operator writes on a new ToolApproval before anyone may vote: state Pending
+    and its deadline."""
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + seconds))
+    path = f"/apis/agentrun.dev/v1alpha1/namespaces/{namespace}/toolapprovals/{name}"
+    _replace_status(kubectl, path, {"state": "Pending", "expiresAt": expires})
 
 
 def get_run(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ into decidedBy, votes or the agentrun.dev annotations is ever trusted.
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -46,6 +47,7 @@ CALL_LABEL = "agentrun.dev/call-id"
 CREATED_BY = "agentrun.dev/created-by"
 STOPPED_BY = "agentrun.dev/stopped-by"
 OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason")
+MAX_COMMENT = 2048  # spec.comment and a vote's comment (models.ToolApprovalSpec)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class Settled:
     by: str
     comment: str = ""
     voters: list[dict[str, Any]] = field(default_factory=list)
+    # The identity whose vote settled it (status.decidedBy); None when it expired.
+    decided_by: dict[str, Any] | None = None
 
 
 def tally(votes: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[Mapping[str, Any]]]:
@@ -132,19 +136,42 @@ def tally(votes: Iterable[Mapping[str, Any]]) -> tuple[list[str], list[Mapping[s
 
 def settle(ta: Mapping[str, Any], *, min_approvals: int, now: dt.datetime) -> Settled | None:
     """The approval's outcome, or None while it still waits."""
-    spec = ta.get("spec") or {}
-    votes = list(spec.get("votes") or [])
+    votes = counted_votes(ta)
     approvers, denials = tally(votes)
     if denials:
         first = denials[0]
-        return Settled("denied", str(first.get("username")), str(first.get("comment") or ""), votes)
+        return Settled(
+            "denied",
+            str(first.get("username")),
+            str(first.get("comment") or ""),
+            votes,
+            _identity(first),
+        )
     if len(approvers) >= min_approvals:
         comments = "; ".join(str(v.get("comment")) for v in votes if v.get("comment"))
-        return Settled("approved", ", ".join(approvers), comments, votes)
+        last = [v for v in votes if v.get("decision") == "Approved"][-1]
+        return Settled("approved", ", ".join(approvers), comments, votes, _identity(last))
     expires = parse_time((ta.get("status") or {}).get("expiresAt"))
     if expires is not None and now >= expires:
         return Settled("expired", "timeout", "nobody decided in time")
     return None
+
+
+def counted_votes(ta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The votes that count: a vote after the deadline never does (the webhook refuses
+    them; one admitted while the webhook was down, or by a skewed clock, is ignored here),
+    so onTimeout always wins."""
+    expires = parse_time((ta.get("status") or {}).get("expiresAt"))
+    return [dict(v) for v in (ta.get("spec") or {}).get("votes") or [] if not _late(v, expires)]
+
+
+def _identity(vote: Mapping[str, Any]) -> dict[str, Any]:
+    return {"username": str(vote.get("username") or ""), "groups": list(vote.get("groups") or [])}
+
+
+def _late(vote: Mapping[str, Any], expires: dt.datetime | None) -> bool:
+    at = parse_time(vote.get("at"))
+    return expires is not None and (at is None or at > expires)
 
 
 def parse_time(value: Any) -> dt.datetime | None:
@@ -176,19 +203,34 @@ def mutate_toolapproval(
     operators: frozenset[str],
     now: dt.datetime,
 ) -> list[dict[str, Any]]:
-    """JSON patch: decidedBy and votes come from the API server's word, never the client's."""
+    """JSON patch turning a decision request into one vote.
+
+    ``spec.decision`` (with ``spec.comment``) is a write-only request: an update that carries
+    it becomes exactly one vote with the API server's word for who sent it, and both fields
+    are removed from the stored object. An update without it (labels, annotations, anything
+    else) never votes, whoever sends it. decidedBy and votes are rewritten from the old
+    object, whatever the client sent.
+    """
     spec = obj.get("spec") or {}
     old_spec = (old or {}).get("spec") or {}
     ops: list[dict[str, Any]] = []
     votes = list(old_spec.get("votes") or []) if operation == "UPDATE" else []
     decided_by = old_spec.get("decidedBy") if operation == "UPDATE" else None
+    requested = spec.get("decision")
+    comment = spec.get("comment")
     casting = (
         operation == "UPDATE"
         and user.username not in operators
-        and spec.get("decision") in ("Approved", "Denied")
+        # Anything else (a lower-case "approved", a comment over the limit) stays in the
+        # object, so that the schema refuses it naming the field the person wrote.
+        and requested in ("Approved", "Denied")
+        and (comment is None or (isinstance(comment, str) and len(comment) <= MAX_COMMENT))
+        # An object stored before decisions became write-only still carries its old
+        # request: an edit that merely keeps it is not a new one.
+        and (requested, comment) != (old_spec.get("decision"), old_spec.get("comment"))
     )
     if casting:
-        vote = {**user.as_dict(), "decision": spec["decision"], "at": rfc3339(now)}
+        vote = {**user.as_dict(), "decision": requested, "at": rfc3339(now)}
         if spec.get("comment"):
             vote["comment"] = str(spec["comment"])
         votes.append(vote)
@@ -199,7 +241,19 @@ def mutate_toolapproval(
         ops.append({"op": "add", "path": "/spec/decidedBy", "value": decided_by})
     elif "decidedBy" in spec:
         ops.append({"op": "remove", "path": "/spec/decidedBy"})
+    if casting:
+        # The request is now a vote: it is not stored (nor is a legacy one it replaced).
+        ops += [
+            {"op": "remove", "path": f"/spec/{f}"} for f in ("decision", "comment") if f in spec
+        ]
     return ops
+
+
+def self_identities(namespace: str, settings: Mapping[str, Any]) -> frozenset[str]:
+    """The identities a run acts as (its service account, which the operator impersonates):
+    none of them may vote on that run's approvals."""
+    sa = str(settings.get("serviceAccountName") or "default")
+    return frozenset({f"system:serviceaccount:{namespace}:{sa}"})
 
 
 def validate_toolapproval(
@@ -210,8 +264,14 @@ def validate_toolapproval(
     old: Mapping[str, Any] | None,
     run: Mapping[str, Any] | None,
     operators: frozenset[str],
+    now: dt.datetime,
 ) -> str | None:
-    """None to allow, else the reason to refuse (shown to the person by kubectl)."""
+    """None to allow, else the reason to refuse (shown to the person by kubectl).
+
+    Votes are judged against the settings the operator fixed when it first saw the run
+    (``status.effective``, ``status.createdBy``), never the live spec or annotations, which
+    an editor could change while the AgentRun webhook (failurePolicy Ignore) is away.
+    """
     spec = obj.get("spec") or {}
     if operation == "CREATE":
         if operators and user.username not in operators:
@@ -234,18 +294,47 @@ def validate_toolapproval(
     if votes[: len(old_votes)] != old_votes or len(votes) > len(old_votes) + 1:
         return "spec.votes is recorded by the admission webhook and cannot be edited"
     if len(votes) == len(old_votes):
-        if old_spec.get("decision") and spec.get("decision") != old_spec.get("decision"):
-            return "a decision cannot be withdrawn or changed; it was recorded in spec.votes"
-        if spec.get("comment") != old_spec.get("comment") and old_spec.get("decision"):
-            return "spec.comment belongs to a decision that is already recorded"
+        request = (spec.get("decision"), spec.get("comment"))
+        if spec.get("decision") is not None and request != (
+            old_spec.get("decision"),
+            old_spec.get("comment"),
+        ):
+            # Only agentrun's own identities get here (a person's valid request became a
+            # vote above, an invalid one was refused by the schema).
+            return f"{user.username} is agentrun's own identity and never decides approvals"
         return None
     vote = votes[-1]
-    state = (old.get("status") or {}).get("state")
+    status = old.get("status") or {}
+    state = status.get("state")
     if state in ("Expired", "Cancelled", "Approved", "Denied"):
         return f"this approval is already {state.lower()}; it cannot be decided any more"
+    expires = parse_time(status.get("expiresAt"))
+    if state != "Pending" or expires is None:
+        return (
+            "this approval is not open for decisions yet: the operator has not written its "
+            "status (state Pending, expiresAt); try again in a moment"
+        )
+    if now >= expires:
+        return (
+            f"this approval expired at {rfc3339(expires)}; a decision after the deadline does "
+            "not count (the run's spec.approval.onTimeout applies)"
+        )
     if run is None:
         return f"AgentRun {spec.get('runName')} not found; its approvals cannot be decided"
-    policy = models.AgentRunSpec.model_validate(run.get("spec") or {}).approval
+    run_status = run.get("status") or {}
+    effective = run_status.get("effective")
+    if not isinstance(effective, Mapping):
+        return (
+            f"run {spec.get('runName')} has no fixed settings yet (status.effective); the "
+            "operator records them when it picks the run up: try again in a moment"
+        )
+    namespace = str((obj.get("metadata") or {}).get("namespace") or "")
+    if user.username in operators or user.username in self_identities(namespace, effective):
+        return (
+            f"{user.username} is the identity run {spec.get('runName')} acts as; an agent "
+            "never decides its own tool calls"
+        )
+    policy = models.ApprovalPolicy.model_validate(effective.get("approval") or {})
     approvers, denials = tally(old_votes)
     if denials:
         return f"already denied by {denials[0].get('username')}"
@@ -261,7 +350,7 @@ def validate_toolapproval(
             f"{user.username} is not among the approvers of run {spec.get('runName')} "
             f"(spec.approval.approvers: users {allowed.users}, groups {allowed.groups})"
         )
-    creator = ((run.get("metadata") or {}).get("annotations") or {}).get(CREATED_BY)
+    creator = run_status.get("createdBy")
     if (
         vote.get("decision") == "Approved"
         and creator
@@ -309,6 +398,74 @@ def mutate_agentrun(
     return [{"op": "add", "path": "/metadata/annotations", "value": wanted}]
 
 
+# Naming a service account for a run is using it: verb "use" on this virtual resource
+# (granted by the agentrun-sa-user ClusterRole, per namespace, narrowed by resourceNames).
+SA_USE = {"verb": "use", "group": models.GROUP, "resource": "serviceaccounts"}
+
+
+def service_account_to_check(operation: str, obj: Mapping[str, Any]) -> str | None:
+    """The service account whose use a create must be allowed, or None (the namespace's
+    'default' account needs no permission: it is what every pod gets anyway)."""
+    if operation != "CREATE":
+        return None
+    name = (obj.get("spec") or {}).get("serviceAccountName")
+    return str(name) if name and name != "default" else None
+
+
+def service_account_refusal(*, user: User, namespace: str, name: str, reason: str) -> str:
+    return (
+        f"{user.username} may not run agents as service account {namespace}/{name}: creating "
+        f"a run with spec.serviceAccountName needs verb 'use' on resource "
+        f"'serviceaccounts.{models.GROUP}' (name {name}) in namespace {namespace}; ask an "
+        f"admin to bind the agentrun-sa-user ClusterRole there"
+        + (f" (authorizer: {reason})" if reason else "")
+    )
+
+
+def _url_parts(url: str) -> tuple[str, str, int, list[str]] | None:
+    """(scheme, host, port, path segments) of an http(s) URL, normalised as a client reads
+    it (case, default port, dot segments, empty segments), or None when it is not one or
+    carries credentials (``user@host`` makes a prefix match misleading)."""
+    try:
+        u = urllib.parse.urlsplit(url.strip())
+        port = u.port
+    except ValueError:
+        return None
+    scheme = u.scheme.lower()
+    if scheme not in ("http", "https") or not u.hostname or u.username or u.password:
+        return None
+    segments: list[str] = []
+    for part in urllib.parse.unquote(u.path).split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(part)
+    return (
+        scheme,
+        u.hostname.lower().rstrip("."),
+        port or (443 if scheme == "https" else 80),
+        segments,
+    )
+
+
+def base_url_allowed(url: str, allowed: list[str]) -> bool:
+    """Whether ``url`` lies under one of the ``allowed`` prefixes: same scheme, host and
+    port, and a path that starts with the prefix's whole segments (so neither
+    ``https://llm.example.com.evil.net`` nor ``https://llm.example.com/v1/../admin`` passes
+    for ``https://llm.example.com/v1``)."""
+    parts = _url_parts(url)
+    if parts is None:
+        return False
+    for prefix in allowed:
+        want = _url_parts(prefix)
+        if want is not None and parts[:3] == want[:3] and parts[3][: len(want[3])] == want[3]:
+            return True
+    return False
+
+
 def validate_agentrun(
     *,
     operation: str,
@@ -326,7 +483,7 @@ def validate_agentrun(
             )
         base = ((spec.get("model") or {}).get("baseURL") or "").rstrip("/")
         allowed = [u.rstrip("/") for u in allowed_base_urls]
-        if base and allowed and not any(base == a or base.startswith(a + "/") for a in allowed):
+        if base and allowed and not base_url_allowed(base, allowed):
             return (
                 f"spec.model.baseURL {base} is not in the operator's allow-list "
                 f"({', '.join(allowed)}); use one of those or ask the operator's admin"

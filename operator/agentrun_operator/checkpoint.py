@@ -33,6 +33,8 @@ from redis import asyncio as aioredis
 from redis import exceptions as redis_exceptions
 from redis import typing as redis_typing
 
+from agentrun_operator import events
+
 DEFAULT_PREFIX: Final = "agentrun"
 
 # Checkpoints read per round trip while listing.
@@ -48,10 +50,6 @@ _ASYNC_ONLY = (
 )
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def _check_no_braces(what: str, text: str) -> None:
     # A brace would move or split the Redis Cluster hash tag, scattering a thread's keys.
     if "{" in text or "}" in text:
@@ -62,7 +60,7 @@ def thread_keys_pattern(thread_id: str, *, prefix: str = DEFAULT_PREFIX) -> str:
     """The SCAN/KEYS glob matching every key of a thread: its checkpoints, and any other key
     of the same run that shares the ``<prefix>:{<thread_id>}:`` root (events, lease)."""
     _check_no_braces("thread_id", thread_id)
-    return f"{_glob_escape(prefix)}:{{{_glob_escape(thread_id)}}}:*"
+    return f"{events.glob_escape(prefix)}:{{{events.glob_escape(thread_id)}}}:*"
 
 
 async def delete_thread(
@@ -429,7 +427,7 @@ class RedisCheckpointSaver(base.BaseCheckpointSaver[str]):
         found = {
             _text(key)[head : -len("}:ns")]
             async for key in self.redis.scan_iter(
-                match=f"{_glob_escape(self.prefix)}:{{*}}:ns", count=1000
+                match=f"{events.glob_escape(self.prefix)}:{{*}}:ns", count=1000
             )
         }
         return sorted(found)

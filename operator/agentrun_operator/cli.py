@@ -32,6 +32,7 @@ def _mock_llm(args: argparse.Namespace) -> int:
 
 def _watch(args: argparse.Namespace) -> int:
     import asyncio
+    import os
 
     from agentrun_operator import config, watch
 
@@ -39,13 +40,33 @@ def _watch(args: argparse.Namespace) -> int:
     if not namespace or not name:
         print("agentrun watch: give the run as NAMESPACE/NAME", file=sys.stderr)
         return 2
+    server = args.server or os.environ.get("AGENTRUN_SERVER")
     try:
-        redis_url = args.redis_url or config.load().redis_url
+        if args.redis_url:
+            # Development only: Redis holds every run's stream, so this bypasses the
+            # per-person authorization the server does.
+            phase = asyncio.run(
+                watch.watch(namespace=namespace, name=name, redis_url=args.redis_url)
+            )
+        elif server:
+            token = args.token or os.environ.get("AGENTRUN_TOKEN") or None
+            phase = asyncio.run(
+                watch.watch_server(namespace=namespace, name=name, server=server, token=token)
+            )
+        else:
+            print(
+                "agentrun watch: give the agentrun server's URL with --server URL (or "
+                "AGENTRUN_SERVER), e.g. after `kubectl port-forward -n agentrun-system "
+                "svc/agentrun 8080`: --server http://127.0.0.1:8080",
+                file=sys.stderr,
+            )
+            return 2
+    except watch.WatchError as e:
+        print(f"agentrun watch: {e}", file=sys.stderr)
+        return 1
     except config.ConfigError as e:
         print(f"agentrun watch: {e}", file=sys.stderr)
         return 2
-    try:
-        phase = asyncio.run(watch.watch(namespace=namespace, name=name, redis_url=redis_url))
     except KeyboardInterrupt:
         return 130
     return 0 if phase == "Succeeded" else 1
@@ -153,9 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
     mock.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     mock.set_defaults(func=_mock_llm)
-    watch = sub.add_parser("watch", help="print a run's events live (reads its Redis stream)")
+    watch = sub.add_parser(
+        "watch", help="print a run's events live, through the agentrun server, as yourself"
+    )
     watch.add_argument("run", metavar="NAMESPACE/NAME")
-    watch.add_argument("--redis-url", help="default: AGENTRUN_REDIS_URL")
+    watch.add_argument("--server", help="the agentrun server's URL (default: AGENTRUN_SERVER)")
+    watch.add_argument(
+        "--token",
+        help="a Kubernetes bearer token (default: AGENTRUN_TOKEN, else your kubeconfig's)",
+    )
+    watch.add_argument(
+        "--redis-url",
+        help="development only: read the stream straight from this Redis, bypassing the "
+        "server's authorization",
+    )
     watch.set_defaults(func=_watch)
     listing = sub.add_parser("approvals", help="list pending ToolApprovals")
     listing.add_argument("-n", "--namespace", help="default: the kubeconfig context's")

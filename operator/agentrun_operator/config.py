@@ -70,7 +70,10 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 
-    redis_url: str = Field(default="redis://127.0.0.1:6379/0", alias="AGENTRUN_REDIS_URL")
+    # May carry a password (redis://user:password@host): never in a repr or a log line.
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", alias="AGENTRUN_REDIS_URL", repr=False
+    )
     model_base_url: str = Field(default="http://127.0.0.1:8000/v1", alias="AGENTRUN_MODEL_BASE_URL")
     model_name: str = Field(default="gpt-4o-mini", alias="AGENTRUN_MODEL_NAME", min_length=1)
     model_api_key: str = Field(default="", alias="AGENTRUN_MODEL_API_KEY", repr=False)

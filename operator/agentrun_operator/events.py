@@ -97,9 +97,14 @@ def meta_key(uid: str) -> str:
     return _key(uid, "meta")
 
 
+def glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis glob pattern (only * ? [ ] and \\ are special;
+    braces are literal)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 def run_keys_pattern(uid: str) -> str:
-    # Braces are literal in Redis glob patterns; only * ? [ ] and \ are special.
-    return f"agentrun:{{{uid}}}:*"
+    return f"agentrun:{{{glob_escape(uid)}}}:*"
 
 
 CONTROL_PATTERN = "agentrun:{*}:control"

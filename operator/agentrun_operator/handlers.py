@@ -111,6 +111,11 @@ async def stop(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _state(memo).registry.stop(body, by=annotations.get("agentrun.dev/stopped-by"))
 
 
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec", old=kopf.PRESENT)
+async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _state(memo).registry.spec_changed(body)
+
+
 @kopf.on.field(GROUP, VERSION, "toolapprovals", field="spec.votes")
 async def voted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _state(memo).registry.decided(body)

@@ -194,6 +194,14 @@ class Kube:
     async def close(self) -> None:
         await self._api.close()
 
+    def bearer_token(self) -> str | None:
+        """The bearer token this client authenticates with (a kubeconfig's token or exec
+        plugin, or the pod's service-account token), or None for client certificates."""
+        keys = self._api.configuration.api_key
+        auth = str(keys.get("BearerToken") or keys.get("authorization") or "")
+        scheme, _, token = auth.partition(" ")
+        return token if scheme.lower() == "bearer" and token else None
+
     # -- the operator's own calls ----------------------------------------------------------
     async def get_agentrun(self, *, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -211,6 +219,46 @@ class Kube:
         cluster's life, different in every cluster)."""
         found = await self.request("GET", "/api/v1/namespaces/kube-system")
         return str(found["metadata"]["uid"])
+
+    async def may(
+        self,
+        *,
+        user: str,
+        groups: list[str],
+        uid: str = "",
+        extra: dict[str, list[str]] | None = None,
+        namespace: str,
+        verb: str,
+        group: str,
+        resource: str,
+        name: str,
+    ) -> tuple[bool, str]:
+        """Whether ``user`` may ``verb`` the named resource (a SubjectAccessReview, which
+        also answers for virtual resources no API serves); (allowed, the authorizer's
+        reason)."""
+        review = await self.request(
+            "POST",
+            "/apis/authorization.k8s.io/v1/subjectaccessreviews",
+            body={
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": {
+                    "user": user,
+                    "groups": groups,
+                    **({"uid": uid} if uid else {}),
+                    **({"extra": extra} if extra else {}),
+                    "resourceAttributes": {
+                        "namespace": namespace,
+                        "verb": verb,
+                        "group": group,
+                        "resource": resource,
+                        "name": name,
+                    },
+                },
+            },
+        )
+        st = review.get("status") or {}
+        return bool(st.get("allowed")), str(st.get("reason") or "")
 
     async def list_agentruns(self, *, namespace: str | None) -> list[dict[str, Any]]:
         """The AgentRuns of ``namespace`` (None: of every namespace)."""

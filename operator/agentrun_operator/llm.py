@@ -9,10 +9,11 @@ Never: talks to Kubernetes or Redis, or logs the API key.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias, cast
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -64,12 +65,19 @@ class CallMetrics:
     ttr_ms: int = 0
 
 
-def cost(usage: CallMetrics, *, model: str, prices: dict[str, config.Price]) -> float:
+def price_of(model: str, prices: dict[str, config.Price]) -> config.Price | None:
+    """The model's price, or None when the table has none (then no cost is counted, and a
+    run with a cost limit refuses to start)."""
     price = prices.get(model)
     if price is None:
         # Dated variants ("gpt-4o-2024-08-06") share the base model's price.
         base = max((p for p in prices if model.startswith(p)), key=len, default=None)
         price = prices[base] if base else None
+    return price
+
+
+def cost(usage: CallMetrics, *, model: str, prices: dict[str, config.Price]) -> float:
+    price = price_of(model, prices)
     if price is None:
         return 0.0
     cached = min(usage.cached_tokens, usage.input_tokens)
@@ -82,6 +90,18 @@ def cost(usage: CallMetrics, *, model: str, prices: dict[str, config.Price]) -> 
     return round(dollars, 8)
 
 
+# While a call streams, its output tokens are estimated from the deltas (about four
+# characters a token, at least one per delta) until the endpoint reports its usage.
+CHARS_PER_TOKEN = 4
+
+# Called with the call's estimated output tokens so far; raises to cut the call.
+BudgetCheck: TypeAlias = Callable[[int], None]
+
+
+def estimate_tokens(text: str) -> int:
+    return max(1, -(-len(text) // CHARS_PER_TOKEN)) if text else 0
+
+
 async def stream_call(
     chat: BaseChatModel,
     messages: Sequence[BaseMessage],
@@ -89,20 +109,32 @@ async def stream_call(
     on_token: TokenSink,
     model_name: str,
     prices: dict[str, config.Price],
+    budget: BudgetCheck | None = None,
 ) -> tuple[AIMessage, CallMetrics]:
-    """Stream one call, passing text to ``on_token``; return the whole message and figures."""
+    """Stream one call, passing text to ``on_token``; return the whole message and figures.
+
+    ``budget`` sees the estimated output so far after every delta; what it raises ends the
+    stream at once (closing the connection, so the endpoint stops generating)."""
     started = time.monotonic()
     metrics = CallMetrics()
     acc: AIMessageChunk | None = None
-    async for chunk in chat.astream(list(messages)):
-        if not isinstance(chunk, AIMessageChunk):
-            continue
-        text = chunk.content if isinstance(chunk.content, str) else ""
-        if metrics.ttft_ms is None and (text or chunk.tool_call_chunks):
-            metrics.ttft_ms = int((time.monotonic() - started) * 1000)
-        if text:
-            await on_token(text)
-        acc = chunk if acc is None else acc + chunk
+    estimated = 0
+    # aclosing: a call cut short (a budget, a stop) closes its HTTP response at once.
+    stream = cast("AsyncGenerator[Any, None]", chat.astream(list(messages)))
+    async with contextlib.aclosing(stream) as chunks:
+        async for chunk in chunks:
+            if not isinstance(chunk, AIMessageChunk):
+                continue
+            text = chunk.content if isinstance(chunk.content, str) else ""
+            if metrics.ttft_ms is None and (text or chunk.tool_call_chunks):
+                metrics.ttft_ms = int((time.monotonic() - started) * 1000)
+            if text:
+                await on_token(text)
+            acc = chunk if acc is None else acc + chunk
+            if budget is not None:
+                args = "".join(str(c.get("args") or "") for c in chunk.tool_call_chunks)
+                estimated += estimate_tokens(text + args)
+                budget(estimated)
     metrics.ttr_ms = int((time.monotonic() - started) * 1000)
     if acc is None:
         acc = AIMessageChunk(content="")

@@ -9,6 +9,7 @@ Pure: no I/O, no kopf, no Kubernetes client, no Redis.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -214,8 +215,9 @@ class Limits(_Model):
     )
 
 
-class AgentRunSpec(_Model):
-    """Desired state of an agent run, written by people or GitOps; only 'stop' may change."""
+class RunSettings(_Model):
+    """What a run is: everything in its spec but 'stop'. Fixed when the operator first sees
+    the run (status.effective); later changes are ignored."""
 
     goal: str = Field(
         min_length=1,
@@ -248,17 +250,56 @@ class AgentRunSpec(_Model):
         default_factory=Limits,
         description="Step, token, cost and time bounds.",
     )
-    stop: bool = Field(
-        default=False,
-        description="Set true to stop the run at once. The only field that may change "
-        "after creation.",
-    )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
         ge=0,
         description="Delete the run (and its event stream) this many seconds after it "
         "finishes. Unset: keep it.",
     )
+
+
+class AgentRunSpec(RunSettings):
+    """Desired state of an agent run, written by people or GitOps; only 'stop' may change."""
+
+    stop: bool = Field(
+        default=False,
+        description="Set true to stop the run at once. The only field that may change "
+        "after creation.",
+    )
+
+
+class EffectiveSettings(RunSettings):
+    """The settings the operator fixed when it first saw the run (spec after defaults), and
+    the only ones it and the approval webhook use from then on."""
+
+    service_account_name: str | None = Field(
+        default="default",
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="ServiceAccount whose rights the tools use ('default' when the spec left "
+        "it empty).",
+    )
+    generation: int | None = Field(
+        default=None, ge=1, description="The spec generation these settings were taken from."
+    )
+
+
+def effective_spec(body: Mapping[str, Any]) -> AgentRunSpec:
+    """The run's spec as the operator uses it: status.effective where it was recorded (any
+    later edit ignored), else the live spec; 'stop' always from the live spec."""
+    spec = body.get("spec") or {}
+    effective = (body.get("status") or {}).get("effective")
+    if not isinstance(effective, Mapping):
+        return AgentRunSpec.model_validate(spec)
+    fixed = {k: v for k, v in effective.items() if k != "generation"}
+    return AgentRunSpec.model_validate({**fixed, "stop": bool(spec.get("stop"))})
+
+
+def effective_settings(spec: AgentRunSpec, *, generation: int | None) -> dict[str, Any]:
+    """status.effective for a spec: every setting after defaults, as JSON."""
+    fixed = spec.model_dump(by_alias=True, mode="json", exclude={"stop"}, exclude_none=True)
+    fixed["serviceAccountName"] = spec.service_account_name or "default"
+    return {**fixed, "generation": generation}
 
 
 class Condition(_Model):
@@ -333,6 +374,11 @@ class AgentRunStatus(_Model):
         default=None, ge=0, description="How many ToolApprovals this run is waiting for."
     )
     usage: Usage | None = Field(default=None, description="Token, cost and latency totals.")
+    effective: EffectiveSettings | None = Field(
+        default=None,
+        description="The settings fixed when the operator first saw the run; the operator "
+        "and the approval webhook use only these (later spec edits are ignored).",
+    )
     created_by: str | None = Field(
         default=None, description="User who created the run, as the API server authenticated."
     )

@@ -16,7 +16,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,6 +346,7 @@ class RunDeps:
         self._kube = sa_kube
         self._redis = redis
         self._prices = settings.price_table()
+        self._last_input_tokens = 0  # the previous call's prompt, for the budget estimate
 
     def mint_call_id(self) -> str:
         return "c-" + secrets.token_hex(6)
@@ -372,6 +373,7 @@ class RunDeps:
                 on_token=on_token,
                 model_name=self._model_name,
                 prices=self._prices,
+                budget=self._budget_check(),
             )
         except openai.APIStatusError as e:
             raise RunFailed(
@@ -387,6 +389,7 @@ class RunDeps:
             ) from e
         await self._emitter.flush()
         self.usage.add(metrics)
+        self._last_input_tokens = metrics.input_tokens
         prom.llm_call(
             namespace=self.namespace,
             model=self._model_name,
@@ -411,20 +414,43 @@ class RunDeps:
             },
         )
         self._status.progress(usage=self.usage.as_status())
-        limits = self._spec.limits
-        if limits.max_tokens is not None and self.usage.total_tokens > limits.max_tokens:
-            raise workflow.LimitExceeded(
-                "MaxTokensExceeded",
-                f"token limit reached: {self.usage.total_tokens} tokens used, "
-                f"spec.limits.maxTokens is {limits.max_tokens}",
-            )
-        if limits.max_cost_usd is not None and self.usage.cost_usd > limits.max_cost_usd:
-            raise workflow.LimitExceeded(
-                "MaxCostExceeded",
-                f"cost limit reached: ${self.usage.cost_usd:.4f} spent, "
-                f"spec.limits.maxCostUSD is {limits.max_cost_usd}",
-            )
+        self._check_budget(self.usage.total_tokens, self.usage.cost_usd, estimated=False)
         return message
+
+    def _budget_check(self) -> Callable[[int], None] | None:
+        """A check of spec.limits.maxTokens/maxCostUSD while a call streams, or None."""
+        limits = self._spec.limits
+        if limits.max_tokens is None and limits.max_cost_usd is None:
+            return None
+        # The call's input is known only when its usage arrives: until then, count its
+        # prompt as at least as long as the previous call's, the best estimate at hand.
+        prompt = self._last_input_tokens
+        price = llm.price_of(self._model_name, self._prices)
+
+        def check(output: int) -> None:
+            cost = self.usage.cost_usd
+            if price is not None:
+                cost += (prompt * price.input + output * price.output) / 1_000_000
+            self._check_budget(self.usage.total_tokens + prompt + output, cost, estimated=True)
+
+        return check
+
+    def _check_budget(self, tokens: int, cost: float, *, estimated: bool) -> None:
+        limits = self._spec.limits
+        about = "about " if estimated else ""
+        how = " (the call was cut while it streamed)" if estimated else ""
+        if limits.max_tokens is not None and tokens > limits.max_tokens:
+            raise workflow.LimitExceeded(
+                "BudgetExceeded",
+                f"token limit reached: {about}{tokens} tokens used, "
+                f"spec.limits.maxTokens is {limits.max_tokens}{how}",
+            )
+        if limits.max_cost_usd is not None and cost > limits.max_cost_usd:
+            raise workflow.LimitExceeded(
+                "BudgetExceeded",
+                f"cost limit reached: {about}${cost:.4f} spent, "
+                f"spec.limits.maxCostUSD is {limits.max_cost_usd}{how}",
+            )
 
     def _base_url(self) -> str:
         return str(getattr(self._chat, "openai_api_base", "") or "")
@@ -442,7 +468,12 @@ class RunDeps:
         record: dict[str, Any] = json.loads(raw) if raw else {}
         if record.get("state") == "done":
             return str(record["content"])  # already executed and reported once
-        base = {"callId": call_id, "name": name, "arguments": arguments}
+        # What people see of the call (stream, call record): Secret values redacted.
+        base = {
+            "callId": call_id,
+            "name": name,
+            "arguments": tools.redacted_arguments(name, arguments),
+        }
         started = time.monotonic()
         if decision is None:
             # Arguments that can never run: no person was asked (the gate skips such calls)
@@ -574,6 +605,7 @@ class _Slot:
     deleted: bool = False
     recheck: bool = False  # a vote came while the task ran: look at the approvals again
     enforcer: asyncio.Task[None] | None = None
+    emitter: Emitter | None = None  # the run's stream while its task holds the lease
 
 
 @dataclass
@@ -604,11 +636,17 @@ class Registry:
         spec = body.get("spec") or {}
         phase = st.get("phase")
         if phase in models.FINISHED_PHASES:
-            self._schedule_ttl(ref, spec, st)
+            with contextlib.suppress(ValueError):  # a spec the models refuse: no TTL to keep
+                self._schedule_ttl(ref, models.effective_spec(body), st)
             return
         if spec.get("stop"):
             await self.stop(body, by=_stopped_by(body))
             return
+        if not isinstance(st.get("effective"), Mapping):
+            fixed = await self._fix_settings(ref, body)
+            if fixed is None:
+                return
+            st = fixed
         if ref.uid in self.running or ref.uid in self.queued:
             return
         # AwaitingApproval holds no task; starting one checks the decisions (made while
@@ -618,6 +656,86 @@ class Registry:
             await self._mark_queued(ref, st)
             return
         self._start(ref)
+
+    async def _fix_settings(self, ref: RunRef, body: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first sight of a run: fix its settings in status.effective (with its creator),
+        which the operator and the approval webhook use from then on. Returns the new status,
+        or None when the run cannot start.
+
+        A run never seen before whose spec already changed (generation > 1: only a webhook
+        outage lets that through) fails, since nobody can tell which settings its creator
+        meant. A run seen by an operator from before status.effective existed (it has a
+        phase) fixes its settings from its spec now, at its resume."""
+        st: dict[str, Any] = dict(body.get("status") or {})
+        generation = int((body.get("metadata") or {}).get("generation") or 1)
+        if st.get("phase") is None and generation > 1:
+            await self._finish_without_task(
+                ref,
+                st,
+                by=None,
+                phase="Failed",
+                reason="SpecChangedBeforeStart",
+                message=(
+                    f"the spec changed before the operator first saw the run (generation "
+                    f"{generation}), which only an admission webhook outage allows; its "
+                    "settings cannot be trusted: create a new AgentRun"
+                ),
+            )
+            return None
+        fixed = {
+            "effective": self._settings_of(body, generation=generation),
+            "createdBy": st.get("createdBy") or _annotation(body, approvals.CREATED_BY),
+        }
+        await self.k8s.patch_agentrun_status(namespace=ref.namespace, name=ref.name, status=fixed)
+        return {**st, **fixed}
+
+    def _settings_of(self, body: Mapping[str, Any], *, generation: int | None) -> dict[str, Any]:
+        """status.effective for a run's spec: its settings after defaults, the operator's
+        default model included (a later change of the operator's configuration does not
+        move a run that already started to another model)."""
+        spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
+        spec.model.name = spec.model.name or self.settings.model_name
+        spec.model.base_url = spec.model.base_url or self.settings.model_base_url
+        return models.effective_settings(spec, generation=generation)
+
+    async def spec_changed(self, body: Mapping[str, Any]) -> None:
+        """A spec edit after the settings were fixed (the AgentRun webhook refuses it, but
+        it fails open so that nothing blocks spec.stop): ignore it, and say so."""
+        st = body.get("status") or {}
+        effective = st.get("effective")
+        if not isinstance(effective, Mapping) or st.get("phase") in models.FINISHED_PHASES:
+            return
+        ref = RunRef.of(body)
+        live = self._settings_of(body, generation=None)
+        fixed = {k: v for k, v in effective.items() if k != "generation"}
+        live.pop("generation", None)
+        changed = sorted(k for k in set(live) | set(fixed) if live.get(k) != fixed.get(k))
+        if not changed:
+            return
+        message = (
+            f"ignored a change of {', '.join(f'spec.{k}' for k in changed)} (generation "
+            f"{(body.get('metadata') or {}).get('generation')}): a run keeps the settings fixed "
+            "when it started (status.effective); only spec.stop takes effect"
+        )
+        log.warning("run %s: %s", ref.key, message)
+        audit("spec-change-ignored", run=ref.key, fields=changed)
+        await self.k8s.post_event(
+            involved=ref.involved(), type="Warning", reason="SpecChangeIgnored", message=message
+        )
+        slot = self.running.get(ref.uid)
+        if slot is not None and slot.emitter is not None:
+            with contextlib.suppress(Exception):
+                await slot.emitter.fault(message, code="SpecChangeIgnored", fatal=False)
+                return
+        if slot is None and ref.uid not in self.queued:
+            # Waiting for people, with no task: say it in the stream now. (Never while a
+            # task of ours is between leases: borrowing would fence it.)
+            async with self._borrowed_stream(ref, dict(st)) as borrowed:
+                if borrowed is not None:
+                    await borrowed[0].fault(message, code="SpecChangeIgnored", fatal=False)
+                    return
+        # The task that next runs it (here or in another operator) says it first.
+        await self.redis.hset(events.meta_key(ref.uid), "ignored", message)
 
     async def stop(self, body: Mapping[str, Any], *, by: str | None) -> None:
         ref = RunRef.of(body)
@@ -905,6 +1023,8 @@ class Registry:
             maxlen=self.settings.stream_maxlen,
         )
         emitter = Emitter(writer, statusw, flush_ms=self.settings.token_flush_ms)
+        if slot is not None:
+            slot.emitter = emitter
         fenced = False
         try:
             if not await self._ended_before(ref, statusw):
@@ -937,6 +1057,8 @@ class Registry:
                 except events.Fenced:
                     fenced = True  # a retry finishes it (see _run's start) if nobody owns it
         finally:
+            if slot is not None:
+                slot.emitter = None
             keeper.cancel()
             await statusw.close()
             if not fenced:
@@ -956,7 +1078,7 @@ class Registry:
         emitter: Emitter,
         statusw: StatusWriter,
     ) -> None:
-        spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
+        spec = models.effective_spec(body)
         last_usage = await self._last_usage(ref)
         usage = last_usage or Usage.from_status(st.get("usage"))
         config_: RunnableConfig = {
@@ -969,6 +1091,17 @@ class Registry:
                 namespace=ref.namespace, name=spec.service_account_name
             )
             model = await self._resolve_model(spec, sa_kube)
+            if (
+                spec.limits.max_cost_usd is not None
+                and llm.price_of(model.name, self.settings.price_table()) is None
+            ):
+                raise RunFailed(
+                    "PriceUnknown",
+                    f"spec.limits.maxCostUSD is set, but the operator has no price for model "
+                    f"{model.name}, so the limit could never trip: add one to AGENTRUN_PRICES "
+                    f'(JSON, US dollars per 1M tokens, e.g. {{"{model.name}": {{"input": 0.5, '
+                    '"output": 1.5}}) or the chart value operator.prices',
+                )
             chat = llm.build(
                 model,
                 timeout=self.settings.llm_timeout_seconds,
@@ -999,6 +1132,11 @@ class Registry:
                 await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
             else:
                 await emitter.workflow("pending", node="", step=0)
+            ignored = await self.redis.hget(events.meta_key(ref.uid), "ignored")
+            if ignored:
+                text = ignored.decode() if isinstance(ignored, bytes) else str(ignored)
+                await emitter.fault(text, code="SpecChangeIgnored", fatal=False)
+                await self.redis.hdel(events.meta_key(ref.uid), "ignored")
             if statusw.current.get("phase") != "Running" or _waiting(statusw.current):
                 await statusw.phase(
                     "Running",
@@ -1007,7 +1145,6 @@ class Registry:
                     streamPath=events.stream_path(ref.namespace, ref.name),
                     pendingApprovals=[],
                     pendingApprovalCount=0,
-                    createdBy=_annotation(body, approvals.CREATED_BY),
                 )
                 await self.k8s.post_event(
                     involved=ref.involved(),
@@ -1100,6 +1237,9 @@ class Registry:
             call_id = item["callId"]
             ta = existing.get(call_id)
             invalid = _argument_error(item["tool"], item.get("arguments") or {})
+            # Shown to people (ToolApproval, events, notifications) with Secret values
+            # redacted; the call itself runs with the checkpoint's own arguments.
+            shown = tools.redacted_arguments(item["tool"], item.get("arguments") or {})
             if invalid is not None and (
                 ta is None
                 or approvals.settle(ta, min_approvals=policy.min_approvals, now=now) is None
@@ -1122,7 +1262,7 @@ class Registry:
                         run_uid=ref.uid,
                         call_id=call_id,
                         tool=item["tool"],
-                        arguments=item.get("arguments") or {},
+                        arguments=shown,
                         reason=reason,
                     ),
                 )
@@ -1145,7 +1285,7 @@ class Registry:
                         "callId": call_id,
                         "approval": name,
                         "tool": item["tool"],
-                        "arguments": item.get("arguments") or {},
+                        "arguments": shown,
                         "state": "pending",
                         "decidedBy": "",
                     },
@@ -1154,7 +1294,7 @@ class Registry:
                     ref,
                     "approval.pending",
                     f"Run {ref.key} wants to call {item['tool']} "
-                    f"{json.dumps(item.get('arguments') or {})}: approve or deny {name}",
+                    f"{json.dumps(shown)}: approve or deny {name}",
                     approval=name,
                     callId=call_id,
                     tool=item["tool"],
@@ -1162,8 +1302,7 @@ class Registry:
                 )
             settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
             if settled is None:
-                votes = (ta.get("spec") or {}).get("votes") or []
-                approved, _ = approvals.tally(votes)
+                approved, _ = approvals.tally(approvals.counted_votes(ta))
                 if (ta.get("status") or {}).get("approvals") != len(approved):
                     await self.k8s.patch_toolapproval_status(
                         namespace=ref.namespace,
@@ -1199,14 +1338,13 @@ class Registry:
                     prom.APPROVAL_WAIT.labels(ref.namespace, item["tool"], settled.outcome).observe(
                         max(0.0, (now - created).total_seconds())
                     )
-                decided_by = (ta.get("spec") or {}).get("decidedBy") or {"username": settled.by}
                 approved, _ = approvals.tally(settled.voters)
                 await self.k8s.patch_toolapproval_status(
                     namespace=ref.namespace,
                     name=name,
                     status={
                         "state": state,
-                        "decidedBy": decided_by if settled.outcome != "expired" else None,
+                        "decidedBy": settled.decided_by,
                         "decidedAt": approvals.rfc3339(now),
                         "approvals": len(approved),
                         "approvalsNeeded": max(0, policy.min_approvals - len(approved)),
@@ -1219,7 +1357,7 @@ class Registry:
                         "callId": call_id,
                         "approval": name,
                         "tool": item["tool"],
-                        "arguments": item.get("arguments") or {},
+                        "arguments": shown,
                         "state": settled.outcome,
                         "decidedBy": settled.by if settled.outcome != "expired" else "",
                     },
@@ -1430,7 +1568,7 @@ class Registry:
         m = spec.model
         base_url = (m.base_url or self.settings.model_base_url).rstrip("/")
         allowed = [u.rstrip("/") for u in self.settings.allowed_base_urls]
-        if not any(base_url == a or base_url.startswith(a + "/") for a in allowed):
+        if not approvals.base_url_allowed(base_url, allowed):
             raise RunFailed(
                 "ModelEndpointNotAllowed",
                 f"spec.model.baseURL {base_url} is not in the operator's allow-list "
@@ -1532,7 +1670,7 @@ class Registry:
         )
         body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
         if body is not None:
-            self._schedule_ttl(ref, body.get("spec") or {}, statusw.current)
+            self._schedule_ttl(ref, models.effective_spec(body), statusw.current)
 
     async def _ended_before(self, ref: RunRef, statusw: StatusWriter) -> bool:
         """Whether the run's stream already ends (the operator or the API server went away
@@ -1580,12 +1718,15 @@ class Registry:
         )
         body = await self.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
         if body is not None:
-            self._schedule_ttl(ref, body.get("spec") or {}, statusw.current)
+            self._schedule_ttl(ref, models.effective_spec(body), statusw.current)
         return True
 
-    async def _finish_without_task(
-        self, ref: RunRef, st: dict[str, Any], *, by: str | None, message: str | None = None
-    ) -> None:
+    @contextlib.asynccontextmanager
+    async def _borrowed_stream(
+        self, ref: RunRef, st: dict[str, Any]
+    ) -> AsyncIterator[tuple[Emitter, StatusWriter] | None]:
+        """The stream and status of a run no task of this process holds, for a moment
+        (its lease taken and released); None when another operator holds the run."""
         lease = await events.Lease.acquire(
             self.redis,
             uid=ref.uid,
@@ -1593,10 +1734,7 @@ class Registry:
             ttl_seconds=self.settings.lease_seconds,
         )
         if lease is None:
-            # Another operator executes it; the control message or its own watch stops it.
-            await self.redis.publish(
-                events.control_key(ref.uid), json.dumps({"action": "stop", "by": by or ""})
-            )
+            yield None
             return
         await self._stamp(ref)
         statusw = StatusWriter(
@@ -1608,23 +1746,49 @@ class Registry:
         emitter = Emitter(writer, statusw, flush_ms=0)
         emitter.step = int(st.get("step") or 0)
         try:
-            if await self._ended_before(ref, statusw):
-                return
-            await self._finish(
-                ref,
-                emitter,
-                statusw,
-                phase="Stopped",
-                reason="Stopped",
-                message=message or f"stopped by {by or 'a stop request'} before it ran",
-                stopped_by=by,
-            )
+            yield emitter, statusw
         finally:
             await statusw.close()
             await lease.release()
 
-    def _schedule_ttl(self, ref: RunRef, spec: Mapping[str, Any], st: Mapping[str, Any]) -> None:
-        ttl = spec.get("ttlSecondsAfterFinished")
+    async def _finish_without_task(
+        self,
+        ref: RunRef,
+        st: dict[str, Any],
+        *,
+        by: str | None,
+        message: str | None = None,
+        phase: str = "Stopped",
+        reason: str = "Stopped",
+    ) -> None:
+        """End a run that has no task here: stopped (by ``by``), or failed with ``reason``."""
+        async with self._borrowed_stream(ref, st) as borrowed:
+            if borrowed is None:
+                if phase == "Stopped":
+                    # Another operator executes it; this message or its own watch stops it.
+                    await self.redis.publish(
+                        events.control_key(ref.uid),
+                        json.dumps({"action": "stop", "by": by or ""}),
+                    )
+                return
+            emitter, statusw = borrowed
+            if await self._ended_before(ref, statusw):
+                return
+            message = message or f"stopped by {by or 'a stop request'} before it ran"
+            if phase == "Failed":
+                await emitter.fault(message, code=reason, fatal=True)
+            await self._finish(
+                ref,
+                emitter,
+                statusw,
+                phase=phase,
+                reason=reason,
+                message=message,
+                stopped_by=by,
+            )
+
+    def _schedule_ttl(self, ref: RunRef, spec: models.AgentRunSpec, st: Mapping[str, Any]) -> None:
+        ttl = spec.ttl_seconds_after_finished
         if ttl is None or ref.uid in self.ttl_tasks or self._closing:
             return
         finished = _parse_time(st.get("finishedAt")) or dt.datetime.now(dt.UTC)

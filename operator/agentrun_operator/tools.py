@@ -900,6 +900,10 @@ def redacted_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
             try:
                 manifest = yaml.safe_load(manifest)
             except yaml.YAMLError:
+                # Unreadable (several documents, bad YAML): the call fails, but its text
+                # is still shown; if it may hold a Secret, none of it is.
+                if "secret" in manifest.lower():
+                    return {**arguments, "manifest": REDACTED}
                 return arguments
         if isinstance(manifest, dict) and _is_secret(manifest):
             return {**arguments, "manifest": redact_secret(manifest)}

@@ -4,7 +4,8 @@ Its own process (and, in the chart, its own Deployment with 2 replicas), so deci
 judged while the operator is down or restarting. Owns the HTTPS endpoint, the translation of
 AdmissionReviews to the pure rules in ``approvals`` and back, and the webhook configuration
 objects that point the API server here. Never writes to the Kubernetes API; reads only the
-AgentRun a decision belongs to.
+AgentRun a decision belongs to, and asks (SubjectAccessReview) whether a run's creator may
+use the service account it names.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ class Webhooks:
             old=req.get("oldObject"),
             run=run,
             operators=self.operators,
+            now=dt.datetime.now(dt.UTC),
         )
         if refusal is not None:
             log.info(
@@ -103,13 +105,39 @@ class Webhooks:
     async def validate_agentrun(
         self, req: dict[str, Any]
     ) -> tuple[str | None, list[dict[str, Any]]]:
+        obj = req.get("object") or {}
         refusal = approvals.validate_agentrun(
             operation=req["operation"],
-            obj=req.get("object") or {},
+            obj=obj,
             old=req.get("oldObject"),
             allowed_base_urls=self.settings.allowed_base_urls,
         )
+        account = approvals.service_account_to_check(req["operation"], obj)
+        if refusal is None and account is not None:
+            refusal = await self._may_use(req, account)
         return refusal, []
+
+    async def _may_use(self, req: dict[str, Any], account: str) -> str | None:
+        """A SubjectAccessReview for the requester: may they use this service account?"""
+        info = req.get("userInfo") or {}
+        user = approvals.User.of(info)
+        namespace = str(req.get("namespace") or "")
+        if self.k8s is None:
+            return "agentrun webhook error: no Kubernetes client to check service-account use"
+        allowed, reason = await self.k8s.may(
+            user=user.username,
+            groups=list(user.groups),
+            uid=str(info.get("uid") or ""),
+            extra={k: list(v) for k, v in (info.get("extra") or {}).items()},
+            namespace=namespace,
+            name=account,
+            **approvals.SA_USE,
+        )
+        if allowed:
+            return None
+        return approvals.service_account_refusal(
+            user=user, namespace=namespace, name=account, reason=reason
+        )
 
 
 _REQUEST_UID = re.compile(rb'"uid"\s*:\s*"([^"\\]{1,128})"')

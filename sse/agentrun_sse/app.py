@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from redis import exceptions as redis_errors
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -40,6 +41,31 @@ CSP = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
 )
+
+
+class LoopbackHostOnly:
+    """400 for a request whose Host header names anything but a loopback address.
+
+    For the --no-auth mode: binding to loopback is not enough, since a web page the
+    developer opens may point its own host name at 127.0.0.1 (DNS rebinding) and act with
+    their kubeconfig; its requests carry that name. (Starlette's TrustedHostMiddleware cuts
+    the Host at its first colon, which breaks "[::1]:8080".)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = next((v for k, v in scope.get("headers", []) if k == b"host"), b"")
+            try:
+                name = urllib.parse.urlsplit("//" + host.decode("latin-1")).hostname
+            except ValueError:
+                name = None
+            if name not in settings_mod.LOOPBACK_HOSTS:
+                response = PlainTextResponse("Invalid host header", status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:
@@ -192,12 +218,16 @@ def create_app(settings: settings_mod.Settings) -> Starlette:
         fanout.Unavailable: api.on_unavailable,
         redis_errors.RedisError: api.on_unavailable,
     }
+    middleware = [
+        Middleware(SecurityHeaders),
+        Middleware(BodyLimit, limit=settings.max_body_bytes),
+    ]
+    if settings.auth == "none":
+        # Loopback only is not enough: see LoopbackHostOnly.
+        middleware.insert(0, Middleware(LoopbackHostOnly))
     app = Starlette(
         routes=routes(),
-        middleware=[
-            Middleware(SecurityHeaders),
-            Middleware(BodyLimit, limit=settings.max_body_bytes),
-        ],
+        middleware=middleware,
         exception_handlers=handlers,
         lifespan=lifespan,
     )

@@ -66,7 +66,7 @@ class Settings:
     port: int = 8080
     heartbeat_seconds: float = 15.0
     auth: AuthMode = "kubernetes"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
     kube: KubeTarget | None = None
     # Events one viewer may have waiting before it counts as fallen behind.
     viewer_queue: int = 2048

@@ -23,7 +23,8 @@ from redis import asyncio as aioredis
 from starlette.applications import Starlette
 
 from agentrun_operator import events
-from agentrun_sse import api, client
+from agentrun_operator import sseclient as client
+from agentrun_sse import api
 from agentrun_sse import app as app_mod
 from agentrun_sse import settings as settings_mod
 

@@ -22,8 +22,10 @@ run resumed, image size) are printed with ``[figure]``; ``bench/bench_e2e.py`` r
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
+import shutil
 import socket
 import subprocess
 import threading
@@ -40,9 +42,9 @@ import redis as redis_sync
 import yaml
 
 from agentrun_operator import events
+from agentrun_operator import sseclient as sse_client
 from agentrun_operator.testing import node
 from agentrun_operator.testing.controlplane import free_port
-from agentrun_sse import client as sse_client
 
 from e2e_support import KIND_CLUSTER, ImpersonatingKubectl, Target
 from sse_support import nginx
@@ -309,6 +311,10 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
         ),
         service("mock-llm", MOCK_PORT, MOCK_PORT),
     )
+    if target.cluster is not None:
+        # The chart keeps Redis on a PersistentVolumeClaim; this node has no provisioner, so
+        # the test provides the volume (kind and real clusters provision their own).
+        redis_volume(kubectl, target.cluster.workdir / "volumes" / "redis")
     repository, _, tag = images.agentrun.rpartition(":")
     values = [
         f"image.repository={repository}",
@@ -374,6 +380,12 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
                 "create", "token", f"e2e-{user}", "-n", runs, "--duration=2h"
             ).stdout.strip()
         kubectl("create", "rolebinding", user, "-n", runs, f"--clusterrole={role}", *subjects)
+        if user == "creator":
+            # Runs act as the "agent" account below: naming it takes this role.
+            kubectl(
+                "create", "rolebinding", "creator-sa-user", "-n", runs,
+                "--clusterrole=agentrun-sa-user", *subjects,
+            )  # fmt: skip
     # The agent's identity: may restart and read the Deployment it works on.
     kubectl("create", "serviceaccount", "agent", "-n", runs)
     kubectl(
@@ -406,7 +418,15 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
         return f"127.0.0.1:{forwards[-1].port}"
 
     redis_host, _, redis_port = address(f"{RELEASE}-redis", 6379).partition(":")
-    redis_client = redis_sync.Redis(host=redis_host, port=int(redis_port))
+    # The chart's Redis lets nobody in without a password (the operator's user here).
+    anonymous = redis_sync.Redis(host=redis_host, port=int(redis_port))
+    with pytest.raises(redis_sync.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+    password = secret_value(kubectl, namespace, f"{RELEASE}-redis-auth", "operator-password")
+    redis_client = redis_sync.Redis(
+        host=redis_host, port=int(redis_port), username="agentrun-operator", password=password
+    )
     rel = Release(
         namespace=namespace,
         runs=runs,
@@ -423,6 +443,36 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
         for forward in forwards:
             forward.close()
         remove_release(kubectl, helm, namespace, runs)
+
+
+def secret_value(kubectl: Kubectl, namespace: str, name: str, key: str) -> str:
+    out = kubectl("get", "secret", name, "-n", namespace, "-o", f"jsonpath={{.data.{key}}}")
+    return base64.b64decode(out.stdout).decode()
+
+
+REDIS_PV = "agentrun-e2e-redis"
+
+
+def redis_volume(kubectl: Kubectl, path: Path) -> None:
+    """A fresh hostPath PersistentVolume for the chart's Redis claim (no storage class, so
+    the claim, which names none, binds to it)."""
+    kubectl("delete", "pv", REDIS_PV, "--ignore-not-found", "--wait=true", check=False)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    os.chown(path, 10001, 10001)  # the chart's pods run as 10001 (hostPath has no fsGroup)
+    pv = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {"name": REDIS_PV},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "hostPath": {"path": str(path), "type": "Directory"},
+        },
+    }
+    kubectl("apply", "-f", "-", input=json.dumps(pv))
 
 
 def remove_release(kubectl: Kubectl, helm: Helm, namespace: str, runs: str) -> None:

@@ -31,10 +31,10 @@ import pytest
 import redis as redis_sync
 
 from agentrun_operator import events
+from agentrun_operator import sseclient as client
 from agentrun_operator.testing import procs
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_operator.testing.operatorproc import OperatorProcess
-from agentrun_sse import client
 
 from support import Kubectl, Script, fresh_namespace, wait_for
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ import httpx
 import pytest
 from faults import hostile_support as hs
 
+from agentrun_operator import models
 from agentrun_operator.testing.controlplane import ControlPlane
 from agentrun_operator.testing.operatorproc import WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
@@ -121,6 +123,15 @@ class Matrix:
             answer = as_user.post(self.path(plural), json=body)
         assert answer.status_code == 201, answer.text
         return dict(answer.json())
+
+    def write_status(self, plural: str, name: str, status: dict[str, Any]) -> None:
+        """As the operator writes status: a merge patch of the status subresource."""
+        answer = self.api.patch(
+            self.path(plural, name) + "/status",
+            content=json.dumps({"status": status}),
+            headers={"Content-Type": "application/merge-patch+json"},
+        )
+        assert answer.status_code == 200, answer.text
 
     def patch_as(self, user: str, plural: str, name: str, patch: dict[str, Any]) -> None:
         with hs.kube_api(self.plane, user) as as_user:
@@ -221,6 +232,17 @@ def _prepare(m: Matrix, cell: Cell) -> None:
             },
         },
     )
+    # What the operator writes before anyone may vote: the run's fixed settings, and the
+    # approval's state and deadline.
+    run = m.get("agentruns", cell.run)
+    spec = models.AgentRunSpec.model_validate(run["spec"])
+    m.write_status(
+        "agentruns",
+        cell.run,
+        {"effective": models.effective_settings(spec, generation=1), "createdBy": "creator"},
+    )
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    m.write_status("toolapprovals", cell.approval, {"state": "Pending", "expiresAt": expires})
     if cell.action == "repatch":
         m.patch_as("approver2", "toolapprovals", cell.approval, {"spec": {"decision": "Approved"}})
 
@@ -340,9 +362,9 @@ def _check_effect(m: Matrix, cell: Cell, answer: Answer, outcome: Outcome) -> No
     else:
         spec = m.get("toolapprovals", cell.approval)["spec"]
         wanted = {"approve": "Approved", "deny": "Denied", "forge": "Approved"}[action]
-        assert spec["decision"] == wanted
+        assert "decision" not in spec, "the request became a vote and is not stored"
+        assert [(v["username"], v["decision"]) for v in spec["votes"]] == [(user, wanted)], spec
         assert spec["decidedBy"]["username"] == user, spec
-        assert [v["username"] for v in spec["votes"]] == [user], spec["votes"]
         if outcome == "neutralised":
             assert "boss" not in json.dumps(spec), spec
 

@@ -346,6 +346,13 @@ MANIFESTS: list[Manifest] = [
              approval(arguments=DEEP_70), "webhook", named("spec.arguments")),
     Manifest("arguments 5000 levels deep", "agentrun-operator", "create",
              approval(arguments=DEEP_5000), "webhook", named("spec.arguments")),
+    # Trust: a service account its creator was never granted; a vote cast before the
+    # operator opened the approval (forged votes are overwritten: tests/integration).
+    _ar("run as a service account its creator may not use", "webhook",
+        r"verb 'use' on resource 'serviceaccounts\.agentrun\.dev'", goal="g",
+        serviceAccountName="powerful"),
+    Manifest("vote before the operator opened the approval", "approver", "patch-approval",
+             {"spec": {"decision": "Approved"}}, "webhook", r"not open for decisions yet"),
     # Edits of the existing run and approval, by people RBAC lets patch them.
     Manifest("decision in lower case", "approver", "patch-approval",
              {"spec": {"decision": "approved"}}, "schema", named("spec.decision")),

@@ -152,7 +152,7 @@ def pending_approvals(
         (ta["metadata"]["name"], ta["spec"]["runName"])
         for ta in json.loads(out.stdout)["items"]
         if (ta.get("status") or {}).get("state") == "Pending"
-        and not ta["spec"].get("decision")
+        and not ta["spec"].get("votes")
         and run in (None, ta["spec"]["runName"])
     ]
 

@@ -13,7 +13,6 @@ without asking anyone.
 
 from __future__ import annotations
 
-import functools
 import json
 from typing import Any
 
@@ -26,6 +25,7 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
+    bind_roles,
     create_run,
     get_run,
     marker,
@@ -39,40 +39,18 @@ from support import (
 @pytest.fixture
 def namespace(op_namespace: str, kubectl: Kubectl) -> str:
     """An operator-watched namespace where the test users have their agentrun roles."""
-    bindings = {
-        "approver": "agentrun-approver",
-        "approver2": "agentrun-approver",
-        "viewer": "agentrun-viewer",
-        "creator": "agentrun-editor",
-    }
-    for user, role in bindings.items():
-        kubectl(
-            "create",
-            "rolebinding",
-            f"{user}-{role}",
-            "-n",
-            op_namespace,
-            f"--clusterrole={role}",
-            f"--user={user}",
-        )
-    kubectl(
-        "create",
-        "rolebinding",
-        "creator-approves",
-        "-n",
+    bind_roles(
+        kubectl,
         op_namespace,
-        "--clusterrole=agentrun-approver",
-        "--user=creator",
+        [
+            ("approver", "agentrun-approver"),
+            ("approver2", "agentrun-approver"),
+            ("viewer", "agentrun-viewer"),
+            ("creator", "agentrun-editor"),
+            ("creator", "agentrun-approver"),
+            ("creator", "agentrun-sa-user"),  # the runs act as agent_sa
+        ],
     )
-
-    def can_read(user: str) -> bool:
-        out = kubectl.as_user(user)(
-            "auth", "can-i", "get", "agentruns.agentrun.dev", "-n", op_namespace, check=False
-        )
-        return out.stdout.strip() == "yes"
-
-    for user in bindings:
-        wait_for(f"{user}'s role binding to take effect", functools.partial(can_read, user))
     return op_namespace
 
 

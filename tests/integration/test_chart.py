@@ -110,7 +110,7 @@ def test_pods_get_no_service_links_and_every_port_names_its_protocol(helm: Helm)
 
 def test_the_chart_clusterroles_carry_the_release_labels(helm: Helm) -> None:
     roles = [d for d in render(helm) if d["kind"] == "ClusterRole"]
-    assert len(roles) == 6
+    assert len(roles) == 7  # six of manifests/rbac.yaml and agentrun-agent-view
     for role in roles:
         assert role["metadata"]["labels"]["app.kubernetes.io/instance"] == "t", role
 
@@ -148,10 +148,51 @@ def test_only_the_operator_container_gets_a_token(helm: Helm) -> None:
     assert pod["automountServiceAccountToken"] is False
     mounts = {c["name"]: {m["name"] for m in c["volumeMounts"]} for c in pod["containers"]}
     assert "token" in mounts["operator"] and "token" not in mounts["sse"]
+    # Nothing writable is shared between the internet-facing sidecar and the operator.
+    assert not (mounts["operator"] & mounts["sse"]), mounts
     for c in pod["containers"]:
         assert c["securityContext"]["readOnlyRootFilesystem"] is True
         assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
     assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_the_bundled_redis_takes_no_anonymous_clients_and_keeps_its_data(helm: Helm) -> None:
+    docs = render(helm)
+    redis = next(d for d in docs if d["kind"] == "StatefulSet")
+    container = redis["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("default") - 1 : args.index("default") + 2] == [
+        "--user",
+        "default",
+        "off",
+    ]
+    sse = args[args.index("agentrun-sse") :]
+    assert "%R~agentrun:*" in sse and "-@all" in sse and "+xadd" not in sse
+    assert ">$(SSE_PASSWORD)" in sse, "the kubelet puts the password in; no manifest shows it"
+    secret = next(
+        d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-redis-auth")
+    )
+    assert set(secret["data"]) == {"operator-password", "sse-password"}
+    operator = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    env = {
+        c["name"]: {e["name"]: e for e in c["env"]}
+        for c in operator["spec"]["template"]["spec"]["containers"]
+    }
+    assert env["operator"]["AGENTRUN_REDIS_URL"]["value"].startswith(
+        "redis://agentrun-operator:$(REDIS_PASSWORD)@"
+    )
+    assert env["sse"]["AGENTRUN_REDIS_URL"]["value"].startswith("redis://agentrun-sse:")
+    assert env["sse"]["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "sse-password"
+    # Data on a PersistentVolumeClaim by default: checkpoints and call records survive the pod.
+    assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    # An existing Secret replaces the generated one.
+    docs = render(helm, "redis.auth.existingSecret=my-redis")
+    assert not [d for d in docs if d["kind"] == "Secret" and "redis" in d["metadata"]["name"]]
+    redis = next(d for d in docs if d["kind"] == "StatefulSet")
+    refs = redis["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in refs} == {"my-redis"}
 
 
 def test_ingress_and_gateway_carry_the_stream_settings(helm: Helm) -> None:

@@ -293,6 +293,8 @@ async def test_approvals_patch_the_decision_and_stream_the_continuation(
     async with testing.StreamTap(http, url, method="POST", json=decision, headers=approver) as tap:
         assert tap.status == 200, tap.body
         spec = json.loads(kubectl("get", "ta", first, "-n", namespace, "-o", "json").stdout)["spec"]
+        # (No admission webhook judges this namespace: the SSE server's own part is the
+        # patch it sends, as the person.)
         assert spec["decision"] == "Approved" and spec["comment"] == "go ahead"
         await op.emit(
             "approval", {"callId": "c-0000000000aa", "approval": first, "state": "approved"}
@@ -469,6 +471,14 @@ async def test_no_auth_mode_uses_the_servers_kubeconfig_on_loopback_only(
         assert any("NO AUTHENTICATION" in r.getMessage() for r in caplog.records)
         r = await http.get(f"{s.url}{API}/runs?namespace={namespace}")
         assert r.status_code == 200 and [i["name"] for i in r.json()["items"]] == ["r1"]
+        # DNS rebinding: a page whose own name resolves to 127.0.0.1 sends its Host.
+        rebound = await http.get(
+            f"{s.url}{API}/runs?namespace={namespace}", headers={"Host": "attacker.example"}
+        )
+        assert rebound.status_code == 400 and "r1" not in rebound.text
+        for name in ("localhost:8080", "[::1]:8080", "127.0.0.1"):
+            local = await http.get(f"{s.url}/healthz", headers={"Host": name})
+            assert local.status_code == 200, name
 
 
 async def test_probes_and_the_openapi_document(

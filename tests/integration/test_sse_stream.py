@@ -26,9 +26,10 @@ import pytest
 from redis import asyncio as aioredis
 
 from agentrun_operator import events
+from agentrun_operator import sseclient as client
 from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import client, testing
+from agentrun_sse import testing
 
 from sse_support import StuckViewer, create_run, sse_settings
 from support import Kubectl, decoded
@@ -385,3 +386,37 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits(
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+
+
+async def test_agentrun_watch_reads_the_stream_through_the_server_as_the_person(
+    server: testing.LiveServer, run: Run, cluster: ControlPlane
+) -> None:
+    await run.op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
+    await run.op.tokens(3)
+    await run.op.end()
+
+    async def watch(user: str) -> subprocess.CompletedProcess[str]:
+        args = ["watch", f"{run.namespace}/{run.name}", "--server", server.url]
+        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig(user))}
+        env.pop("AGENTRUN_REDIS_URL", None)  # nothing but the server is asked
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agentrun_operator.cli",
+            *args,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        return subprocess.CompletedProcess(args, proc.returncode or 0, out.decode(), err.decode())
+
+    watched = await watch("admin")
+    assert watched.returncode == 0, watched.stderr
+    assert "── planning (node plan, step 1)" in watched.stdout
+    assert "t0 t1 t2" in watched.stdout and "■ Succeeded" in watched.stdout
+    # The server opens the stream only for people the API server lets read the run.
+    refused = await watch("nobody")
+    assert refused.returncode == 1
+    assert f"you may not read AgentRun {run.namespace}/{run.name} (403" in refused.stderr
+    assert "t0" not in refused.stdout

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from agentrun_operator import approvals
+from agentrun_operator import approvals, models
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 ALICE = approvals.User("alice", ("approvers",))
@@ -29,9 +29,15 @@ def ta(votes: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]
 
 
 def run(**approval: Any) -> dict[str, Any]:
+    """A run whose settings the operator fixed (status.effective), created by carol; its
+    live spec and annotations say otherwise, and must not matter."""
+    effective = models.effective_settings(
+        models.AgentRunSpec.model_validate({"goal": "g", "approval": approval}), generation=1
+    )
     return {
-        "metadata": {"annotations": {approvals.CREATED_BY: "carol"}},
-        "spec": {"goal": "g", "approval": approval},
+        "metadata": {"namespace": "ns", "annotations": {approvals.CREATED_BY: "mallory"}},
+        "spec": {"goal": "g", "approval": {"allowSelfApproval": True}},
+        "status": {"effective": effective, "createdBy": "carol"},
     }
 
 
@@ -73,10 +79,40 @@ def test_a_decision_becomes_a_vote_with_the_requesters_identity() -> None:
     ops = approvals.mutate_toolapproval(
         operation="UPDATE", user=ALICE, obj=new, old=old, operators=frozenset(), now=NOW
     )
-    by_path = {op["path"]: op["value"] for op in ops}
+    by_path = {op["path"]: op.get("value") for op in ops}
     assert by_path["/spec/decidedBy"] == {"username": "alice", "groups": ["approvers"]}
-    [recorded] = by_path["/spec/votes"]
-    assert recorded["username"] == "alice" and recorded["comment"] == "go"
+    votes = by_path["/spec/votes"]
+    assert isinstance(votes, list) and len(votes) == 1
+    assert votes[0]["username"] == "alice" and votes[0]["comment"] == "go"
+    removed = {op["path"] for op in ops if op["op"] == "remove"}
+    assert removed == {"/spec/decision", "/spec/comment"}, "the request is not stored"
+
+
+def test_an_edit_without_a_decision_never_votes() -> None:
+    old = ta([vote("alice", "Approved")])
+    relabelled = ta([vote("alice", "Approved")])
+    relabelled["metadata"]["labels"]["team"] = "x"
+    ops = approvals.mutate_toolapproval(
+        operation="UPDATE", user=BOB, obj=relabelled, old=old, operators=frozenset(), now=NOW
+    )
+    votes = next(op["value"] for op in ops if op["path"] == "/spec/votes")
+    assert [v["username"] for v in votes] == ["alice"]
+    # An object stored before decisions became write-only keeps its old request: an edit
+    # that merely carries it along is no new vote.
+    legacy_old = ta([vote("alice", "Approved")], decision="Approved")
+    legacy_new = ta([vote("alice", "Approved")], decision="Approved")
+    ops = approvals.mutate_toolapproval(
+        operation="UPDATE", user=BOB, obj=legacy_new, old=legacy_old, operators=frozenset(), now=NOW
+    )
+    votes = next(op["value"] for op in ops if op["path"] == "/spec/votes")
+    assert [v["username"] for v in votes] == ["alice"]
+
+
+def test_a_vote_after_the_deadline_does_not_count() -> None:
+    late = {**vote("alice", "Approved"), "at": "2026-11-24T13:00:01Z"}
+    settled = approvals.settle(ta([late]), min_approvals=1, now=NOW + dt.timedelta(hours=2))
+    assert settled is not None and settled.outcome == "expired"
+    assert approvals.settle(ta([late]), min_approvals=1, now=NOW) is None
 
 
 def test_refusals_name_the_rule() -> None:
@@ -86,10 +122,17 @@ def test_refusals_name_the_rule() -> None:
         new_votes: list[dict[str, Any]],
         the_run: dict[str, Any],
     ) -> str | None:
-        new = ta(new_votes, decision=new_votes[-1]["decision"])
+        new = ta(new_votes)
         new["status"] = old["status"]
+        new["metadata"]["namespace"] = "ns"
         return approvals.validate_toolapproval(
-            operation="UPDATE", user=user, obj=new, old=old, run=the_run, operators=frozenset()
+            operation="UPDATE",
+            user=user,
+            obj=new,
+            old=old,
+            run=the_run,
+            operators=frozenset({"agentrun-operator"}),
+            now=NOW,
         )
 
     outsider = approvals.User("eve", ("devs",))
@@ -100,14 +143,35 @@ def test_refusals_name_the_rule() -> None:
     assert msg and "carol created run r and may not approve" in msg
     assert check(carol, ta(), [vote("carol", "Approved")], run(allowSelfApproval=True)) is None
     assert check(carol, ta(), [vote("carol", "Denied")], run()) is None, "denying is always safe"
-    decided = ta([vote("alice", "Approved")], decision="Approved")
+    decided = ta([vote("alice", "Approved")])
     msg = check(BOB, decided, [vote("alice", "Approved"), vote("bob", "Denied")], run())
     assert msg == "already approved by alice"
-    twice = ta([vote("alice", "Approved")], decision="Approved")
+    twice = ta([vote("alice", "Approved")])
     msg = check(
         ALICE, twice, [vote("alice", "Approved"), vote("alice", "Approved")], run(minApprovals=2)
     )
     assert msg and "one vote per person" in msg
+    agent = approvals.User("system:serviceaccount:ns:default", ("system:serviceaccounts",))
+    msg = check(agent, ta(), [vote(agent.username, "Approved")], run())
+    assert msg and "an agent never decides its own tool calls" in msg
+    unsettled = ta()
+    unsettled["status"] = {}
+    msg = check(ALICE, unsettled, [vote("alice", "Approved")], run())
+    assert msg and "not open for decisions yet" in msg
+    unfixed = run()
+    del unfixed["status"]["effective"]
+    msg = check(ALICE, ta(), [vote("alice", "Approved")], unfixed)
+    assert msg and "no fixed settings yet" in msg
+
+
+def test_a_decision_after_the_deadline_is_refused() -> None:
+    late = NOW + dt.timedelta(hours=2)
+    old = ta()
+    new = ta([vote("alice", "Approved")])
+    msg = approvals.validate_toolapproval(
+        operation="UPDATE", user=ALICE, obj=new, old=old, run=run(), operators=frozenset(), now=late
+    )
+    assert msg and "expired at 2026-11-24T13:00:00Z" in msg
 
 
 def test_the_creator_and_stopper_annotations_come_from_the_request() -> None:
@@ -140,3 +204,22 @@ def test_only_stop_may_change_in_a_runs_spec() -> None:
         allowed_base_urls=[],
     )
     assert msg and msg.startswith("spec.goal: an AgentRun's spec cannot change")
+
+
+def test_the_model_allow_list_compares_urls_not_strings() -> None:
+    allowed = ["https://llm.example.com/v1"]
+    assert approvals.base_url_allowed("https://llm.example.com/v1", allowed)
+    assert approvals.base_url_allowed("HTTPS://LLM.example.com:443/v1/", allowed)
+    assert approvals.base_url_allowed("https://llm.example.com/v1/chat", allowed)
+    for bad in (
+        "https://llm.example.com.evil.net/v1",
+        "https://llm.example.com/v10",
+        "https://llm.example.com/v1/../admin",
+        "https://llm.example.com/v1/%2e%2e/admin",
+        "https://llm.example.com@evil.net/v1",
+        "https://user@llm.example.com/v1",
+        "http://llm.example.com/v1",
+        "https://llm.example.com:8443/v1",
+        "https://llm.example.com:99999/v1",
+    ):
+        assert not approvals.base_url_allowed(bad, allowed), bad

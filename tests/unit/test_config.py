@@ -51,3 +51,8 @@ def test_the_api_key_is_never_echoed() -> None:
 def test_unknown_setting_suggests_a_close_name() -> None:
     with pytest.raises(config.ConfigError, match="did you mean AGENTRUN_REDIS_URL"):
         config.load({"AGENTRUN_REDIS_ULR": "x"})
+
+
+def test_a_redis_password_never_shows_in_the_settings() -> None:
+    settings = config.load({"AGENTRUN_REDIS_URL": "rediss://agentrun-operator:s3cr3t@redis:6380/0"})
+    assert settings.redis_url.startswith("rediss://") and "s3cr3t" not in repr(settings)

@@ -9,7 +9,8 @@ import json
 
 import pytest
 
-from agentrun_sse import client, fanout, frames
+from agentrun_operator import sseclient as client
+from agentrun_sse import fanout, frames
 
 
 def test_stream_ids_compare_as_numbers_not_text() -> None:

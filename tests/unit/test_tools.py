@@ -326,6 +326,9 @@ def test_arguments_carrying_secret_data_are_redacted_for_the_stream() -> None:
     assert "aHVudGVyMg" not in json.dumps(ops) and ops["patch"][0]["path"] == "/data/pw"
     plain = {"kind": "cm", "name": "c", "patch": {"data": {"a": "b"}}}
     assert tools.redacted_arguments("k8s_patch", plain) == plain
+    # Two documents cannot be parsed (the call fails), and its text is shown: not this one.
+    two = manifest + "---\n" + manifest
+    assert "hunter2" not in json.dumps(tools.redacted_arguments("k8s_apply", {"manifest": two}))
 
 
 # -- shapes ----------------------------------------------------------------------------------

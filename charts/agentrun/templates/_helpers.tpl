@@ -24,19 +24,36 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{- /* The Secret with the bundled Redis's ACL passwords: the user's, or the chart's own. */}}
+{{- define "agentrun.redisAuthSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis-auth" (include "agentrun.fullname" .)) -}}
+{{- end -}}
+
+{{- /* AGENTRUN_REDIS_URL for one of the product's Redis users: (list $ "operator") or
+       (list $ "sse"). The password comes from the Secret and is put into the URL by the
+       kubelet ($(VAR) expansion), so no manifest or `kubectl describe` shows it. */}}
 {{- define "agentrun.redisURLEnv" -}}
-{{- if .Values.redis.enabled }}
+{{- $root := index . 0 -}}
+{{- $who := index . 1 -}}
+{{- if $root.Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "agentrun.redisAuthSecret" $root }}
+      key: {{ $who }}-password
 - name: AGENTRUN_REDIS_URL
-  value: {{ printf "redis://%s-redis:6379/0" (include "agentrun.fullname" .) | quote }}
-{{- else if .Values.redis.externalSecret.name }}
+  value: {{ printf "redis://agentrun-%s:$(REDIS_PASSWORD)@%s-redis:6379/0" $who (include "agentrun.fullname" $root) | quote }}
+{{- else if $root.Values.redis.externalSecret.name }}
+{{- /* The SSE sidecar faces the internet: give it a user limited to reading streams and
+       publishing stops (externalSecret.sseKey); without one it shares the operator's. */}}
 - name: AGENTRUN_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.redis.externalSecret.name }}
-      key: {{ .Values.redis.externalSecret.key }}
+      name: {{ $root.Values.redis.externalSecret.name }}
+      key: {{ (and (eq $who "sse") $root.Values.redis.externalSecret.sseKey) | default $root.Values.redis.externalSecret.key }}
 {{- else }}
 - name: AGENTRUN_REDIS_URL
-  value: {{ required "redis.externalURL (or redis.externalSecret.name) is required when redis.enabled is false" .Values.redis.externalURL | quote }}
+  value: {{ required "redis.externalURL (or redis.externalSecret.name) is required when redis.enabled is false" $root.Values.redis.externalURL | quote }}
 {{- end }}
 {{- end -}}
 

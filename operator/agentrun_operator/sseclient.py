@@ -1,4 +1,5 @@
-"""A small SSE client of this server's streams, over httpx: for the CLI, tests and benchmarks.
+"""A small client of the SSE server's run streams, over httpx: for `agentrun watch`, tests and
+benchmarks.
 
 Owns parsing the ``text/event-stream`` format into :class:`Message` (id, event, data) and
 following one run's stream across dropped connections by ``Last-Event-ID``.
