@@ -302,6 +302,9 @@ def validate_toolapproval(
             # Only agentrun's own identities get here (a person's valid request became a
             # vote above, an invalid one was refused by the schema).
             return f"{user.username} is agentrun's own identity and never decides approvals"
+        if spec.get("comment") is not None and spec.get("comment") != old_spec.get("comment"):
+            # Stored alone it would be taken into whoever's vote came next.
+            return "spec.comment goes with a decision: send it together with spec.decision"
         return None
     vote = votes[-1]
     status = old.get("status") or {}

@@ -55,7 +55,7 @@ from agentrun_operator.testing.operatorproc import WebhookProcess
 from agentrun_operator.testing.redisserver import RedisServer
 from agentrun_sse import openapi, testing
 
-from support import Kubectl, Script
+from support import Kubectl, Script, fix_settings, open_approval
 
 if TYPE_CHECKING:
     from faults.conftest import Figures
@@ -63,6 +63,8 @@ if TYPE_CHECKING:
 SCENARIO = "Hostile input"
 CALL_ID = "c-0123456789ab"
 TARGET_TA = f"target-{CALL_ID}"
+# Another approval of the target run, opened as the operator would, and past its deadline.
+LATE_TA = "target-c-0000000000e2"
 API = "/api/v1"
 # Bounded and repeatable: the same examples on every run, no example database.
 HYPOTHESIS = settings(
@@ -135,7 +137,7 @@ def ground(
             with hs.kube_api(cluster, "creator") as creator:
                 made = creator.post(f"{hs.GROUP_PATH}/namespaces/{namespace}/agentruns", json=run)
                 assert made.status_code == 201, made.text
-            approval = {
+            approval: dict[str, Any] = {
                 "apiVersion": "agentrun.dev/v1alpha1",
                 "kind": "ToolApproval",
                 "metadata": {
@@ -154,6 +156,21 @@ def ground(
                     f"{hs.GROUP_PATH}/namespaces/{namespace}/toolapprovals", json=approval
                 )
                 assert made_ta.status_code == 201, made_ta.text
+                call_id = LATE_TA.removeprefix("target-")
+                late = {
+                    **approval,
+                    "metadata": {
+                        "name": LATE_TA,
+                        "labels": {"agentrun.dev/run": "target", "agentrun.dev/call-id": call_id},
+                    },
+                    "spec": {**approval["spec"], "callId": call_id},
+                }
+                made_late = operator_identity.post(
+                    f"{hs.GROUP_PATH}/namespaces/{namespace}/toolapprovals", json=late
+                )
+                assert made_late.status_code == 201, made_late.text
+            open_approval(kubectl, namespace, LATE_TA, seconds=-60)
+            fix_settings(kubectl, namespace, "target")
             sse.start()
             yield Ground(
                 plane=cluster,
@@ -207,6 +224,7 @@ class Manifest:
     body: Any  # the manifest (create), the merge patch (patch-*), the status (status-*)
     layer: Layer
     says: str  # a regex the error must match: it names the field
+    target: str = TARGET_TA  # the approval a patch-approval case edits
 
 
 def named(path: str) -> str:
@@ -346,13 +364,17 @@ MANIFESTS: list[Manifest] = [
              approval(arguments=DEEP_70), "webhook", named("spec.arguments")),
     Manifest("arguments 5000 levels deep", "agentrun-operator", "create",
              approval(arguments=DEEP_5000), "webhook", named("spec.arguments")),
-    # Trust: a service account its creator was never granted; a vote cast before the
-    # operator opened the approval (forged votes are overwritten: tests/integration).
+    # Trust: a service account its creator was never granted; votes cast before the
+    # operator opened the approval or after its deadline (forged votes are overwritten and
+    # the agent's own vote is refused: tests/integration/test_trust.py).
     _ar("run as a service account its creator may not use", "webhook",
         r"verb 'use' on resource 'serviceaccounts\.agentrun\.dev'", goal="g",
         serviceAccountName="powerful"),
     Manifest("vote before the operator opened the approval", "approver", "patch-approval",
              {"spec": {"decision": "Approved"}}, "webhook", r"not open for decisions yet"),
+    Manifest("vote after the deadline", "approver", "patch-approval",
+             {"spec": {"decision": "Approved"}}, "webhook", r"this approval expired at",
+             LATE_TA),
     # Edits of the existing run and approval, by people RBAC lets patch them.
     Manifest("decision in lower case", "approver", "patch-approval",
              {"spec": {"decision": "approved"}}, "schema", named("spec.decision")),
@@ -413,7 +435,7 @@ def _write(case: Manifest, ground: Ground, kubectl: Kubectl) -> tuple[int, str]:
         # --validate=false: the API server, not kubectl's client-side check, must refuse it.
         proc = as_user("create", "--validate=false", "-n", ns, "-f", "-", input=text, check=False)
     elif case.verb in ("patch-run", "patch-approval"):
-        kind, name = ("agentrun", "target") if case.verb == "patch-run" else ("ta", TARGET_TA)
+        kind, name = ("agentrun", "target") if case.verb == "patch-run" else ("ta", case.target)
         patch = ground.workdir / "patch.json"  # a file: a 1 MiB argument is over ARG_MAX
         patch.write_text(text)
         proc = as_user(

@@ -164,6 +164,20 @@ def test_refusals_name_the_rule() -> None:
     assert msg and "no fixed settings yet" in msg
 
 
+def test_a_comment_without_a_decision_is_refused() -> None:
+    lone = ta(comment="looks fine")
+    msg = approvals.validate_toolapproval(
+        operation="UPDATE",
+        user=ALICE,
+        obj=lone,
+        old=ta(),
+        run=run(),
+        operators=frozenset(),
+        now=NOW,
+    )
+    assert msg and "send it together with spec.decision" in msg
+
+
 def test_a_decision_after_the_deadline_is_refused() -> None:
     late = NOW + dt.timedelta(hours=2)
     old = ta()
