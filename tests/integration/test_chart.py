@@ -187,12 +187,39 @@ def test_the_bundled_redis_takes_no_anonymous_clients_and_keeps_its_data(helm: H
     assert env["sse"]["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "sse-password"
     # Data on a PersistentVolumeClaim by default: checkpoints and call records survive the pod.
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    # An external Redis: the sidecar gets its own (limited) user's URL when one is given.
+    docs = render(
+        helm, "redis.enabled=false", "redis.externalSecret.name=r", "redis.externalSecret.sseKey=s"
+    )
+    operator = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    keys = {
+        c["name"]: next(
+            e["valueFrom"]["secretKeyRef"]["key"]
+            for e in c["env"]
+            if e["name"] == "AGENTRUN_REDIS_URL"
+        )
+        for c in operator["spec"]["template"]["spec"]["containers"]
+    }
+    assert keys == {"operator": "redis-url", "sse": "s"}
     # An existing Secret replaces the generated one.
     docs = render(helm, "redis.auth.existingSecret=my-redis")
     assert not [d for d in docs if d["kind"] == "Secret" and "redis" in d["metadata"]["name"]]
     redis = next(d for d in docs if d["kind"] == "StatefulSet")
     refs = redis["spec"]["template"]["spec"]["containers"][0]["env"]
     assert {e["valueFrom"]["secretKeyRef"]["name"] for e in refs} == {"my-redis"}
+
+
+def test_model_prices_reach_the_operator(helm: Helm) -> None:
+    # (--set reads integers only; a values file or --set-json carries fractions.)
+    docs = render(helm, "operator.prices.my-model.input=1", "operator.prices.my-model.output=3")
+    operator = next(
+        d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+    )
+    env = {e["name"]: e for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    prices = json.loads(env["AGENTRUN_PRICES"]["value"])
+    assert prices == {"my-model": {"input": 1, "output": 3}}
 
 
 def test_ingress_and_gateway_carry_the_stream_settings(helm: Helm) -> None:
