@@ -1723,16 +1723,26 @@ class Registry:
 
     @contextlib.asynccontextmanager
     async def _borrowed_stream(
-        self, ref: RunRef, st: dict[str, Any]
+        self, ref: RunRef, st: dict[str, Any], *, wait: float = 0.0
     ) -> AsyncIterator[tuple[Emitter, StatusWriter] | None]:
         """The stream and status of a run no task of this process holds, for a moment
-        (its lease taken and released); None when another operator holds the run."""
+        (its lease taken and released); None when another operator holds the run for
+        longer than ``wait`` seconds."""
         lease = await events.Lease.acquire(
             self.redis,
             uid=ref.uid,
             operator_id=self.settings.operator_id,
             ttl_seconds=self.settings.lease_seconds,
         )
+        deadline = time.monotonic() + wait
+        while lease is None and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            lease = await events.Lease.acquire(
+                self.redis,
+                uid=ref.uid,
+                operator_id=self.settings.operator_id,
+                ttl_seconds=self.settings.lease_seconds,
+            )
         if lease is None:
             yield None
             return
@@ -1762,14 +1772,17 @@ class Registry:
         reason: str = "Stopped",
     ) -> None:
         """End a run that has no task here: stopped (by ``by``), or failed with ``reason``."""
-        async with self._borrowed_stream(ref, st) as borrowed:
+        wait = 0.0
+        if phase == "Stopped":
+            # If another operator executes it, this message (or its own watch) stops it
+            # there. If the lease is a dead operator's (killed, not yet expired), nobody
+            # would: wait for it to lapse and finish the run here.
+            await self.redis.publish(
+                events.control_key(ref.uid), json.dumps({"action": "stop", "by": by or ""})
+            )
+            wait = self.settings.lease_seconds * 1.5
+        async with self._borrowed_stream(ref, st, wait=wait) as borrowed:
             if borrowed is None:
-                if phase == "Stopped":
-                    # Another operator executes it; this message or its own watch stops it.
-                    await self.redis.publish(
-                        events.control_key(ref.uid),
-                        json.dumps({"action": "stop", "by": by or ""}),
-                    )
                 return
             emitter, statusw = borrowed
             if await self._ended_before(ref, statusw):
