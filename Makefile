@@ -25,6 +25,7 @@ UV := $(AGENTRUN_CACHE)/uv-$(UV_VERSION)/bin/uv
 # Never download a Python: the lock resolves for the interpreter this machine has.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
+export AGENTRUN_UV := $(UV)
 DEPS := PYTHON=$(PYTHON) scripts/install-deps.sh
 
 .PHONY: deps

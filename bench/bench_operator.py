@@ -28,11 +28,11 @@ from typing import Any, cast
 
 import redis as redis_sync
 
+from agentrun_harness.controlplane import ControlPlane, k8s_release
+from agentrun_harness.operatorproc import OperatorProcess
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane, k8s_release
-from agentrun_operator.testing.mockllm import MockLLMThread
-from agentrun_operator.testing.operatorproc import OperatorProcess
-from agentrun_operator.testing.redisserver import RedisServer
+from agentrun_operator.mockllm import MockLLMThread
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = "/apis/agentrun.dev/v1alpha1"

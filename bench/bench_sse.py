@@ -33,11 +33,11 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "operator"), str(ROOT / "sse")]
 
+from agentrun_harness import procs  # noqa: E402
+from agentrun_harness import sse as sse_harness  # noqa: E402
+from agentrun_harness.controlplane import ControlPlane, default_bin_dir, free_port  # noqa: E402
+from agentrun_harness.redisserver import RedisServer  # noqa: E402
 from agentrun_operator import events  # noqa: E402
-from agentrun_operator.testing import procs  # noqa: E402
-from agentrun_operator.testing.controlplane import ControlPlane, default_bin_dir, free_port  # noqa: E402
-from agentrun_operator.testing.redisserver import RedisServer  # noqa: E402
-from agentrun_sse import testing  # noqa: E402
 
 SENT_AT = re.compile(rb'"sentAt":([0-9.]+)')
 
@@ -155,7 +155,7 @@ async def scenario(
     name = f"bench-{viewers}-{int(time.time() * 1000) % 100000}"
     uid = create_run(plane, namespace, name)
     redis = events.connect(redis_url)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
     path = events.stream_path(namespace, name)
     ctx = multiprocessing.get_context("spawn")
     pipes, procs = [], []
@@ -227,7 +227,7 @@ async def throughput(
     name = f"bench-rate-{int(time.time() * 1000) % 100000}"
     uid = create_run(plane, namespace, name)
     redis = events.connect(redis_url)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     path = events.stream_path(namespace, name)

@@ -22,4 +22,4 @@ if [ ! -x "$PY" ]; then
   log "$PY not found: run \`make install\` first"; exit 1
 fi
 log "removing the cluster in $DIR"
-"$PY" -m agentrun_operator.testing.node down --dir "$DIR"
+"$PY" -m agentrun_harness.node down --dir "$DIR"

@@ -6,7 +6,7 @@
 #    cached by version under ~/.cache/agentrun (scripts/build-controlplane.sh --node); 3. starts etcd, kube-apiserver,
 #    kube-controller-manager, kube-scheduler, a private containerd, kubelet, kube-proxy and
 #    CoreDNS
-#    (agentrun_operator.testing.node). Idempotent: a running cluster is reused. All state lives
+#    (agentrun_harness.node). Idempotent: a running cluster is reused. All state lives
 #    under .work/cluster/; the kubeconfig is .work/cluster/kubeconfig (never ~/.kube), and
 #    its path is printed on stdout. `scripts/cluster-down.sh` removes everything.
 #
@@ -43,6 +43,6 @@ BIN="$(K8S_VERSION="$NODE_VERSION" "$ROOT/scripts/build-controlplane.sh" --node)
 COREDNS="$("$ROOT/scripts/build-coredns.sh")"
 
 log "3/3 the cluster in $DIR"
-"$PY" -m agentrun_operator.testing.node up --dir "$DIR" --bin-dir "$BIN" --coredns "$COREDNS" \
+"$PY" -m agentrun_harness.node up --dir "$DIR" --bin-dir "$BIN" --coredns "$COREDNS" \
   --timeout "${CLUSTER_TIMEOUT:-300}"
 log "done in $(( $(date +%s) - started ))s; use: export KUBECONFIG=$DIR/kubeconfig"

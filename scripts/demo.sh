@@ -14,7 +14,7 @@ RUN=why-is-web-pending
 mkdir -p "$WORK"
 say() { printf '\033[1m[demo]\033[0m %s\n' "$*"; }
 alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-free_port() { "$PY" -c 'from agentrun_operator.testing.controlplane import free_port; print(free_port())'; }
+free_port() { "$PY" -c 'from agentrun_harness.controlplane import free_port; print(free_port())'; }
 stop_pidfile() {
   if [ -f "$1" ]; then kill "$(cat "$1")" 2>/dev/null || true; rm -f "$1"; fi
 }
@@ -24,17 +24,17 @@ case "$MODE" in show|check|down) ;; *) echo "usage: $0 [show|check|down]" >&2; e
 if [ "$MODE" = down ]; then
   for p in sse operator webhooks mockllm redis; do stop_pidfile "$WORK/$p.pid"; done
   if [ -x "$PY" ]; then
-    "$PY" -m agentrun_operator.testing.controlplane down --dir "$WORK/controlplane" || true
+    "$PY" -m agentrun_harness.controlplane down --dir "$WORK/controlplane" || true
   fi
   say "stopped"
   exit 0
 fi
 
-release=$("$PY" -c 'from agentrun_operator.testing.controlplane import k8s_release; print(k8s_release())')
+release=$("$PY" -c 'from agentrun_harness.controlplane import k8s_release; print(k8s_release())')
 say "control plane: etcd + kube-apiserver + kube-controller-manager (Kubernetes $release)"
-KUBECONFIG=$("$PY" -m agentrun_operator.testing.controlplane up --dir "$WORK/controlplane")
+KUBECONFIG=$("$PY" -m agentrun_harness.controlplane up --dir "$WORK/controlplane")
 export KUBECONFIG
-KUBECTL=$("$PY" -c 'from agentrun_operator.testing.controlplane import default_bin_dir; print(default_bin_dir() / "kubectl")')
+KUBECTL=$("$PY" -c 'from agentrun_harness.controlplane import default_bin_dir; print(default_bin_dir() / "kubectl")')
 
 if alive "$WORK/redis.pid"; then
   say "reusing Redis on port $(cat "$WORK/redis.port")"
@@ -76,7 +76,7 @@ else
 import base64, json, sys
 from pathlib import Path
 from agentrun_operator import webhooks
-from agentrun_operator.testing.controlplane import issue_server_cert
+from agentrun_harness.controlplane import issue_server_cert
 work, port = Path(sys.argv[1]).resolve(), sys.argv[2]
 pki = work / "controlplane" / "pki"
 issue_server_cert(pki, work / "webhooks", hosts=["127.0.0.1"], name="webhooks")

@@ -16,18 +16,18 @@ import pytest
 import redis as redis_sync
 from redis import asyncio as aioredis
 
-from agentrun_operator import events
-from agentrun_operator import webhooks as webhook_configs
-from agentrun_operator.testing.controlplane import (
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import (
     ControlPlane,
     default_bin_dir,
     free_port,
     k8s_release,
 )
-from agentrun_operator.testing.mockllm import MockLLMThread
-from agentrun_operator.testing.operatorproc import OperatorProcess, WebhookProcess
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing as sse_testing
+from agentrun_harness.operatorproc import OperatorProcess, WebhookProcess
+from agentrun_harness.redisserver import RedisServer
+from agentrun_operator import events
+from agentrun_operator import webhooks as webhook_configs
+from agentrun_operator.mockllm import MockLLMThread
 
 from sse_support import sse_settings
 from support import Kubectl, Script, fresh_namespace
@@ -283,9 +283,9 @@ def agent_sa(kubectl: Kubectl, namespace: str) -> str:
 @pytest.fixture(scope="module")
 async def server(
     cluster: ControlPlane, redis_server: RedisServer
-) -> AsyncIterator[sse_testing.LiveServer]:
+) -> AsyncIterator[sse_harness.LiveServer]:
     """The SSE server in-process on a real socket, against the test control plane."""
-    async with sse_testing.LiveServer(sse_settings(cluster, redis_server.url)) as s:
+    async with sse_harness.LiveServer(sse_settings(cluster, redis_server.url)) as s:
         yield s
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrun_operator.testing import node
+from agentrun_harness import node
 
 from support import Kubectl, run_kubectl
 

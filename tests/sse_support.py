@@ -14,8 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from agentrun_harness.controlplane import ControlPlane, free_port
 from agentrun_operator import sseclient as client
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
 from agentrun_sse import settings
 
 import support

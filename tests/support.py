@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import redis as redis_sync
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.operatorproc import OperatorProcess
 from agentrun_operator import events, models
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.operatorproc import OperatorProcess
 
 __all__ = [
     "Kubectl",

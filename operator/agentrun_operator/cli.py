@@ -19,7 +19,7 @@ def _version(_: argparse.Namespace) -> int:
 
 def _mock_llm(args: argparse.Namespace) -> int:
     # Imported here: starlette and uvicorn load only for this subcommand.
-    from agentrun_operator.testing import mockllm
+    from agentrun_operator import mockllm
 
     return mockllm.serve(
         host=args.host,
@@ -159,6 +159,15 @@ def _delete_runs(args: argparse.Namespace) -> int:
     return asyncio.run(cleanup.delete_runs(namespaces=globs, timeout=args.timeout))
 
 
+def add_mock_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The mock LLM's options (also ``python -m agentrun_operator.mockllm``'s)."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--script", type=Path, help="YAML or JSON rules (see mockllm.py)")
+    parser.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="agentrun",
@@ -168,11 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     version = sub.add_parser("version", help="print the version")
     version.set_defaults(func=_version)
     mock = sub.add_parser("mock-llm", help="serve an OpenAI-compatible mock LLM (tests, demo)")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=8000)
-    mock.add_argument("--script", type=Path, help="YAML or JSON rules (see testing/mockllm.py)")
-    mock.add_argument("--tokens-per-second", type=float, default=50.0, help="0: no pacing")
-    mock.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    add_mock_llm_arguments(mock)
     mock.set_defaults(func=_mock_llm)
     watch = sub.add_parser(
         "watch", help="print a run's events live, through the agentrun server, as yourself"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrun_operator.testing import node
+from agentrun_harness import node
 
 from e2e_support import (
     E2E_CLUSTER,

@@ -41,10 +41,10 @@ import pytest
 import redis as redis_sync
 import yaml
 
+from agentrun_harness import node
+from agentrun_harness.controlplane import free_port
 from agentrun_operator import events
 from agentrun_operator import sseclient as sse_client
-from agentrun_operator.testing import node
-from agentrun_operator.testing.controlplane import free_port
 
 from e2e_support import KIND_CLUSTER, ImpersonatingKubectl, Target
 from sse_support import nginx

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from agentrun_operator.testing import node
-from agentrun_operator.testing.controlplane import k8s_release
+from agentrun_harness import node
+from agentrun_harness.controlplane import k8s_release
 
 from support import Kubectl, wait_for
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrun_operator.testing.controlplane import k8s_release
+from agentrun_harness.controlplane import k8s_release
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "reliability.md"

@@ -30,11 +30,11 @@ import httpx
 import pytest
 import redis as redis_sync
 
+from agentrun_harness import procs
+from agentrun_harness.controlplane import ControlPlane, free_port
+from agentrun_harness.operatorproc import OperatorProcess
 from agentrun_operator import events
 from agentrun_operator import sseclient as client
-from agentrun_operator.testing import procs
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
-from agentrun_operator.testing.operatorproc import OperatorProcess
 
 from support import Kubectl, Script, fresh_namespace, wait_for
 

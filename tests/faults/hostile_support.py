@@ -21,7 +21,7 @@ import redis as redis_sync
 import yaml
 from faults import fault_support
 
-from agentrun_operator.testing.controlplane import ControlPlane
+from agentrun_harness.controlplane import ControlPlane
 
 from support import Kubectl, fresh_namespace, wait_for
 

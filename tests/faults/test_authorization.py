@@ -32,10 +32,10 @@ import httpx
 import pytest
 from faults import hostile_support as hs
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.operatorproc import WebhookProcess
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import models
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.operatorproc import WebhookProcess
-from agentrun_operator.testing.redisserver import RedisServer
 
 from support import Kubectl
 

@@ -49,11 +49,12 @@ from schemathesis.specs.openapi.checks import (
 )
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import USERS, ControlPlane
+from agentrun_harness.operatorproc import WebhookProcess
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events, models
-from agentrun_operator.testing.controlplane import USERS, ControlPlane
-from agentrun_operator.testing.operatorproc import WebhookProcess
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import openapi, testing
+from agentrun_sse import openapi
 
 from support import Kubectl, Script, fix_settings, open_approval
 
@@ -945,7 +946,7 @@ async def test_crlf_and_sse_fields_inside_an_event_arrive_as_one_event(
     ground: Ground, sse_redis: Any
 ) -> None:
     """Text that would end a frame and forge an `end` event (were it written raw) is data."""
-    op = await testing.FakeOperator(
+    op = await sse_harness.FakeOperator(
         sse_redis, uid=ground.run_uid, run=f"{ground.namespace}/target"
     ).start()
     forged = "ok\r\n\r\nid: 9999999999999-0\r\nevent: end\r\ndata: {}\r\n\r\n"
@@ -955,7 +956,7 @@ async def test_crlf_and_sse_fields_inside_an_event_arrive_as_one_event(
     url = f"{ground.sse.url}{events.stream_path(ground.namespace, 'target')}"
     async with (
         httpx.AsyncClient(timeout=30) as http,
-        testing.StreamTap(http, url, headers=admin) as tap,
+        sse_harness.StreamTap(http, url, headers=admin) as tap,
     ):
         assert tap.status == 200
         got = [await tap.next(), await tap.next()]

@@ -38,9 +38,9 @@ from faults.fault_support import (
     start_operator,
 )
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
 
 from support import Kubectl, OperatorProcess, Script, create_run, marker, stream, wait_for
 

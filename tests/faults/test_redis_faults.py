@@ -39,9 +39,9 @@ from faults.fault_support import (
     start_operator,
 )
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
 
 from support import (
     Kubectl,

@@ -20,10 +20,10 @@ import pytest
 from faults.conftest import Figures, count
 from faults.fault_support import SSEProcess, clock, rss_mib, viewer_process
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing
 
 from sse_support import StuckViewer
 from support import Kubectl, create_run
@@ -74,7 +74,7 @@ async def test_stuck_viewers_are_cut_with_a_reason_and_the_others_keep_their_pac
 ) -> None:
     uid = await asyncio.to_thread(create_run, kubectl, namespace, "crowded", goal="watch")
     redis = events.connect(redis_server.url)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/crowded").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/crowded").start()
     path = events.stream_path(namespace, "crowded")
     token = cluster.token("admin")
     rss_idle = rss_mib(sse.pid)

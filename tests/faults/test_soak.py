@@ -21,9 +21,9 @@ import redis as redis_sync
 from faults.conftest import Figures, count
 from faults.fault_support import Follower, SSEProcess, fault_namespace, rss_mib, start_operator
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
 
 from support import Kubectl, OperatorProcess, Script, create_run, marker, wait_for
 

@@ -22,10 +22,10 @@ import redis as redis_sync
 from faults.conftest import Figures, count
 from faults.fault_support import Follower, SSEProcess, redis_ids
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing
 
 from support import Kubectl, create_run
 
@@ -64,7 +64,7 @@ async def test_clients_reconnecting_across_server_crashes_miss_nothing_and_see_n
     for i in range(RUNS):
         name = f"churn-{i}"
         uid = await asyncio.to_thread(create_run, kubectl, namespace, name, goal="churn")
-        op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
+        op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/{name}").start()
         runs.append((name, uid, op))
     followers = [
         Follower(
@@ -84,7 +84,7 @@ async def test_clients_reconnecting_across_server_crashes_miss_nothing_and_see_n
     churning = True
     kills = 0
 
-    async def write(op: testing.FakeOperator) -> None:
+    async def write(op: sse_harness.FakeOperator) -> None:
         n = 0
         while churning:
             n += 1

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import redis as redis_sync
 
-from agentrun_operator.testing.operatorproc import OperatorProcess, WebhookProcess
+from agentrun_harness.operatorproc import OperatorProcess, WebhookProcess
 
 from support import Kubectl, Script, bind_roles, create_run, get_run, marker, wait_event, wait_phase
 

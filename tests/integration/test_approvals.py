@@ -641,7 +641,8 @@ async def test_stopped_by_names_the_real_user_through_the_http_api(
 ) -> None:
     import httpx
 
-    from agentrun_sse import settings, testing
+    from agentrun_harness import sse as sse_harness
+    from agentrun_sse import settings
 
     goal = script.add(marker("http-stop"), [{"hang": True}])
     create_run(kubectl, namespace, "viaapi", goal=goal)
@@ -653,7 +654,7 @@ async def test_stopped_by_names_the_real_user_through_the_http_api(
         redis_url=redis_server.url,
         kube=settings.KubeTarget(server=kubectl.plane.server, ca_file=str(kubectl.plane.ca_file)),
     )
-    async with testing.LiveServer(conf) as server, httpx.AsyncClient() as http:
+    async with sse_harness.LiveServer(conf) as server, httpx.AsyncClient() as http:
         r = await http.post(
             f"{server.url}/api/v1/runs/{namespace}/viaapi/stop",
             headers={"Authorization": f"Bearer {kubectl.plane.token('creator')}"},

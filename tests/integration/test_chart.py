@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from agentrun_harness.controlplane import ControlPlane
 from agentrun_operator import webhooks
-from agentrun_operator.testing.controlplane import ControlPlane
 
 from support import Kubectl
 

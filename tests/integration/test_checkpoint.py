@@ -26,8 +26,8 @@ from langgraph.checkpoint.conformance import capabilities, report
 from langgraph.checkpoint.serde import types as serde_types
 from redis import asyncio as aioredis
 
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import checkpoint
-from agentrun_operator.testing.redisserver import RedisServer
 
 
 def fresh_prefix() -> str:

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
+from agentrun_harness.controlplane import ControlPlane
 from agentrun_operator import kube
-from agentrun_operator.testing.controlplane import ControlPlane
 
 from support import Kubectl, wait_for
 

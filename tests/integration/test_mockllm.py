@@ -36,7 +36,7 @@ from langchain_core.messages import (
 from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 
-from agentrun_operator.testing.mockllm import MockLLM, MockLLMThread
+from agentrun_operator.mockllm import MockLLM, MockLLMThread
 
 from support import wait_for
 
@@ -388,7 +388,8 @@ def test_the_command_line_serves_until_interrupted(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "agentrun_operator.testing.mockllm",
+            "agentrun_operator.cli",
+            "mock-llm",
             "--port",
             "0",
             "--script",

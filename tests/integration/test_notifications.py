@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from agentrun_operator.testing.controlplane import free_port
+from agentrun_harness.controlplane import free_port
 
 from support import Kubectl, Script, create_run, marker, wait_for, wait_phase
 

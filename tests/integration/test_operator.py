@@ -23,9 +23,9 @@ from collections.abc import Iterator
 import pytest
 import redis as redis_sync
 
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import config, events, kube, runs
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
 
 from support import (
     Kubectl,

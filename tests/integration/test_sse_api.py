@@ -21,10 +21,11 @@ import httpx
 import pytest
 from redis import asyncio as aioredis
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import auth, settings, testing
+from agentrun_sse import auth, settings
 
 from sse_support import create_run, sse_settings
 from support import Kubectl
@@ -109,7 +110,7 @@ def endpoints(ns: str) -> list[tuple[str, str, object]]:
 
 
 async def test_every_endpoint_answers_401_without_a_token_or_with_a_bad_one(
-    server: testing.LiveServer, http: httpx.AsyncClient, kubectl: Kubectl, namespace: str
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, kubectl: Kubectl, namespace: str
 ) -> None:
     create_run(kubectl, namespace)
     create_approval(kubectl, namespace, run="r1", call_id="c-000000000001")
@@ -122,7 +123,7 @@ async def test_every_endpoint_answers_401_without_a_token_or_with_a_bad_one(
 
 
 async def test_every_endpoint_answers_403_to_a_user_without_rights(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -139,7 +140,7 @@ async def test_every_endpoint_answers_403_to_a_user_without_rights(
 
 
 async def test_a_viewer_with_a_role_to_get_runs_can_watch_but_not_stop(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -148,14 +149,14 @@ async def test_a_viewer_with_a_role_to_get_runs_can_watch_but_not_stop(
 ) -> None:
     uid = create_run(kubectl, namespace)
     grant(kubectl, namespace, user="viewer", rules=[rule("agentruns", "get")])
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
     await op.tokens(2)
     viewer = bearer(cluster, "viewer")
     r = await http.get(f"{server.url}{API}/runs/{namespace}/r1", headers=viewer)
     assert r.status_code == 200
     assert r.json()["summary"]["uid"] == uid
     url = f"{server.url}{events.stream_path(namespace, 'r1')}"
-    async with testing.StreamTap(http, url, headers=viewer) as tap:
+    async with sse_harness.StreamTap(http, url, headers=viewer) as tap:
         assert tap.status == 200
         assert [m.json()["seq"] for m in await tap.take(2)] == [1, 2]
     r = await http.post(f"{server.url}{API}/runs/{namespace}/r1/stop", headers=viewer)
@@ -165,7 +166,7 @@ async def test_a_viewer_with_a_role_to_get_runs_can_watch_but_not_stop(
 
 
 async def test_list_and_get_runs_as_the_caller(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -187,7 +188,7 @@ async def test_list_and_get_runs_as_the_caller(
 
 
 async def test_stop_patches_spec_stop_and_publishes_on_the_control_channel(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -214,7 +215,7 @@ async def test_stop_patches_spec_stop_and_publishes_on_the_control_channel(
 
 
 async def test_chat_creates_the_run_as_the_caller_and_streams_it_run_first(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -231,7 +232,7 @@ async def test_chat_creates_the_run_as_the_caller_and_streams_it_run_first(
     r = await http.post(f"{server.url}{API}/agent/chat?stream=false", json=body, headers=creator)
     assert r.status_code == 403, "creator has no Role yet"
     grant(kubectl, namespace, user="creator", rules=[rule("agentruns", "create", "get")])
-    async with testing.StreamTap(
+    async with sse_harness.StreamTap(
         http, f"{server.url}{API}/agent/chat", method="POST", json=body, headers=creator
     ) as tap:
         assert tap.status == 201
@@ -245,7 +246,7 @@ async def test_chat_creates_the_run_as_the_caller_and_streams_it_run_first(
         assert obj["spec"]["goal"] == "count the pods"
         assert obj["spec"]["tools"] == ["k8s_list"]
         assert obj["spec"]["limits"]["maxSteps"] == 5
-        op = await testing.FakeOperator(
+        op = await sse_harness.FakeOperator(
             redis, uid=named["uid"], run=f"{namespace}/{named['name']}"
         ).start()
         await op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
@@ -269,7 +270,7 @@ async def test_chat_creates_the_run_as_the_caller_and_streams_it_run_first(
 
 
 async def test_approvals_patch_the_decision_and_stream_the_continuation(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,
@@ -285,12 +286,14 @@ async def test_approvals_patch_the_decision_and_stream_the_continuation(
         user="approver",
         rules=[rule("toolapprovals", "list", "patch"), rule("agentruns", "get")],
     )
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
     await op.emit("approval", {"callId": "c-0000000000aa", "approval": first, "state": "pending"})
     approver = bearer(cluster, "approver")
     url = f"{server.url}{API}/agent/approvals/c-0000000000aa"
     decision = {"namespace": namespace, "decision": "approve", "comment": "go ahead"}
-    async with testing.StreamTap(http, url, method="POST", json=decision, headers=approver) as tap:
+    async with sse_harness.StreamTap(
+        http, url, method="POST", json=decision, headers=approver
+    ) as tap:
         assert tap.status == 200, tap.body
         spec = json.loads(kubectl("get", "ta", first, "-n", namespace, "-o", "json").stdout)["spec"]
         # (No admission webhook judges this namespace: the SSE server's own part is the
@@ -336,7 +339,7 @@ async def test_approvals_patch_the_decision_and_stream_the_continuation(
 
 
 async def test_bad_requests_get_422_415_and_413(
-    server: testing.LiveServer, http: httpx.AsyncClient, cluster: ControlPlane, namespace: str
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, cluster: ControlPlane, namespace: str
 ) -> None:
     admin = bearer(cluster, "admin")
     chat = f"{server.url}{API}/agent/chat?stream=false"
@@ -388,7 +391,7 @@ async def test_bad_requests_get_422_415_and_413(
 
 
 async def test_the_login_cookie_streams_and_writes_need_its_csrf_token(
-    server: testing.LiveServer, cluster: ControlPlane, kubectl: Kubectl, namespace: str
+    server: sse_harness.LiveServer, cluster: ControlPlane, kubectl: Kubectl, namespace: str
 ) -> None:
     create_run(kubectl, namespace)
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as browser:
@@ -407,7 +410,7 @@ async def test_the_login_cookie_streams_and_writes_need_its_csrf_token(
         assert "HttpOnly" in session and "SameSite=strict" in session and "Path=/" in session
         csrf = browser.cookies[auth.CSRF_COOKIE]
         url = events.stream_path(namespace, "r1")
-        async with testing.StreamTap(browser, url) as tap:
+        async with sse_harness.StreamTap(browser, url) as tap:
             assert tap.status == 200
             await tap.heartbeat()
         r = await browser.post(f"{API}/runs/{namespace}/r1/stop")
@@ -434,9 +437,11 @@ async def test_access_token_in_the_query_works_for_reads_and_is_redacted_in_logs
     create_run(kubectl, namespace)
     token = cluster.token("admin")
     caplog.set_level(logging.INFO)
-    async with testing.LiveServer(sse_settings(cluster, redis_server.url), access_log=True) as s:
+    async with sse_harness.LiveServer(
+        sse_settings(cluster, redis_server.url), access_log=True
+    ) as s:
         url = f"{s.url}{events.stream_path(namespace, 'r1')}?replay=all&access_token={token}"
-        async with testing.StreamTap(http, url) as tap:
+        async with sse_harness.StreamTap(http, url) as tap:
             assert tap.status == 200
             await tap.heartbeat()
         r = await http.get(f"{s.url}{API}/runs?access%5Ftoken={token}&namespace={namespace}")
@@ -467,7 +472,7 @@ async def test_no_auth_mode_uses_the_servers_kubeconfig_on_loopback_only(
     assert conf.host == "127.0.0.1" and conf.auth == "none"
     assert conf.kube is not None and conf.kube.token == cluster.token("admin")
     caplog.set_level(logging.WARNING)
-    async with testing.LiveServer(conf) as s:
+    async with sse_harness.LiveServer(conf) as s:
         assert any("NO AUTHENTICATION" in r.getMessage() for r in caplog.records)
         r = await http.get(f"{s.url}{API}/runs?namespace={namespace}")
         assert r.status_code == 200 and [i["name"] for i in r.json()["items"]] == ["r1"]
@@ -482,7 +487,7 @@ async def test_no_auth_mode_uses_the_servers_kubeconfig_on_loopback_only(
 
 
 async def test_probes_and_the_openapi_document(
-    server: testing.LiveServer, http: httpx.AsyncClient
+    server: sse_harness.LiveServer, http: httpx.AsyncClient
 ) -> None:
     assert (await http.get(f"{server.url}/healthz")).text == "ok"
     assert (await http.get(f"{server.url}/readyz")).status_code == 200
@@ -505,7 +510,7 @@ async def test_probes_and_the_openapi_document(
 
 
 async def test_two_viewers_stop_concurrently_without_trouble(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     cluster: ControlPlane,
     kubectl: Kubectl,

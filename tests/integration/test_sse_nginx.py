@@ -21,10 +21,10 @@ import httpx
 import pytest
 from redis import asyncio as aioredis
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing
 
 from sse_support import NGINX, create_run, nginx, sse_settings
 from support import Kubectl, require_tool
@@ -47,7 +47,7 @@ async def latencies(
     *,
     live: list[str],
     held: str,
-    op: testing.FakeOperator,
+    op: sse_harness.FakeOperator,
     n: int,
     gap: float,
 ) -> tuple[list[float], list[list[float]]]:
@@ -59,11 +59,11 @@ async def latencies(
     event is missed however late it attaches. The run ends after the events, so every
     stream, buffered ones too, is complete when its response ends.
     """
-    held_tap = testing.StreamTap(http, held)
+    held_tap = sse_harness.StreamTap(http, held)
     opening = asyncio.create_task(held_tap.__aenter__())
     try:
         async with contextlib.AsyncExitStack() as stack:
-            taps = [await stack.enter_async_context(testing.StreamTap(http, u)) for u in live]
+            taps = [await stack.enter_async_context(sse_harness.StreamTap(http, u)) for u in live]
             await asyncio.gather(*(tap.heartbeat() for tap in taps))  # live, not replaying
             written: dict[str, float] = {}
             pad = "z" * 100
@@ -97,14 +97,14 @@ def ms(values: list[float]) -> str:
 
 
 async def test_events_arrive_through_the_documented_config_unbatched_and_batched_by_default(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     kubectl: Kubectl,
     namespace: str,
     redis: aioredis.Redis,
 ) -> None:
     uid = create_run(kubectl, namespace)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
     path = events.stream_path(namespace, "r1")
     # NGINX's defaults (buffering, HTTP/1.0 upstream), told to ignore X-Accel-Buffering,
     # plus gzip for event streams, the usual way such a proxy ends up batching: without a
@@ -152,11 +152,13 @@ async def test_heartbeats_keep_an_idle_stream_open_past_the_proxy_read_timeout(
     redis: aioredis.Redis,
 ) -> None:
     uid = create_run(kubectl, namespace)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
     path = events.stream_path(namespace, "r1") + "?replay=none"
     short = {"proxy_read_timeout 3600s;": "proxy_read_timeout 1s;"}
-    beating = testing.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=0.25))
-    silent = testing.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=60))
+    beating = sse_harness.LiveServer(
+        sse_settings(cluster, redis_server.url, heartbeat_seconds=0.25)
+    )
+    silent = sse_harness.LiveServer(sse_settings(cluster, redis_server.url, heartbeat_seconds=60))
     async with beating, silent:
         with (
             nginx(upstream=f"127.0.0.1:{beating.port}", edits=short) as with_beats,
@@ -166,8 +168,8 @@ async def test_heartbeats_keep_an_idle_stream_open_past_the_proxy_read_timeout(
             # which each tap has received by the time it is entered.
             opened = time.monotonic()
             async with (
-                testing.StreamTap(http, with_beats + path) as kept,
-                testing.StreamTap(http, without + path) as cut,
+                sse_harness.StreamTap(http, with_beats + path) as kept,
+                sse_harness.StreamTap(http, without + path) as cut,
             ):
                 # Without heartbeats NGINX ends the stream after its 1 s read timeout...
                 assert await cut.until_closed(timeout=10, heartbeats=True) == []

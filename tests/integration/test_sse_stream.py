@@ -25,11 +25,11 @@ import httpx
 import pytest
 from redis import asyncio as aioredis
 
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane, free_port
+from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
 from agentrun_operator import sseclient as client
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing
 
 from sse_support import StuckViewer, create_run, sse_settings
 from support import Kubectl, decoded
@@ -45,10 +45,10 @@ async def http(cluster: ControlPlane) -> AsyncIterator[httpx.AsyncClient]:
 
 
 class Run:
-    def __init__(self, namespace: str, name: str, uid: str, op: testing.FakeOperator) -> None:
+    def __init__(self, namespace: str, name: str, uid: str, op: sse_harness.FakeOperator) -> None:
         self.namespace, self.name, self.uid, self.op = namespace, name, uid, op
 
-    def url(self, server: testing.LiveServer | str, query: str = "") -> str:
+    def url(self, server: sse_harness.LiveServer | str, query: str = "") -> str:
         base = server if isinstance(server, str) else server.url
         return f"{base}{events.stream_path(self.namespace, self.name)}{query}"
 
@@ -56,7 +56,7 @@ class Run:
 @pytest.fixture
 async def run(kubectl: Kubectl, namespace: str, redis: aioredis.Redis) -> Run:
     uid = create_run(kubectl, namespace)
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
     return Run(namespace, "r1", uid, op)
 
 
@@ -65,10 +65,12 @@ def seqs(messages: list[client.Message]) -> list[int]:
 
 
 async def test_replay_from_the_last_event_id_header_then_close_after_end(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     ids = await run.op.tokens(5)
-    async with testing.StreamTap(http, run.url(server), headers={"Last-Event-ID": ids[1]}) as tap:
+    async with sse_harness.StreamTap(
+        http, run.url(server), headers={"Last-Event-ID": ids[1]}
+    ) as tap:
         assert tap.status == 200
         assert tap.headers["cache-control"] == "no-cache"
         assert tap.headers["x-accel-buffering"] == "no"
@@ -84,22 +86,22 @@ async def test_replay_from_the_last_event_id_header_then_close_after_end(
 
 
 async def test_replay_from_the_last_event_id_query_parameter(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     ids = await run.op.tokens(4)
     await run.op.end()
-    async with testing.StreamTap(http, run.url(server, f"?lastEventId={ids[2]}")) as tap:
+    async with sse_harness.StreamTap(http, run.url(server, f"?lastEventId={ids[2]}")) as tap:
         got = await tap.until_closed()
     assert seqs(got) == [4, 5]
     assert [m.event for m in got] == ["token", "end"]
 
 
 async def test_full_replay_then_the_live_tail_with_heartbeats_carrying_the_phase(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     await run.op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
     await run.op.tokens(2)
-    async with testing.StreamTap(http, run.url(server)) as tap:
+    async with sse_harness.StreamTap(http, run.url(server)) as tap:
         assert seqs(await tap.take(3)) == [1, 2, 3]
         beat = await tap.heartbeat()  # live now: heartbeats come only from the live tail
         assert beat.id is None
@@ -116,17 +118,17 @@ async def test_full_replay_then_the_live_tail_with_heartbeats_carrying_the_phase
 
 
 async def test_a_new_run_without_status_heartbeats_pending(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
-    async with testing.StreamTap(http, run.url(server)) as tap:
+    async with sse_harness.StreamTap(http, run.url(server)) as tap:
         assert (await tap.heartbeat()).json()["phase"] == "Pending"
 
 
 async def test_replay_none_sends_only_live_events(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     await run.op.tokens(3)
-    async with testing.StreamTap(http, run.url(server, "?replay=none")) as tap:
+    async with sse_harness.StreamTap(http, run.url(server, "?replay=none")) as tap:
         await tap.heartbeat()
         await run.op.tokens(2, start=3)
         await run.op.end()
@@ -134,7 +136,7 @@ async def test_replay_none_sends_only_live_events(
 
 
 async def test_reconnects_mid_stream_lose_nothing_and_repeat_nothing(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     total = 300
 
@@ -151,7 +153,7 @@ async def test_reconnects_mid_stream_lose_nothing_and_repeat_nothing(
     reconnects = 0
     while True:
         headers = {"Last-Event-ID": last} if last else {}
-        async with testing.StreamTap(http, run.url(server), headers=headers) as tap:
+        async with sse_harness.StreamTap(http, run.url(server), headers=headers) as tap:
             try:
                 for _ in range(37):  # then drop the connection, mid-stream
                     msg = await tap.next()
@@ -159,7 +161,7 @@ async def test_reconnects_mid_stream_lose_nothing_and_repeat_nothing(
                     last = msg.id
                     if msg.event == "end":
                         break
-            except testing.StreamClosed:
+            except sse_harness.StreamClosed:
                 break
         if msg.event == "end":
             break
@@ -170,7 +172,7 @@ async def test_reconnects_mid_stream_lose_nothing_and_repeat_nothing(
 
 
 async def test_reconnecting_after_the_end_gets_204(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
     await run.op.tokens(1)
     end_id = await run.op.end()
@@ -181,7 +183,7 @@ async def test_reconnecting_after_the_end_gets_204(
 
 
 async def test_a_replay_from_before_trimmed_history_begins_with_trimmed(
-    server: testing.LiveServer,
+    server: sse_harness.LiveServer,
     http: httpx.AsyncClient,
     kubectl: Kubectl,
     namespace: str,
@@ -189,7 +191,7 @@ async def test_a_replay_from_before_trimmed_history_begins_with_trimmed(
 ) -> None:
     uid = create_run(kubectl, namespace)
     # MAXLEN ~ 10: Redis trims whole nodes of 100 entries, so 250 events lose some.
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1", maxlen=10).start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1", maxlen=10).start()
     run = Run(namespace, "r1", uid, op)
     ids = await run.op.tokens(250)
     [first] = decoded(await redis.xrange(events.events_key(run.uid), count=1))
@@ -197,26 +199,30 @@ async def test_a_replay_from_before_trimmed_history_begins_with_trimmed(
     assert first_id != ids[0], "MAXLEN trimmed nothing; the test needs trimmed history"
     first_seq = ids.index(first_id) + 1
     await run.op.end()
-    async with testing.StreamTap(http, run.url(server), headers={"Last-Event-ID": ids[0]}) as tap:
+    async with sse_harness.StreamTap(
+        http, run.url(server), headers={"Last-Event-ID": ids[0]}
+    ) as tap:
         got = await tap.until_closed()
     assert got[0].event == "trimmed" and got[0].id is None
     assert got[0].json() == {"firstId": first_id}
     assert seqs(got[1:]) == list(range(first_seq, 252))
     # From an id still in the stream: no trimmed event.
-    async with testing.StreamTap(http, run.url(server), headers={"Last-Event-ID": ids[-2]}) as tap:
+    async with sse_harness.StreamTap(
+        http, run.url(server), headers={"Last-Event-ID": ids[-2]}
+    ) as tap:
         got = await tap.until_closed()
     assert [m.event for m in got] == ["token", "end"]
 
 
 async def test_many_viewers_of_one_run_share_one_redis_reader(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run, redis: aioredis.Redis
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run, redis: aioredis.Redis
 ) -> None:
     hub = server.ctx.hub
     started, xreads = hub.stats.readers_started, hub.stats.xread_calls
     viewers = 25
     async with contextlib.AsyncExitStack() as stack:
         taps = [
-            await stack.enter_async_context(testing.StreamTap(http, run.url(server)))
+            await stack.enter_async_context(sse_harness.StreamTap(http, run.url(server)))
             for _ in range(viewers)
         ]
         await asyncio.gather(*(t.heartbeat() for t in taps))  # all live
@@ -236,9 +242,9 @@ async def test_many_viewers_of_one_run_share_one_redis_reader(
 
 
 async def test_metrics_count_streams_events_and_latency(
-    server: testing.LiveServer, http: httpx.AsyncClient, run: Run
+    server: sse_harness.LiveServer, http: httpx.AsyncClient, run: Run
 ) -> None:
-    async with testing.StreamTap(http, run.url(server)) as tap:
+    async with sse_harness.StreamTap(http, run.url(server)) as tap:
         await tap.heartbeat()
         text = (await http.get(f"{server.url}/metrics")).text
         assert "agentrun_sse_open_streams 1.0" in text or "agentrun_sse_open_streams" in text
@@ -270,7 +276,7 @@ async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
 ) -> None:
     queue = 32
     conf = sse_settings(cluster, redis_server.url, viewer_queue=queue, read_count=16)
-    async with testing.LiveServer(conf) as small:
+    async with sse_harness.LiveServer(conf) as small:
         hub = small.ctx.hub
         slow = StuckViewer(
             small.port, events.stream_path(run.namespace, run.name), cluster.token("admin")
@@ -278,7 +284,7 @@ async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
         await slow.open()
         async with contextlib.AsyncExitStack() as stack:
             fast = [
-                await stack.enter_async_context(testing.StreamTap(http, run.url(small)))
+                await stack.enter_async_context(sse_harness.StreamTap(http, run.url(small)))
                 for _ in range(3)
             ]
             await asyncio.gather(*(t.heartbeat() for t in fast))
@@ -306,7 +312,7 @@ async def test_a_slow_viewer_is_cut_off_with_a_reason_while_the_others_keep_up(
         assert seqs(sent) == list(range(1, len(sent) + 1))
         assert reason["lastId"] == sent[-1].id
         # It resumes by id and misses nothing.
-        async with testing.StreamTap(
+        async with sse_harness.StreamTap(
             http, run.url(small), headers={"Last-Event-ID": reason["lastId"]}
         ) as tap:
             rest = await tap.until_closed()
@@ -321,11 +327,11 @@ async def test_streams_survive_a_redis_restart(
     redis = events.connect(own.url)
     try:
         uid = create_run(kubectl, namespace)
-        op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
-        async with testing.LiveServer(sse_settings(cluster, own.url)) as srv:
+        op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/r1").start()
+        async with sse_harness.LiveServer(sse_settings(cluster, own.url)) as srv:
             url = f"{srv.url}{events.stream_path(namespace, 'r1')}"
             await op.tokens(2)
-            async with testing.StreamTap(http, url) as tap:
+            async with sse_harness.StreamTap(http, url) as tap:
                 assert seqs(await tap.take(2)) == [1, 2]
                 await tap.heartbeat()
                 own.stop()
@@ -369,7 +375,7 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits(
                 assert proc.poll() is None, "the server exited at start"
                 await asyncio.sleep(0.05)  # a child process: polling /healthz is its signal
         await run.op.tokens(1)
-        async with testing.StreamTap(http, run.url(base)) as tap:
+        async with sse_harness.StreamTap(http, run.url(base)) as tap:
             await tap.take(1)
             await tap.heartbeat()
             proc.send_signal(signal.SIGTERM)
@@ -389,7 +395,7 @@ async def test_sigterm_ends_open_streams_cleanly_and_exits(
 
 
 async def test_agentrun_watch_reads_the_stream_through_the_server_as_the_person(
-    server: testing.LiveServer, run: Run, cluster: ControlPlane
+    server: sse_harness.LiveServer, run: Run, cluster: ControlPlane
 ) -> None:
     await run.op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
     await run.op.tokens(3)

@@ -27,9 +27,9 @@ import pytest
 from redis import asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
-from agentrun_operator.testing.controlplane import ControlPlane
-from agentrun_operator.testing.redisserver import RedisServer
-from agentrun_sse import testing
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.redisserver import RedisServer
 
 from sse_support import sse_settings
 from support import Kubectl, require_tool
@@ -233,11 +233,11 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
             },
         },
     )
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/ui-run").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/ui-run").start()
     await op.emit("workflow", {"state": "planning", "node": "plan", "step": 1})
     await op.emit("token", {"text": "Looking ", "node": "act"})  # history, replayed on open
     conf = sse_settings(cluster, redis_server.url, heartbeat_seconds=1.0)
-    async with testing.LiveServer(conf) as server, chromium() as page:
+    async with sse_harness.LiveServer(conf) as server, chromium() as page:
         try:
             await log_in(page, server.url + "/", cluster.token("admin"))
             links = "[...document.querySelectorAll('#run-table a')]"
@@ -383,7 +383,7 @@ async def test_approve_all_pending_decides_each_call_on_its_own_in_chromium(
                 "spec": {"runName": "many", "callId": call, "tool": "k8s_delete_pod"},
             },
         )
-    op = await testing.FakeOperator(redis, uid=uid, run=f"{namespace}/many").start()
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/many").start()
     await op.emit("workflow", {"state": "awaiting_approval", "node": "gate", "step": 2})
     for call in calls:
         await op.emit(
@@ -397,7 +397,7 @@ async def test_approve_all_pending_decides_each_call_on_its_own_in_chromium(
             },
         )
     conf = sse_settings(cluster, redis_server.url, heartbeat_seconds=1.0)
-    async with testing.LiveServer(conf) as server, chromium() as page:
+    async with sse_harness.LiveServer(conf) as server, chromium() as page:
         try:
             await log_in(page, server.url + f"/#/runs/{namespace}/many", cluster.token("admin"))
             cards = "document.querySelectorAll('.card.approval button.approve').length"

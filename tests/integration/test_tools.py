@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 import yaml
 
+from agentrun_harness.controlplane import ControlPlane
 from agentrun_operator import kube as kubeapi
 from agentrun_operator import tools
-from agentrun_operator.testing.controlplane import ControlPlane
 
 from support import Kubectl, create_run, wait_for
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrun_operator.testing import controlplane
+from agentrun_harness import controlplane
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -3,7 +3,7 @@
 Owns one Starlette app served by uvicorn, its script and the log of requests it received.
 It must never call a real model, never block the event loop (all latency is ``asyncio.sleep``),
 and never keep the server from shutting down (a ``hang`` reply ends when the server stops).
-The operator's run-time code never imports it.
+The operator's run-time code never imports it; ``agentrun mock-llm`` (cli.py) serves it.
 
 Endpoints::
 
@@ -44,7 +44,7 @@ plus one per tool-call header and per argument fragment), cached_tokens = 0.
 
 ``MockLLM`` runs in the caller's event loop (``await start()`` / ``await stop()``);
 ``MockLLMThread`` runs one on its own loop in a thread for sync code. From a shell:
-``agentrun mock-llm`` or ``python -m agentrun_operator.testing.mockllm``.
+``agentrun mock-llm``.
 """
 
 from __future__ import annotations
@@ -842,10 +842,3 @@ def serve(
         print(f"mock-llm: cannot listen on {host}:{port}: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    # One argument parser: the `agentrun mock-llm` subcommand's.
-    from agentrun_operator import cli
-
-    sys.exit(cli.main(["mock-llm", *sys.argv[1:]]))

@@ -11,8 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from agentrun_operator.testing import procs
-from agentrun_operator.testing.controlplane import free_port
+from agentrun_harness import procs
+from agentrun_harness.controlplane import free_port
 
 
 class RedisServerError(RuntimeError):

@@ -5,7 +5,7 @@ Owns the processes, their certificates, the static bearer tokens of the test use
 kubeconfig per user. The binaries come from ``scripts/build-controlplane.sh`` (``make
 controlplane``), which builds them once and caches them by version; this module never builds.
 
-``python -m agentrun_operator.testing.controlplane up|down|status --dir DIR`` manages a
+``python -m agentrun_harness.controlplane up|down|status --dir DIR`` manages a
 detached one for ``make demo``; tests use :class:`ControlPlane` directly.
 """
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from agentrun_operator.testing import procs
+from agentrun_harness import procs
 
 
 @dataclass(frozen=True)

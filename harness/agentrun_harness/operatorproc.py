@@ -13,8 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agentrun_operator.testing import procs
-from agentrun_operator.testing.controlplane import ControlPlane, free_port
+from agentrun_harness import procs
+from agentrun_harness.controlplane import ControlPlane, free_port
 
 
 def _wait(what: str, ready: object, timeout: float) -> None:
@@ -111,7 +111,7 @@ class WebhookProcess:
     def __init__(
         self, *, plane: ControlPlane, workdir: Path, env: dict[str, str] | None = None
     ) -> None:
-        from agentrun_operator.testing.controlplane import issue_server_cert
+        from agentrun_harness.controlplane import issue_server_cert
 
         self.plane = plane
         self.workdir = workdir

@@ -18,7 +18,7 @@ by ``scripts/build-controlplane.sh --node``, wrapped as an image tarball and imp
 images are loaded the same way with :meth:`Cluster.load_image`. Needs root. This module never
 builds binaries.
 
-``python -m agentrun_operator.testing.node up|down|status|load-image TAR --dir DIR`` is what
+``python -m agentrun_harness.node up|down|status|load-image TAR --dir DIR`` is what
 ``make cluster-up`` and ``make cluster-down`` run.
 """
 
@@ -49,7 +49,7 @@ from typing import Any
 
 import yaml
 
-from agentrun_operator.testing import controlplane
+from agentrun_harness import controlplane
 
 NODE_NAME = "agentrun-node"
 # The node's address: a /32 on lo (this kernel has no dummy interfaces), so pods reach the
