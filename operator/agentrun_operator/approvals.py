@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from agentrun_operator import models
+from agentrun_operator import contract, models
 
 # Nesting allowed below an object's root. ToolApproval spec.arguments is free-form (the only
 # such field), and a real patch or manifest nests a dozen levels; the API server takes up to
@@ -42,10 +42,6 @@ def deeper_than(value: Any, most: int) -> list[str] | None:
     return None
 
 
-RUN_LABEL = "agentrun.dev/run"
-CALL_LABEL = "agentrun.dev/call-id"
-CREATED_BY = "agentrun.dev/created-by"
-STOPPED_BY = "agentrun.dev/stopped-by"
 OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason")
 MAX_COMMENT = 2048  # spec.comment and a vote's comment (models.ToolApprovalSpec)
 
@@ -83,7 +79,7 @@ def toolapproval_body(
         "metadata": {
             "name": approval_name(run, call_id),
             "namespace": namespace,
-            "labels": {RUN_LABEL: run, CALL_LABEL: call_id},
+            "labels": {contract.RUN_LABEL: run, contract.CALL_ID_LABEL: call_id},
             "ownerReferences": [
                 {
                     "apiVersion": models.API_VERSION,
@@ -286,7 +282,7 @@ def validate_toolapproval(
         if spec.get(name) != old_spec.get(name):
             return f"spec.{name} is written by the operator and cannot be changed"
     labels, old_labels = _labels(obj), _labels(old)
-    for key in (RUN_LABEL, CALL_LABEL):
+    for key in (contract.RUN_LABEL, contract.CALL_ID_LABEL):
         if labels.get(key) != old_labels.get(key):
             return f"label {key} is written by the operator and cannot be changed"
     old_votes = list(old_spec.get("votes") or [])
@@ -385,17 +381,17 @@ def mutate_agentrun(
     annotations = dict((obj.get("metadata") or {}).get("annotations") or {})
     old_annotations = ((old or {}).get("metadata") or {}).get("annotations") or {}
     wanted = dict(annotations)
-    for key in (CREATED_BY, STOPPED_BY):
+    for key in (contract.CREATED_BY, contract.STOPPED_BY):
         wanted.pop(key, None)
         if operation == "UPDATE" and key in old_annotations:
             wanted[key] = old_annotations[key]
     if operation == "CREATE":
-        wanted[CREATED_BY] = user.username
+        wanted[contract.CREATED_BY] = user.username
     elif operation == "UPDATE":
         stop = bool((obj.get("spec") or {}).get("stop"))
         was = bool(((old or {}).get("spec") or {}).get("stop"))
         if stop and not was:
-            wanted[STOPPED_BY] = user.username
+            wanted[contract.STOPPED_BY] = user.username
     if wanted == annotations:
         return []
     return [{"op": "add", "path": "/metadata/annotations", "value": wanted}]

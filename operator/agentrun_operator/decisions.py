@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, TextIO
 
-from agentrun_operator import approvals, kube
+from agentrun_operator import contract, kube
 
 
 class DecisionError(Exception):
@@ -22,7 +22,7 @@ async def list_approvals(
 ) -> int:
     k = await kube.Kube.from_env()
     try:
-        items = await k.list_toolapprovals(namespace=namespace, label_selector=approvals.RUN_LABEL)
+        items = await k.list_toolapprovals(namespace=namespace, label_selector=contract.RUN_LABEL)
     finally:
         await k.close()
     rows = [("CALL ID", "RUN", "TOOL", "STATE", "DECIDED BY", "ARGUMENTS")]
@@ -61,7 +61,7 @@ async def decide(
     k = await kube.Kube.from_env()
     try:
         found = await k.list_toolapprovals(
-            namespace=namespace, label_selector=f"{approvals.CALL_LABEL}={call_id}"
+            namespace=namespace, label_selector=f"{contract.CALL_ID_LABEL}={call_id}"
         )
         if not found:
             raise DecisionError(
@@ -92,7 +92,7 @@ async def decide_all(
     results: list[tuple[str, str | None]] = []
     try:
         found = await k.list_toolapprovals(
-            namespace=namespace, label_selector=f"{approvals.RUN_LABEL}={run}"
+            namespace=namespace, label_selector=f"{contract.RUN_LABEL}={run}"
         )
         pending = [ta for ta in found if (ta.get("status") or {}).get("state") in (None, "Pending")]
         for ta in sorted(pending, key=lambda t: t["metadata"]["name"]):

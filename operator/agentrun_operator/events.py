@@ -2,7 +2,8 @@
 server both import.
 
 Owns: key names (every key of a run carries the Redis Cluster hash tag ``{<uid>}``), the
-event envelope, the run lease with its fencing number, and the single Lua script through
+event envelope, the control-message format (stop), the run lease with its fencing number,
+and the single Lua script through
 which every event is appended (fence check, ``seq`` increment and ``XADD`` in one step, so
 two operators can never interleave, duplicate or reorder a run's events).
 Never: talks to Kubernetes, decides workflow logic, or writes a key of another run.
@@ -124,6 +125,44 @@ def uid_from_control_channel(channel: str) -> str | None:
 
 def uid_from_events_key(key: bytes | str) -> str | None:
     return _uid_of(key.decode() if isinstance(key, bytes) else key, "events")
+
+
+# -- the control channel: stop, the instant way ------------------------------------------
+# Stop travels two ways at once: spec.stop on the AgentRun (durable) and this message on the
+# run's control channel (instant). Its format lives here only: the SSE server publishes it
+# (after its spec.stop patch), the operator publishes it for a run another operator holds,
+# and the operator's control listener parses it.
+
+
+@dataclass(frozen=True)
+class Control:
+    """A control message for one run: ``action`` (only "stop" today) requested ``by``."""
+
+    uid: str
+    action: Literal["stop"]
+    by: str
+
+
+def stop_message(by: str) -> str:
+    return json.dumps({"action": "stop", "by": by})
+
+
+async def publish_stop(redis: aioredis.Redis, uid: str, *, by: str) -> int:
+    """Tell whichever operator executes the run to stop it now; how many listened."""
+    return int(await redis.publish(control_key(uid), stop_message(by)))
+
+
+def parse_control(channel: bytes | str, data: Any) -> Control | None:
+    """The control message received on ``channel``, or None when it is not one (a foreign
+    channel, malformed JSON, an unknown action): such a message is ignored, never fatal."""
+    uid = uid_from_control_channel(_text(channel))
+    try:
+        message = json.loads(data)
+    except (ValueError, TypeError):
+        return None
+    if not uid or not isinstance(message, dict) or message.get("action") != "stop":
+        return None
+    return Control(uid=uid, action="stop", by=str(message.get("by") or ""))
 
 
 def stream_path(namespace: str, name: str) -> str:

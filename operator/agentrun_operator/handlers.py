@@ -1,8 +1,9 @@
 """Every kopf registration of the operator: thin handlers that delegate to ``runs``.
 
 Importing this module registers the handlers, so both ``python -m agentrun_operator`` and
-``kopf run -m agentrun_operator.handlers`` work. Never holds run logic and never writes
-``spec``: kopf's own bookkeeping lives in ``status.kopf`` so GitOps tools see no drift.
+``kopf run -m agentrun_operator.handlers`` work. Never holds run logic (the ``engine``
+package does) and never writes ``spec``: kopf's own bookkeeping lives in ``status.kopf``
+so GitOps tools see no drift.
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from redis import asyncio as aioredis
 
-from agentrun_operator import checkpoint, config, events, kube, metrics, models, notify, runs
+from agentrun_operator import checkpoint, config, contract, kube, metrics, models, notify
+from agentrun_operator.engine import Registry
+from agentrun_operator.store import RunStore
 
 log = logging.getLogger("agentrun.handlers")
 
 GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
-FINALIZER = "agentrun.dev/finalizer"
 
 
 @dataclass
 class State:
     settings: config.Settings
     kube: kube.Kube
-    redis: aioredis.Redis
-    registry: runs.Registry
+    store: RunStore
+    registry: Registry
     background: list[asyncio.Task[None]]
 
 
@@ -41,7 +42,7 @@ def _state(memo: kopf.Memo) -> State:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     cfg: config.Settings = memo.get("settings") or config.load()
-    settings.persistence.finalizer = FINALIZER
+    settings.persistence.finalizer = contract.FINALIZER
     settings.persistence.progress_storage = kopf.StatusProgressStorage(field="status.kopf.progress")
     settings.persistence.diffbase_storage = kopf.StatusDiffBaseStorage(
         field="status.kopf.last-handled-configuration"
@@ -57,9 +58,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.execution.default_backoff = 5
     metrics.serve(host=cfg.health_host, port=cfg.metrics_port)
     k = await kube.Kube.from_env()
-    redis = events.connect(cfg.redis_url)
-    registry = runs.Registry(
-        settings=cfg, k8s=k, redis=redis, saver=checkpoint.RedisCheckpointSaver(redis)
+    store = RunStore.connect(cfg.redis_url)
+    registry = Registry(
+        settings=cfg, k8s=k, store=store, saver=checkpoint.RedisCheckpointSaver(store.redis)
     )
     try:
         registry.cluster_id = await k.cluster_id()
@@ -71,8 +72,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             e,
         )
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
-    expiries = asyncio.create_task(registry.watch_expiries(), name="agentrun-expiries")
-    sweeper = asyncio.create_task(registry.sweep_leftovers(), name="agentrun-leftovers")
+    expiries = asyncio.create_task(registry.sweeps.watch_expiries(), name="agentrun-expiries")
+    sweeper = asyncio.create_task(registry.sweeps.sweep_leftovers(), name="agentrun-leftovers")
     background = [control, expiries, sweeper]
     if cfg.notify_configmap:
         registry.notifier = notify.Notifier(
@@ -82,7 +83,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             refresh_seconds=cfg.notify_refresh_seconds,
         )
         background.append(asyncio.create_task(registry.notifier.run(), name="agentrun-notify"))
-    memo["agentrun"] = State(cfg, k, redis, registry, background)
+    memo["agentrun"] = State(cfg, k, store, registry, background)
 
 
 @kopf.on.cleanup()
@@ -95,7 +96,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-    await state.redis.aclose()
+    await state.store.close()
     await state.kube.close()
 
 
@@ -108,7 +109,7 @@ async def run(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.stop", new=True)
 async def stop(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     annotations = body.metadata.annotations
-    await _state(memo).registry.stop(body, by=annotations.get("agentrun.dev/stopped-by"))
+    await _state(memo).registry.stop(body, by=annotations.get(contract.STOPPED_BY))
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec", old=kopf.PRESENT)
@@ -130,7 +131,7 @@ async def delete(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any
             state.registry.forget(body), timeout=state.settings.redis_cleanup_seconds
         )
     except Exception as e:
-        state.registry.leftovers.add(body.metadata.uid)
+        state.registry.sweeps.leftovers.add(body.metadata.uid)
         logger.error(
             f"could not delete the Redis keys of run uid {body.metadata.uid} yet "
             f"({type(e).__name__}: {e}); they go once Redis is back (should the operator "

@@ -29,6 +29,7 @@ import aiohttp
 from kubernetes_asyncio import client, config
 
 from agentrun_operator import models
+from agentrun_operator.contract import KubeError as KubeError
 
 logger = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ _REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=60, sock_connect=10)
 # have been installed since), but never more often than the minimum.
 _DISCOVERY_TTL = 600.0
 _DISCOVERY_MIN_REFRESH = 10.0
-
-
-class KubeError(Exception):
-    """An error answer from the API server (``status`` 0: it could not be reached)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{reason} ({status}): {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 class UnknownKindError(KubeError):

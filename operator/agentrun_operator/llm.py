@@ -20,7 +20,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_openai import ChatOpenAI
 from pydantic import SecretStr
 
-from agentrun_operator import config
+from agentrun_operator import config, models
 
 TokenSink = Callable[[str], Awaitable[None]]
 
@@ -53,18 +53,6 @@ def build(model: ModelConfig, *, timeout: float, max_retries: int) -> BaseChatMo
     )
 
 
-@dataclass
-class CallMetrics:
-    """One LLM call's figures, as the `metrics` event carries them."""
-
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    cost_usd: float = 0.0
-    ttft_ms: int | None = None
-    ttr_ms: int = 0
-
-
 def price_of(model: str, prices: dict[str, config.Price]) -> config.Price | None:
     """The model's price, or None when the table has none (then no cost is counted, and a
     run with a cost limit refuses to start)."""
@@ -76,7 +64,7 @@ def price_of(model: str, prices: dict[str, config.Price]) -> config.Price | None
     return price
 
 
-def cost(usage: CallMetrics, *, model: str, prices: dict[str, config.Price]) -> float:
+def cost(usage: models.CallUsage, *, model: str, prices: dict[str, config.Price]) -> float:
     price = price_of(model, prices)
     if price is None:
         return 0.0
@@ -110,13 +98,13 @@ async def stream_call(
     model_name: str,
     prices: dict[str, config.Price],
     budget: BudgetCheck | None = None,
-) -> tuple[AIMessage, CallMetrics]:
+) -> tuple[AIMessage, models.CallUsage]:
     """Stream one call, passing text to ``on_token``; return the whole message and figures.
 
     ``budget`` sees the estimated output so far after every delta; what it raises ends the
     stream at once (closing the connection, so the endpoint stops generating)."""
     started = time.monotonic()
-    metrics = CallMetrics()
+    metrics = models.CallUsage()
     acc: AIMessageChunk | None = None
     estimated = 0
     # aclosing: a call cut short (a budget, a stop) closes its HTTP response at once.

@@ -10,6 +10,7 @@ Pure: no I/O, no kopf, no Kubernetes client, no Redis.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -17,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
-GROUP = "agentrun.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+from agentrun_operator import contract
+
+GROUP = contract.GROUP
+VERSION = contract.VERSION
+API_VERSION = contract.API_VERSION
 
 ToolName = Literal[
     "k8s_get",
@@ -346,6 +349,43 @@ class Usage(_Model):
     )
     llm_calls: int = Field(default=0, ge=0, description="LLM calls made.")
     tool_calls: int = Field(default=0, ge=0, description="Tool calls made.")
+
+    def add_call(self, call: CallUsage) -> None:
+        """Count one LLM call in the totals."""
+        self.input_tokens += call.input_tokens
+        self.output_tokens += call.output_tokens
+        self.total_tokens = self.input_tokens + self.output_tokens
+        self.cached_tokens += call.cached_tokens
+        self.cost_usd = round(self.cost_usd + call.cost_usd, 8)
+        self.llm_calls += 1
+        if self.ttft_ms is None:
+            self.ttft_ms = call.ttft_ms
+
+    def as_status(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True)
+
+    @classmethod
+    def from_status(cls, body: Mapping[str, Any] | None) -> Usage:
+        """The totals a status (or a metrics event's ``total``) carries; zero when absent
+        or unreadable."""
+        try:
+            usage = cls.model_validate(dict(body or {}))
+        except ValueError:
+            return cls()
+        usage.total_tokens = usage.input_tokens + usage.output_tokens
+        return usage
+
+
+@dataclass
+class CallUsage:
+    """One LLM call's figures, as its `metrics` event carries them (``Usage`` adds them up)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    ttft_ms: int | None = None
+    ttr_ms: int = 0
 
 
 class AgentRunStatus(_Model):

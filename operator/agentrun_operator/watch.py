@@ -16,6 +16,7 @@ from typing import Any, TextIO
 import httpx
 
 from agentrun_operator import events, kube, sseclient
+from agentrun_operator.store import RunStore
 
 _COLOURS = {"workflow": "36", "tool": "33", "approval": "35", "fault": "31", "end": "32"}
 
@@ -172,19 +173,14 @@ async def watch(
         raise SystemExit(f"agentrun watch: AgentRun {namespace}/{name} not found")
     uid = body["metadata"]["uid"]
     render = Renderer(out, colour=out.isatty() if colour is None else colour)
-    redis = events.connect(redis_url, max_connections=2)
+    store = RunStore(events.connect(redis_url, max_connections=2))
     last = after
     try:
         while True:
-            reply: Any = await redis.xread(
-                {events.events_key(uid): last}, block=block_ms, count=500
-            )
-            for _stream, entries in reply or []:
-                for event_id, fields in entries:
-                    event = events.decode(event_id, fields)
-                    last = event["id"]
-                    render.event(event)
-                    if event.get("type") == "end":
-                        return str((event.get("data") or {}).get("phase"))
+            for event in await store.read_events(uid, after=last, block_ms=block_ms):
+                last = event["id"]
+                render.event(event)
+                if event.get("type") == "end":
+                    return str((event.get("data") or {}).get("phase"))
     finally:
-        await redis.aclose()
+        await store.close()

@@ -23,16 +23,13 @@ from sse_starlette import sse as sse_mod
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, RedirectResponse, Response
 
-from agentrun_operator import events
+from agentrun_operator import contract, events
 from agentrun_sse import auth, bodies, fanout, frames, kubeapi, stream
 from agentrun_sse import metrics as metrics_mod
 from agentrun_sse import settings as settings_mod
 
 log = logging.getLogger(__name__)
 
-STOPPED_BY = "agentrun.dev/stopped-by"
-CALL_ID_LABEL = "agentrun.dev/call-id"
-RUN_LABEL = "agentrun.dev/run"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -88,7 +85,7 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "pendingApprovalCount": status.get("pendingApprovalCount") or 0,
         "usage": status.get("usage") or {},
         "createdBy": status.get("createdBy")
-        or (meta.get("annotations") or {}).get("agentrun.dev/created-by"),
+        or (meta.get("annotations") or {}).get(contract.CREATED_BY),
         "streamPath": events.stream_path(ns, name),
     }
 
@@ -194,14 +191,14 @@ async def stop_run(request: Request) -> Response:
         token=who.token, namespace=ns, name=name, patch={"spec": {"stop": True}}
     )
     uid = str(run["metadata"]["uid"])
-    by = str((run["metadata"].get("annotations") or {}).get(STOPPED_BY) or "")
+    by = str((run["metadata"].get("annotations") or {}).get(contract.STOPPED_BY) or "")
     if not by:
         by = await c.kube.username(token=who.token)
     # The CR carries the durable stop; this message makes it instant. If Redis is down the
     # stop still happens (the operator watches the CR), only slower: not an error.
     published = True
     try:
-        await c.redis.publish(events.control_key(uid), json.dumps({"action": "stop", "by": by}))
+        await events.publish_stop(c.redis, uid, by=by)
     except (redis_errors.RedisError, OSError) as e:
         log.warning("stop of %s/%s: control message not published (%s)", ns, name, e)
         published = False
@@ -284,9 +281,9 @@ async def _decide(
     body: bodies.ApprovalRequest,
 ) -> Response:
     c = ctx(request)
-    selector = f"{CALL_ID_LABEL}={call_id}"
+    selector = f"{contract.CALL_ID_LABEL}={call_id}"
     if run_name is not None:
-        selector += f",{RUN_LABEL}={run_name}"
+        selector += f",{contract.RUN_LABEL}={run_name}"
     found = await c.kube.list_approvals(
         token=who.token, namespace=namespace, label_selector=selector
     )
@@ -299,7 +296,7 @@ async def _decide(
     approval_name = str(approval["metadata"]["name"])
     run = str(
         (approval.get("spec") or {}).get("runName")
-        or (approval["metadata"].get("labels") or {}).get(RUN_LABEL)
+        or (approval["metadata"].get("labels") or {}).get(contract.RUN_LABEL)
         or run_name
         or ""
     )

@@ -20,22 +20,14 @@ from urllib.parse import quote
 
 import httpx
 
+from agentrun_operator import contract
+from agentrun_operator.contract import KubeError as KubeError
 from agentrun_sse import settings as settings_mod
 
-GROUP = "agentrun.dev"
-VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
+GROUP = contract.GROUP
+VERSION = contract.VERSION
+API_VERSION = contract.API_VERSION
 MERGE_PATCH = "application/merge-patch+json"
-
-
-class KubeError(Exception):
-    """An error answer from the API server (``status`` 502: it could not be reached)."""
-
-    def __init__(self, status: int, reason: str, message: str) -> None:
-        super().__init__(f"{reason} ({status}): {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
 
 
 def _ssl_context(target: settings_mod.KubeTarget) -> ssl.SSLContext | bool:

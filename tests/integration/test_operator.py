@@ -25,7 +25,9 @@ import redis as redis_sync
 
 from agentrun_harness.controlplane import ControlPlane
 from agentrun_harness.redisserver import RedisServer
-from agentrun_operator import config, events, kube, runs
+from agentrun_operator import config, events, kube
+from agentrun_operator.engine import Registry
+from agentrun_operator.store import RunStore
 
 from support import (
     Kubectl,
@@ -440,19 +442,17 @@ async def test_the_keys_of_runs_deleted_behind_the_operators_back_are_swept(
         ghost(f"{namespace}/other-cluster", stamp=str(uuid.uuid4())),
         ghost(f"{namespace}/unstamped", stamp=None),
     ]
-    registry = runs.Registry(
-        settings=config.Settings(namespaces=["op-*"]),
-        k8s=k,
-        redis=events.connect(redis_server.url),
-        saver=None,
-        cluster_id=this_cluster,
+    store = RunStore.connect(redis_server.url)
+    registry = Registry(
+        settings=config.Settings(namespaces=["op-*"]), k8s=k, store=store, saver=None
     )
+    registry.cluster_id = this_cluster
     try:
         # With the operator's own rights. (The operator's own periodic sweep may get there
         # first: the same code.)
-        await registry.sweep_orphans()
+        await registry.sweeps.sweep_orphans()
     finally:
-        await registry.redis.aclose()
+        await store.close()
         await k.close()
     assert r.keys(f"agentrun:{{{gone}}}:*") == [], "the deleted run's keys are gone"
     for uid in kept:

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from agentrun_harness.controlplane import ControlPlane
+from agentrun_operator import contract, tools
 from agentrun_operator import kube as kubeapi
-from agentrun_operator import tools
 
 from support import Kubectl, create_run, wait_for
 
@@ -475,7 +475,7 @@ async def test_read_only_tools_never_write(
     await succeeds(agent, "k8s_events", namespace, kind="ConfigMap", name="c1")
     after = get(kubectl, namespace, "cm", "c1")
     assert after["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"]
-    assert tools.STAMP not in annotations_of(after)
+    assert contract.LAST_CALL_ID not in annotations_of(after)
 
 
 # -- Secrets ---------------------------------------------------------------------------------
@@ -595,7 +595,7 @@ async def test_scale_sets_replicas_and_stamps_in_one_patch(
     assert outcome.result["replicas"] == 3 and outcome.result["kind"] == "Deployment"
     obj = get(kubectl, namespace, "deploy", "web")
     assert obj["spec"]["replicas"] == 3
-    assert annotations_of(obj)[tools.STAMP] == call_id
+    assert annotations_of(obj)[contract.LAST_CALL_ID] == call_id
     wait_for(
         "three pods",
         lambda: len(get(kubectl, namespace, "pods", "-l", "app=web")["items"]) == 3,
@@ -623,7 +623,7 @@ async def test_rollout_restart_changes_the_template_and_stamps(
     obj = get(kubectl, namespace, "deploy", "web")
     template = obj["spec"]["template"]["metadata"]["annotations"]
     assert template[tools.RESTARTED_AT] == result["restartedAt"]
-    assert annotations_of(obj)[tools.STAMP] == call_id
+    assert annotations_of(obj)[contract.LAST_CALL_ID] == call_id
     wait_for(
         "a second ReplicaSet (the restart rolls out)",
         lambda: len(get(kubectl, namespace, "rs", "-l", "app=web")["items"]) == 2,
@@ -669,10 +669,10 @@ async def test_patch_applies_the_patch_and_stamps(
     assert await landed(agent, "k8s_patch", namespace, call_id, **arguments) is False
 
     result = await succeeds(agent, "k8s_patch", namespace, call_id=call_id, **arguments)
-    assert result["metadata"]["annotations"][tools.STAMP] == call_id
+    assert result["metadata"]["annotations"][contract.LAST_CALL_ID] == call_id
     obj = get(kubectl, namespace, "cm", "c1")
     assert check(obj), obj
-    expected = {tools.STAMP: call_id} | ({"keep": "me"} if annotated else {})
+    expected = {contract.LAST_CALL_ID: call_id} | ({"keep": "me"} if annotated else {})
     assert annotations_of(obj) == expected
     assert await landed(agent, "k8s_patch", namespace, call_id, **arguments) is True
     assert await landed(agent, "k8s_patch", namespace, new_call_id(), **arguments) is False
@@ -697,7 +697,9 @@ async def test_strategic_patch_merges_containers_by_name(
         patchType="strategic",
     )
     assert result["spec"]["template"]["spec"]["containers"][0]["image"] == "nginx:2"
-    assert annotations_of(get(kubectl, namespace, "deploy", "web"))[tools.STAMP] == call_id
+    assert (
+        annotations_of(get(kubectl, namespace, "deploy", "web"))[contract.LAST_CALL_ID] == call_id
+    )
     # Custom resources have no strategic merge: the error says what to use instead.
     create_run(kubectl, namespace, "r1", goal="look")
     grant(
@@ -734,7 +736,7 @@ async def test_apply_uses_field_manager_agentrun_without_force(
     )
     managers = {(m["manager"], m["operation"]) for m in raw["metadata"]["managedFields"]}
     assert managers == {("agentrun", "Apply")}
-    assert annotations_of(raw)[tools.STAMP] == call_id
+    assert annotations_of(raw)[contract.LAST_CALL_ID] == call_id
     assert await landed(agent, "k8s_apply", namespace, call_id, manifest=manifest) is True
     assert await landed(agent, "k8s_apply", namespace, new_call_id(), manifest=manifest) is False
 
@@ -784,7 +786,7 @@ async def test_delete_pod_stamps_then_deletes_that_pod(
     await succeeds(agent, "k8s_delete_pod", namespace, call_id=held_call, name="held")
     held = get(kubectl, namespace, "pod", "held")
     assert held["metadata"]["deletionTimestamp"]
-    assert annotations_of(held)[tools.STAMP] == held_call
+    assert annotations_of(held)[contract.LAST_CALL_ID] == held_call
     assert await landed(agent, "k8s_delete_pod", namespace, held_call, name="held") is True
     assert await landed(agent, "k8s_delete_pod", namespace, new_call_id(), name="held") is False
     kubectl(

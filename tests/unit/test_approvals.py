@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from agentrun_operator import approvals, models
+from agentrun_operator import approvals, contract, models
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
 ALICE = approvals.User("alice", ("approvers",))
@@ -15,7 +15,7 @@ BOB = approvals.User("bob", ("approvers",))
 
 def ta(votes: list[dict[str, Any]] | None = None, **spec: Any) -> dict[str, Any]:
     return {
-        "metadata": {"labels": {approvals.RUN_LABEL: "r", approvals.CALL_LABEL: "c-1"}},
+        "metadata": {"labels": {contract.RUN_LABEL: "r", contract.CALL_ID_LABEL: "c-1"}},
         "spec": {
             "runName": "r",
             "callId": "c-1",
@@ -35,7 +35,7 @@ def run(**approval: Any) -> dict[str, Any]:
         models.AgentRunSpec.model_validate({"goal": "g", "approval": approval}), generation=1
     )
     return {
-        "metadata": {"namespace": "ns", "annotations": {approvals.CREATED_BY: "mallory"}},
+        "metadata": {"namespace": "ns", "annotations": {contract.CREATED_BY: "mallory"}},
         "spec": {"goal": "g", "approval": {"allowSelfApproval": True}},
         "status": {"effective": effective, "createdBy": "carol"},
     }
@@ -189,15 +189,15 @@ def test_a_decision_after_the_deadline_is_refused() -> None:
 
 
 def test_the_creator_and_stopper_annotations_come_from_the_request() -> None:
-    forged = {"metadata": {"annotations": {approvals.CREATED_BY: "boss"}}, "spec": {"goal": "g"}}
+    forged = {"metadata": {"annotations": {contract.CREATED_BY: "boss"}}, "spec": {"goal": "g"}}
     ops = approvals.mutate_agentrun(operation="CREATE", user=ALICE, obj=forged, old=None)
     assert ops == [
-        {"op": "add", "path": "/metadata/annotations", "value": {approvals.CREATED_BY: "alice"}}
+        {"op": "add", "path": "/metadata/annotations", "value": {contract.CREATED_BY: "alice"}}
     ]
-    old = {"metadata": {"annotations": {approvals.CREATED_BY: "alice"}}, "spec": {"stop": False}}
-    new = {"metadata": {"annotations": {approvals.CREATED_BY: "bob"}}, "spec": {"stop": True}}
+    old = {"metadata": {"annotations": {contract.CREATED_BY: "alice"}}, "spec": {"stop": False}}
+    new = {"metadata": {"annotations": {contract.CREATED_BY: "bob"}}, "spec": {"stop": True}}
     ops = approvals.mutate_agentrun(operation="UPDATE", user=BOB, obj=new, old=old)
-    assert ops[0]["value"] == {approvals.CREATED_BY: "alice", approvals.STOPPED_BY: "bob"}
+    assert ops[0]["value"] == {contract.CREATED_BY: "alice", contract.STOPPED_BY: "bob"}
 
 
 def test_only_stop_may_change_in_a_runs_spec() -> None:

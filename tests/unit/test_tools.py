@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from agentrun_operator import models, tools
+from agentrun_operator import contract, models, tools
 
 
 class NoKube:
@@ -374,8 +374,8 @@ def test_a_secret_summary_lists_keys_only() -> None:
 
 def test_the_stamp_is_merged_into_a_merge_patch_without_touching_the_input() -> None:
     patch: dict[str, Any] = {"metadata": {"annotations": {"a": "b"}}, "spec": {"replicas": 2}}
-    merged = tools.merge(patch, {"metadata": {"annotations": {tools.STAMP: "c-1"}}})
-    assert merged["metadata"]["annotations"] == {"a": "b", tools.STAMP: "c-1"}
+    merged = tools.merge(patch, {"metadata": {"annotations": {contract.LAST_CALL_ID: "c-1"}}})
+    assert merged["metadata"]["annotations"] == {"a": "b", contract.LAST_CALL_ID: "c-1"}
     assert merged["spec"] == {"replicas": 2}
     assert patch["metadata"]["annotations"] == {"a": "b"}
 
@@ -398,7 +398,7 @@ def test_a_json_patch_gets_one_more_operation_for_the_stamp() -> None:
     assert stamped[-1] == {
         "op": "add",
         "path": "/metadata/annotations",
-        "value": {tools.STAMP: "c-1"},
+        "value": {contract.LAST_CALL_ID: "c-1"},
     }
     # The user's own operations decide whether the map exists when the stamp is added.
     adds_map = [{"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}}]

@@ -37,14 +37,13 @@ from agentrun_operator.tools.results import (
     size,
     summarize,
 )
-from agentrun_operator.tools.writes import STAMP, json_patch_with_stamp
+from agentrun_operator.tools.writes import json_patch_with_stamp
 
 __all__ = [
     "ARGUMENTS",
     "LAST_APPLIED",
     "REDACTED",
     "RESTARTED_AT",
-    "STAMP",
     "TOOLS",
     "ApplyArgs",
     "ArgumentError",

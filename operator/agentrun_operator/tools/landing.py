@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-from agentrun_operator import approvals, models
+from agentrun_operator import approvals, contract, models
 from agentrun_operator import kube as kubeapi
 from agentrun_operator.tools.arguments import (
     ApplyArgs,
@@ -22,7 +22,6 @@ from agentrun_operator.tools.arguments import (
 )
 from agentrun_operator.tools.reads import resolve_kind
 from agentrun_operator.tools.results import annotations_of
-from agentrun_operator.tools.writes import STAMP
 
 
 async def landed(
@@ -62,7 +61,7 @@ async def landed(
         return False if e.status == 404 else None
     except (ArgumentError, KeyError):
         return None
-    return annotations_of(obj).get(STAMP) == call_id
+    return annotations_of(obj).get(contract.LAST_CALL_ID) == call_id
 
 
 async def _pod_deleted(
@@ -78,7 +77,7 @@ async def _pod_deleted(
         # Gone: whoever deleted it, repeating the call could only fail with "not found".
         return True if e.status == 404 else None
     meta = pod.get("metadata") or {}
-    if annotations_of(pod).get(STAMP) == call_id:
+    if annotations_of(pod).get(contract.LAST_CALL_ID) == call_id:
         return bool(meta.get("deletionTimestamp"))  # stamped but not deleted: safe to rerun
     created = approvals.parse_time(meta.get("creationTimestamp"))
     if started_at is not None and created is not None:

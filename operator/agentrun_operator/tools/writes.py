@@ -13,6 +13,7 @@ import datetime as dt
 from collections.abc import Awaitable
 from typing import Any
 
+from agentrun_operator import contract
 from agentrun_operator import kube as kubeapi
 from agentrun_operator.tools.arguments import (
     ApplyArgs,
@@ -24,8 +25,6 @@ from agentrun_operator.tools.arguments import (
 )
 from agentrun_operator.tools.reads import require_kind, resolve_kind
 from agentrun_operator.tools.results import RESTARTED_AT, clean, merge, summarize, touches_data
-
-STAMP = "agentrun.dev/last-call-id"
 
 
 class MaybeLanded(Exception):
@@ -46,7 +45,7 @@ async def write(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def stamped(call_id: str, patch: dict[str, Any] | None = None) -> dict[str, Any]:
-    return merge(patch or {}, {"metadata": {"annotations": {STAMP: call_id}}})
+    return merge(patch or {}, {"metadata": {"annotations": {contract.LAST_CALL_ID: call_id}}})
 
 
 async def k8s_scale(kube: kubeapi.ServiceAccountKube, a: ScaleArgs, ns: str, call_id: str) -> Any:
@@ -182,14 +181,14 @@ def json_patch_with_stamp(
             has_map = verb != "remove"
         elif path == "/metadata" and verb in ("add", "replace"):
             has_map = isinstance((op.get("value") or {}).get("annotations"), dict)
-    key = STAMP.replace("~", "~0").replace("/", "~1")
+    key = contract.LAST_CALL_ID.replace("~", "~0").replace("/", "~1")
     if has_map:
         return [
             *ops,
             {"op": "add", "path": f"/metadata/annotations/{key}", "value": call_id},
         ], False
     guard = {"op": "test", "path": "/metadata/resourceVersion", "value": _rv(current)}
-    add = {"op": "add", "path": "/metadata/annotations", "value": {STAMP: call_id}}
+    add = {"op": "add", "path": "/metadata/annotations", "value": {contract.LAST_CALL_ID: call_id}}
     return [guard, *ops, add], True
 
 

@@ -1,0 +1,331 @@
+"""A run's LLM and tools, bound to it: ``RunDeps`` implements ``workflow.Deps`` for one run
+(the model it streams from, its budgets, its tools as its service account, exactly-once
+tool calls), and ``resolve_model`` picks and checks its model endpoint.
+
+Never: decides the workflow's path (``workflow`` does), asks people (the gate does), or acts
+with the operator's own identity (tools and the model's key Secret go through the run's
+service account).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+import openai
+from langchain_core.messages import AIMessage, BaseMessage
+
+from agentrun_operator import approvals, config, events, kube, llm, models, tools, workflow
+from agentrun_operator import metrics as prom
+from agentrun_operator.engine.common import RunFailed, RunRef, short
+from agentrun_operator.engine.emitter import Emitter, StatusWriter
+from agentrun_operator.store import RunStore
+
+
+def argument_error(name: str, arguments: dict[str, Any]) -> str | None:
+    """What makes a call's arguments unable to ever run (as the model sees it), or None."""
+    try:
+        tools.parse_arguments(name, arguments)
+    except tools.ArgumentError as e:
+        return f"{name}: {e}"
+    return None
+
+
+async def resolve_model(
+    spec: models.AgentRunSpec, settings: config.Settings, sa_kube: kube.ServiceAccountKube
+) -> llm.ModelConfig:
+    """The run's model endpoint (on the operator's allow-list) and key (read as the run's
+    service account); RunFailed saying what to fix otherwise."""
+    m = spec.model
+    base_url = (m.base_url or settings.model_base_url).rstrip("/")
+    allowed = [u.rstrip("/") for u in settings.allowed_base_urls]
+    if not approvals.base_url_allowed(base_url, allowed):
+        raise RunFailed(
+            "ModelEndpointNotAllowed",
+            f"spec.model.baseURL {base_url} is not in the operator's allow-list "
+            f"(AGENTRUN_MODEL_BASE_URL_ALLOW: {', '.join(allowed)}); use one of those "
+            "or ask the operator's admin to allow it",
+        )
+    api_key = settings.model_api_key
+    if m.api_key_secret_ref is not None:
+        ref = m.api_key_secret_ref
+        try:
+            api_key = await sa_kube.read_secret_key(name=ref.name, key=ref.key)
+        except kube.KubeError as e:
+            raise RunFailed(
+                "ModelSecretUnreadable",
+                f"spec.model.apiKeySecretRef: cannot read key {ref.key!r} of Secret "
+                f"{ref.name!r} as service account "
+                f"{spec.service_account_name or 'default'}: {e}",
+            ) from e
+    return llm.ModelConfig(
+        name=m.name or settings.model_name,
+        base_url=base_url,
+        api_key=api_key,
+        temperature=m.temperature,
+    )
+
+
+def check_price(
+    model: llm.ModelConfig, spec: models.AgentRunSpec, settings: config.Settings
+) -> None:
+    """A cost limit needs a price for the model, or it could never trip."""
+    if spec.limits.max_cost_usd is None or llm.price_of(model.name, settings.price_table()):
+        return
+    raise RunFailed(
+        "PriceUnknown",
+        f"spec.limits.maxCostUSD is set, but the operator has no price for model "
+        f"{model.name}, so the limit could never trip: add one to AGENTRUN_PRICES "
+        f'(JSON, US dollars per 1M tokens, e.g. {{"{model.name}": {{"input": 0.5, '
+        '"output": 1.5}}) or the chart value operator.prices',
+    )
+
+
+class RunDeps:
+    """Implements workflow.Deps for one run: the LLM, events, limits and tools."""
+
+    def __init__(
+        self,
+        *,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        settings: config.Settings,
+        chat: Any,
+        model_name: str,
+        emitter: Emitter,
+        statusw: StatusWriter,
+        usage: models.Usage,
+        sa_kube: kube.ServiceAccountKube,
+        store: RunStore,
+    ) -> None:
+        self.goal = spec.goal
+        self.namespace = ref.namespace
+        self.max_steps = spec.limits.max_steps
+        self.tools: Sequence[str] = list(spec.tools)
+        self.required: frozenset[str] = frozenset(spec.approval.required)
+        self._ref = ref
+        self._spec = spec
+        self._settings = settings
+        self._chat = chat
+        self._chat_tools = chat.bind_tools(tools.openai_tools(self.tools)) if self.tools else chat
+        self._model_name = model_name
+        self._emitter = emitter
+        self._status = statusw
+        self.usage = usage
+        self._kube = sa_kube
+        self._store = store
+        self._prices = settings.price_table()
+        self._last_input_tokens = 0  # the previous call's prompt, for the budget estimate
+
+    def mint_call_id(self) -> str:
+        return "c-" + secrets.token_hex(6)
+
+    def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
+        return argument_error(name, arguments)
+
+    async def workflow_event(self, state: str, *, node: str, step: int) -> None:
+        await self._emitter.workflow(cast(events.WorkflowState, state), node=node, step=step)
+        self._status.progress(step=step)
+
+    # -- the model ---------------------------------------------------------------------------
+    async def llm(
+        self, messages: Sequence[BaseMessage], *, node: str, with_tools: bool
+    ) -> AIMessage:
+        chat = self._chat_tools if with_tools else self._chat
+
+        async def on_token(text: str) -> None:
+            await self._emitter.token(text, node)
+
+        try:
+            message, call = await llm.stream_call(
+                chat,
+                messages,
+                on_token=on_token,
+                model_name=self._model_name,
+                prices=self._prices,
+                budget=self._budget_check(),
+            )
+        except openai.APIStatusError as e:
+            raise RunFailed(
+                "ModelEndpointError",
+                f"model endpoint {self._base_url()} answered HTTP {e.status_code}: "
+                f"{short(e.message)}",
+            ) from e
+        except openai.APIConnectionError as e:
+            raise RunFailed(
+                "ModelEndpointUnreachable",
+                f"model endpoint {self._base_url()} unreachable: {short(str(e))}; check "
+                "spec.model.baseURL or the operator's AGENTRUN_MODEL_BASE_URL",
+            ) from e
+        await self._emitter.flush()
+        self.usage.add_call(call)
+        self._last_input_tokens = call.input_tokens
+        prom.llm_call(
+            namespace=self.namespace,
+            model=self._model_name,
+            input_tokens=call.input_tokens,
+            output_tokens=call.output_tokens,
+            cached_tokens=call.cached_tokens,
+            cost_usd=call.cost_usd,
+            ttft_ms=call.ttft_ms,
+            ttr_ms=call.ttr_ms,
+        )
+        await self._emitter.metrics(node=node, call=call, total=self.usage)
+        self._status.progress(usage=self.usage.as_status())
+        self._check_budget(self.usage.total_tokens, self.usage.cost_usd, estimated=False)
+        return message
+
+    def _budget_check(self) -> Callable[[int], None] | None:
+        """A check of spec.limits.maxTokens/maxCostUSD while a call streams, or None."""
+        limits = self._spec.limits
+        if limits.max_tokens is None and limits.max_cost_usd is None:
+            return None
+        # The call's input is known only when its usage arrives: until then, count its
+        # prompt as at least as long as the previous call's, the best estimate at hand.
+        prompt = self._last_input_tokens
+        price = llm.price_of(self._model_name, self._prices)
+
+        def check(output: int) -> None:
+            cost = self.usage.cost_usd
+            if price is not None:
+                cost += (prompt * price.input + output * price.output) / 1_000_000
+            self._check_budget(self.usage.total_tokens + prompt + output, cost, estimated=True)
+
+        return check
+
+    def _check_budget(self, tokens: int, cost: float, *, estimated: bool) -> None:
+        limits = self._spec.limits
+        about = "about " if estimated else ""
+        how = " (the call was cut while it streamed)" if estimated else ""
+        if limits.max_tokens is not None and tokens > limits.max_tokens:
+            raise workflow.LimitExceeded(
+                "BudgetExceeded",
+                f"token limit reached: {about}{tokens} tokens used, "
+                f"spec.limits.maxTokens is {limits.max_tokens}{how}",
+            )
+        if limits.max_cost_usd is not None and cost > limits.max_cost_usd:
+            raise workflow.LimitExceeded(
+                "BudgetExceeded",
+                f"cost limit reached: {about}${cost:.4f} spent, "
+                f"spec.limits.maxCostUSD is {limits.max_cost_usd}{how}",
+            )
+
+    def _base_url(self) -> str:
+        return str(getattr(self._chat, "openai_api_base", "") or "")
+
+    # -- the tools ---------------------------------------------------------------------------
+    async def tool_call(
+        self,
+        *,
+        name: str,
+        arguments: dict[str, Any],
+        call_id: str,
+        decision: workflow.Decision | None,
+    ) -> str:
+        record = await self._store.call_record(self._ref.uid, call_id)
+        if record.get("state") == "done":
+            return str(record["content"])  # already executed and reported once
+        # What people see of the call (stream, call record): Secret values redacted.
+        shown = tools.redacted_arguments(name, arguments)
+        started = time.monotonic()
+        if decision is None:
+            # Arguments that can never run: no person was asked (the gate skips such calls)
+            # and nothing starts; the model gets the error, naming the argument to fix.
+            error = self.argument_error(name, arguments)
+            if error is not None:
+                failed = tools.ToolOutcome("failed", None, error)
+                return await self._report(call_id, name, shown, failed, started)
+        if name in self.required and (decision or {}).get("decision") != "approved":
+            d = decision or {
+                "decision": "denied",
+                "by": "agentrun",
+                "comment": "approval is required and none was given",
+            }
+            result = {
+                "error": f"the call was {d.get('decision', 'denied')} by {d.get('by') or 'nobody'}",
+                "comment": d.get("comment", ""),
+                "hint": "do not retry this call; continue without it",
+            }
+            content = json.dumps(result)
+            await self._emitter.tool(
+                call_id=call_id,
+                name=name,
+                arguments=shown,
+                status="denied",
+                result=result,
+                duration_ms=0,
+                record={"state": "done", "content": content},
+            )
+            prom.TOOL_CALLS.labels(name, "denied").inc()
+            return content
+        outcome: tools.ToolOutcome | None = None
+        if record.get("state") == "started" and name in models.MUTATING_TOOLS:
+            # We crashed after starting this call: did it land? Ask the object, not memory.
+            outcome = await self._landed_before(name, arguments, call_id)
+        else:
+            await self._emitter.tool(
+                call_id=call_id,
+                name=name,
+                arguments=shown,
+                status="started",
+                record={"state": "started"},
+            )
+        if outcome is None:
+            outcome = await tools.run_tool(
+                self._kube,
+                name=name,
+                arguments=arguments,
+                namespace=self.namespace,
+                call_id=call_id,
+                max_bytes=self._settings.tool_result_max_bytes,
+            )
+        return await self._report(call_id, name, shown, outcome, started)
+
+    async def _landed_before(
+        self, name: str, arguments: dict[str, Any], call_id: str
+    ) -> tools.ToolOutcome | None:
+        """The outcome of a call started before a crash, if it can be told it landed (or
+        that it cannot be told); None when it did not land and is safe to run."""
+        landed = await tools.landed(
+            self._kube, name=name, arguments=arguments, namespace=self.namespace, call_id=call_id
+        )
+        if landed is True:
+            note = {"note": "this call took effect before an operator restart"}
+            return tools.ToolOutcome(status="succeeded", result=note, error=None)
+        if landed is None:
+            return tools.ToolOutcome(
+                status="unknown",
+                result=None,
+                error="the operator restarted during this call and cannot tell whether "
+                "it took effect; check the object before trying again",
+            )
+        return None
+
+    async def _report(
+        self,
+        call_id: str,
+        name: str,
+        shown: dict[str, Any],
+        outcome: tools.ToolOutcome,
+        started: float,
+    ) -> str:
+        """A call's outcome as its ``tool`` event and call record, in one step (so a resumed
+        run reports it once); the content the model sees."""
+        self.usage.tool_calls += 1
+        prom.TOOL_CALLS.labels(name, outcome.status).inc()
+        result = outcome.result if outcome.error is None else {"error": outcome.error}
+        content = json.dumps(result, default=str)
+        await self._emitter.tool(
+            call_id=call_id,
+            name=name,
+            arguments=shown,
+            status=outcome.status,
+            result=result,
+            duration_ms=int((time.monotonic() - started) * 1000),
+            record={"state": "done", "content": content},
+        )
+        self._status.progress(usage=self.usage.as_status())
+        return content

@@ -1,0 +1,308 @@
+"""The approval gate: a run's calls that need people become ToolApprovals, and the run goes
+on only once every one is settled.
+
+Owns creating, reading, settling, reporting (events, Kubernetes Events, notifications, the
+audit log) and cancelling a run's ToolApprovals, and the AwaitingApproval status. Idempotent:
+it runs again after a restart, a vote or an expiry, and creates, reports and settles each
+approval once.
+Never: counts a vote itself (``approvals`` judges votes, the webhook admits them), runs a
+tool, or finishes a run (it says so, and the task finishes it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from langgraph.types import Command
+
+from agentrun_operator import approvals, contract, events, models, tools, workflow
+from agentrun_operator import metrics as prom
+from agentrun_operator.engine.binding import argument_error
+from agentrun_operator.engine.common import RunRef, Services, audit, is_waiting, parse_duration
+from agentrun_operator.engine.emitter import Emitter, StatusWriter
+
+_STATE = {"approved": "Approved", "denied": "Denied", "expired": "Expired"}
+
+
+@dataclass
+class GateOutcome:
+    """What the run does next: resume with the decisions, stop (an approval expired and the
+    policy says stop), or wait for people (neither; ``expires`` is the earliest deadline)."""
+
+    resume: Command[Any] | None = None
+    stop: bool = False
+    expires: dt.datetime | None = None
+
+
+class Gate:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    async def of_run(self, ref: RunRef) -> list[dict[str, Any]]:
+        """This run's ToolApprovals (not those of an earlier run that had the same name)."""
+        found = await self._s.k8s.list_toolapprovals(
+            namespace=ref.namespace, label_selector=f"{contract.RUN_LABEL}={ref.name}"
+        )
+        return [
+            ta
+            for ta in found
+            if any(o.get("uid") == ref.uid for o in ta["metadata"].get("ownerReferences") or [])
+        ]
+
+    async def settle(
+        self,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        interrupts: Any,
+        emitter: Emitter,
+        statusw: StatusWriter,
+    ) -> GateOutcome:
+        """Create or read the run's ToolApprovals; the resume command once all are settled."""
+        items: list[dict[str, Any]] = []
+        reason = ""
+        for intr in interrupts:
+            value = getattr(intr, "value", None) or {}
+            items += list(value.get("approvals") or [])
+            reason = reason or str(value.get("reason") or "")
+        policy = spec.approval
+        now = dt.datetime.now(dt.UTC)
+        existing = {(ta.get("spec") or {}).get("callId"): ta for ta in await self.of_run(ref)}
+        decisions: dict[str, workflow.Decision] = {}
+        waiting: list[tuple[str, dt.datetime | None]] = []
+        expired_stop = False
+        for item in items:
+            call_id = item["callId"]
+            ta = existing.get(call_id)
+            invalid = argument_error(item["tool"], item.get("arguments") or {})
+            # Shown to people (ToolApproval, events, notifications) with Secret values
+            # redacted; the call itself runs with the checkpoint's own arguments.
+            shown = tools.redacted_arguments(item["tool"], item.get("arguments") or {})
+            if invalid is not None and (
+                ta is None
+                or approvals.settle(ta, min_approvals=policy.min_approvals, now=now) is None
+            ):
+                # A call paused before this operator judged arguments at the gate, whose
+                # arguments can never run: nobody is asked (any approval still waiting is
+                # cancelled), and the call fails as the tool error it is. A decision people
+                # already made stands.
+                if ta is not None and (ta.get("status") or {}).get("state") in (None, "Pending"):
+                    await self.cancel(ref, emitter, ta, f"its arguments can never run: {invalid}")
+                continue
+            if ta is None:
+                ta = await self._s.k8s.create_toolapproval(
+                    namespace=ref.namespace,
+                    body=approvals.toolapproval_body(
+                        namespace=ref.namespace,
+                        run=ref.name,
+                        run_uid=ref.uid,
+                        call_id=call_id,
+                        tool=item["tool"],
+                        arguments=shown,
+                        reason=reason,
+                    ),
+                )
+            if not (ta.get("status") or {}).get("state"):
+                ta = await self._open(ref, spec, ta, item["tool"], shown, emitter, now)
+            settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
+            if settled is None:
+                await self._count(ref, spec, ta)
+                expires = approvals.parse_time((ta.get("status") or {}).get("expiresAt"))
+                waiting.append((ta["metadata"]["name"], expires))
+                continue
+            if (ta.get("status") or {}).get("state") != _STATE[settled.outcome]:
+                await self._report(ref, spec, ta, item["tool"], shown, settled, emitter, now)
+            if settled.outcome == "expired" and policy.on_timeout == "stop":
+                expired_stop = True
+            decisions[call_id] = {
+                "decision": settled.outcome,
+                "by": settled.by,
+                "comment": settled.comment,
+            }
+        if expired_stop:
+            return GateOutcome(stop=True)
+        if waiting:
+            await self._awaiting(ref, [n for n, _ in waiting], emitter, statusw)
+            expiries = [e for _, e in waiting if e is not None]
+            return GateOutcome(expires=min(expiries) if expiries else None)
+        await self._s.store.people_answered(ref.uid)
+        return GateOutcome(resume=Command(resume=decisions))
+
+    async def _open(
+        self,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        ta: dict[str, Any],
+        tool: str,
+        shown: dict[str, Any],
+        emitter: Emitter,
+        now: dt.datetime,
+    ) -> dict[str, Any]:
+        """Open an approval for votes (Pending, with its deadline) and tell people."""
+        policy = spec.approval
+        name = ta["metadata"]["name"]
+        call_id = ta["spec"]["callId"]
+        expires = now + dt.timedelta(seconds=parse_duration(policy.timeout))
+        ta = await self._s.k8s.patch_toolapproval_status(
+            namespace=ref.namespace,
+            name=name,
+            status={
+                "state": "Pending",
+                "expiresAt": approvals.rfc3339(expires),
+                "approvals": 0,
+                "approvalsNeeded": policy.min_approvals,
+            },
+        )
+        await emitter.approval(
+            call_id=call_id, approval=name, tool=tool, arguments=shown, state="pending"
+        )
+        self._s.notify(
+            ref,
+            "approval.pending",
+            f"Run {ref.key} wants to call {tool} {json.dumps(shown)}: approve or deny {name}",
+            approval=name,
+            callId=call_id,
+            tool=tool,
+            state="pending",
+        )
+        return ta
+
+    async def _count(self, ref: RunRef, spec: models.AgentRunSpec, ta: Mapping[str, Any]) -> None:
+        """Show the votes counted so far on an approval still open."""
+        needed = spec.approval.min_approvals
+        approved, _ = approvals.tally(approvals.counted_votes(ta))
+        if (ta.get("status") or {}).get("approvals") != len(approved):
+            await self._s.k8s.patch_toolapproval_status(
+                namespace=ref.namespace,
+                name=ta["metadata"]["name"],
+                status={
+                    "approvals": len(approved),
+                    "approvalsNeeded": max(0, needed - len(approved)),
+                },
+            )
+
+    async def _report(
+        self,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        ta: Mapping[str, Any],
+        tool: str,
+        shown: dict[str, Any],
+        settled: approvals.Settled,
+        emitter: Emitter,
+        now: dt.datetime,
+    ) -> None:
+        """An approval just settled: its status, the stream, people, the audit log."""
+        name = ta["metadata"]["name"]
+        call_id = (ta.get("spec") or {}).get("callId", "")
+        state = _STATE[settled.outcome]
+        by = settled.by if settled.outcome != "expired" else ""
+        audit(
+            "approval",
+            run=ref.key,
+            approval=name,
+            callId=call_id,
+            tool=tool,
+            outcome=settled.outcome,
+            by=settled.by,
+            votes=[
+                {k: v.get(k) for k in ("username", "decision", "comment")} for v in settled.voters
+            ],
+        )
+        created = approvals.parse_time(ta["metadata"].get("creationTimestamp"))
+        if created is not None:
+            prom.APPROVAL_WAIT.labels(ref.namespace, tool, settled.outcome).observe(
+                max(0.0, (now - created).total_seconds())
+            )
+        approved, _ = approvals.tally(settled.voters)
+        await self._s.k8s.patch_toolapproval_status(
+            namespace=ref.namespace,
+            name=name,
+            status={
+                "state": state,
+                "decidedBy": settled.decided_by,
+                "decidedAt": approvals.rfc3339(now),
+                "approvals": len(approved),
+                "approvalsNeeded": max(0, spec.approval.min_approvals - len(approved)),
+                "message": settled.comment or None,
+            },
+        )
+        await emitter.approval(
+            call_id=call_id,
+            approval=name,
+            tool=tool,
+            arguments=shown,
+            state=settled.outcome,
+            decided_by=by,
+        )
+        self._s.notify(
+            ref,
+            "approval.expired" if settled.outcome == "expired" else "approval.decided",
+            f"{tool} call of run {ref.key} {settled.outcome}" + (f" by {by}" if by else ""),
+            approval=name,
+            callId=call_id,
+            tool=tool,
+            state=settled.outcome,
+            by=by,
+        )
+        await self._s.k8s.post_event(
+            involved=ref.involved(),
+            type="Normal" if settled.outcome == "approved" else "Warning",
+            reason=f"Approval{state}",
+            message=f"{tool} call {call_id} {settled.outcome}" + (f" by {by}" if by else ""),
+        )
+
+    async def _awaiting(
+        self, ref: RunRef, names: list[str], emitter: Emitter, statusw: StatusWriter
+    ) -> None:
+        """The run waits for people on ``names``: its phase, stream and Event say so."""
+        message = f"waiting for a decision on {', '.join(names)}"
+        if statusw.current.get("phase") != "AwaitingApproval":
+            await self._s.store.awaiting_people(ref.uid)
+            await emitter.workflow("awaiting_approval", node="gate", step=emitter.step)
+            await statusw.phase(
+                "AwaitingApproval",
+                reason="AwaitingApproval",
+                message=message,
+                pendingApprovals=names,
+                pendingApprovalCount=len(names),
+                lastEventId=emitter.last_id,
+            )
+            await self._s.k8s.post_event(
+                involved=ref.involved(), type="Normal", reason="AwaitingApproval", message=message
+            )
+        elif statusw.current.get("pendingApprovals") != names or is_waiting(statusw.current):
+            await statusw.phase(
+                "AwaitingApproval",
+                reason="AwaitingApproval",
+                message=message,
+                pendingApprovals=names,
+                pendingApprovalCount=len(names),
+            )
+
+    async def cancel(
+        self, ref: RunRef, emitter: Emitter | None, ta: Mapping[str, Any], why: str
+    ) -> None:
+        """Nobody may decide this approval any more (``emitter``: say so in the stream)."""
+        spec = ta.get("spec") or {}
+        await self._s.k8s.patch_toolapproval_status(
+            namespace=ref.namespace,
+            name=ta["metadata"]["name"],
+            status={"state": "Cancelled", "decidedAt": events.now_rfc3339(), "message": why},
+        )
+        if emitter is not None:
+            await emitter.approval(
+                call_id=str(spec.get("callId") or ""),
+                approval=ta["metadata"]["name"],
+                tool=str(spec.get("tool") or ""),
+                arguments=spec.get("arguments") or {},
+                state="cancelled",
+            )
+
+    async def cancel_pending(self, ref: RunRef, emitter: Emitter | None, why: str) -> None:
+        for ta in await self.of_run(ref):
+            if (ta.get("status") or {}).get("state") in (None, "Pending"):
+                await self.cancel(ref, emitter, ta, why)

@@ -1,0 +1,161 @@
+"""The operator's Redis bookkeeping of runs, beside their event streams and checkpoints.
+
+Owns every Redis command the run engine sends that is not an event append (``events``) or a
+checkpoint (``checkpoint``): tool-call records, the run's meta hash (cluster stamp, time spent
+waiting for people, a spec edit to report), reading back a run's last events, listening on
+the control channels, and finding and deleting runs' keys. Keys come from ``events``.
+Never: appends an event (only the fenced writer in ``events`` does), decides anything about
+a run, or touches a key of another run than the one it is asked about.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
+
+from agentrun_operator import events
+
+log = logging.getLogger("agentrun.store")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` means Redis could not be reached (past the client's own retries)."""
+    # BusyLoadingError (Redis loading its AOF) is a ConnectionError.
+    return isinstance(e, redis_errors.ConnectionError | redis_errors.TimeoutError)
+
+
+class RunStore:
+    """One Redis client, as the run engine uses it."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    @classmethod
+    def connect(cls, url: str) -> RunStore:
+        return cls(events.connect(url))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    # -- the run's lease and stream ----------------------------------------------------------
+    async def lease(self, uid: str, *, operator_id: str, ttl_seconds: float) -> events.Lease | None:
+        return await events.Lease.acquire(
+            self.redis, uid=uid, operator_id=operator_id, ttl_seconds=ttl_seconds
+        )
+
+    def writer(self, uid: str, *, run: str, lease: events.Lease, maxlen: int) -> events.EventWriter:
+        return events.EventWriter(self.redis, uid=uid, run=run, lease=lease, maxlen=maxlen)
+
+    async def owned(self, uid: str) -> bool:
+        """Whether some operator holds the run's lease now."""
+        return await self.redis.get(events.owner_key(uid)) is not None
+
+    async def has_history(self, uid: str) -> bool:
+        return bool(await self.redis.exists(events.events_key(uid)))
+
+    async def last_events(self, uid: str, count: int) -> list[dict[str, Any]]:
+        """The run's last ``count`` events, newest first."""
+        return events.decode_entries(
+            await self.redis.xrevrange(events.events_key(uid), count=count)
+        )
+
+    async def first_event(self, uid: str) -> dict[str, Any] | None:
+        found = events.decode_entries(await self.redis.xrange(events.events_key(uid), count=1))
+        return found[0] if found else None
+
+    async def read_events(
+        self, uid: str, *, after: str, block_ms: int, count: int = 500
+    ) -> list[dict[str, Any]]:
+        """Events after ``after``, waiting up to ``block_ms`` for the first one."""
+        reply: Any = await self.redis.xread(
+            {events.events_key(uid): after}, block=block_ms, count=count
+        )
+        return [
+            events.decode(event_id, fields)
+            for _stream, entries in reply or []
+            for event_id, fields in entries
+        ]
+
+    # -- tool calls (exactly-once) -----------------------------------------------------------
+    async def call_record(self, uid: str, call_id: str) -> dict[str, Any]:
+        """What is recorded of one tool call: {} (never started), state started or done."""
+        raw = await self.redis.hget(events.calls_key(uid), call_id)
+        record: dict[str, Any] = json.loads(raw) if raw else {}
+        return record
+
+    # -- the run's meta hash -----------------------------------------------------------------
+    async def stamp_cluster(self, uid: str, cluster_id: str) -> None:
+        """Mark the run's keys as this cluster's: only such keys are ever swept."""
+        await self.redis.hset(events.meta_key(uid), "cluster", cluster_id)
+
+    async def cluster_of(self, uid: str) -> str | None:
+        stamp = await self.redis.hget(events.meta_key(uid), "cluster")
+        return None if stamp is None else _text(stamp)
+
+    async def note_ignored(self, uid: str, message: str) -> None:
+        """A spec edit that was ignored, for the task that next runs it to report."""
+        await self.redis.hset(events.meta_key(uid), "ignored", message)
+
+    async def take_ignored(self, uid: str) -> str | None:
+        value = await self.redis.hget(events.meta_key(uid), "ignored")
+        if value is None:
+            return None
+        await self.redis.hdel(events.meta_key(uid), "ignored")
+        return _text(value)
+
+    async def awaiting_people(self, uid: str) -> None:
+        """The run starts waiting for people (the first time counts)."""
+        await self.redis.hsetnx(events.meta_key(uid), "awaiting_since", str(time.time()))
+
+    async def people_answered(self, uid: str) -> None:
+        """The wait for people ended: add it to the time that does not count as running."""
+        meta = events.meta_key(uid)
+        since = await self.redis.hget(meta, "awaiting_since")
+        if since is not None:
+            await self.redis.hincrbyfloat(meta, "waited", max(0.0, time.time() - float(since)))
+            await self.redis.hdel(meta, "awaiting_since")
+
+    async def waited_seconds(self, uid: str) -> float:
+        """How long the run waited for people in total (not counted against its timeout)."""
+        return float(await self.redis.hget(events.meta_key(uid), "waited") or 0)
+
+    # -- control channel ---------------------------------------------------------------------
+    async def publish_stop(self, uid: str, *, by: str) -> int:
+        return await events.publish_stop(self.redis, uid, by=by)
+
+    async def control_messages(self) -> AsyncIterator[events.Control]:
+        """Control messages for every run, as they come (malformed ones are skipped)."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.psubscribe(events.CONTROL_PATTERN)
+            async for msg in pubsub.listen():
+                if msg.get("type") != "pmessage":
+                    continue
+                control = events.parse_control(msg["channel"], msg["data"])
+                if control is None:
+                    log.warning("ignoring a malformed control message on %s", msg["channel"])
+                    continue
+                yield control
+        finally:
+            await pubsub.aclose()
+
+    # -- finding and deleting runs' keys -----------------------------------------------------
+    async def run_uids(self) -> AsyncIterator[str]:
+        """The uid of every run with an event stream in this Redis (any cluster's)."""
+        async for key in self.redis.scan_iter(match=events.EVENTS_PATTERN, count=500):
+            uid = events.uid_from_events_key(key)
+            if uid is not None:
+                yield uid
+
+    async def delete_run(self, uid: str) -> int:
+        return await events.delete_run_keys(self.redis, uid)
