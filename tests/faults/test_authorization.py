@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 import pytest
+import yaml
 from faults import hostile_support as hs
 
 from agentrun_harness.controlplane import ControlPlane
@@ -42,6 +43,7 @@ from support import Kubectl
 if TYPE_CHECKING:
     from faults.conftest import Figures
 
+ROOT = Path(__file__).resolve().parents[2]
 SCENARIO = "Authorization matrix"
 USERS = ("admin", "creator", "approver", "viewer", "anonymous")
 ACTIONS = ("read", "list", "chat", "approve", "deny", "stop", "repatch", "forge")
@@ -414,9 +416,37 @@ def test_the_expected_allow_or_deny_holds(
     RESULTS[f"{action}-{user}-{path}"] = True
 
 
-def test_the_matrix_covers_every_person_action_and_path() -> None:
-    assert len(CELLS) == len(USERS) * len(ACTIONS) * len(PATHS) == 80
-    # Every action is allowed to someone or refused to everyone on purpose, and anonymous
-    # is refused everything.
+# What each action needs from RBAC (resource, verb); repatch and forge are refused by the
+# webhooks whatever RBAC says.
+NEEDS = {
+    "read": ("agentruns", "get"),
+    "list": ("agentruns", "list"),
+    "chat": ("agentruns", "create"),
+    "approve": ("toolapprovals", "patch"),
+    "deny": ("toolapprovals", "patch"),
+    "stop": ("agentruns", "patch"),
+}
+
+
+def test_who_may_follows_the_shipped_cluster_roles() -> None:
+    """MAY is what manifests/rbac.yaml grants: a change of a ClusterRole that the matrix
+    does not follow fails here, before any cell runs against the wrong expectation."""
+    granted: dict[str, set[tuple[str, str]]] = {}
+    for doc in yaml.safe_load_all((ROOT / "manifests" / "rbac.yaml").read_text()):
+        if doc and doc["kind"] == "ClusterRole":
+            granted[doc["metadata"]["name"]] = {
+                (resource, verb)
+                for rule in doc.get("rules") or []
+                if "agentrun.dev" in rule.get("apiGroups", [])
+                for resource in rule.get("resources", [])
+                for verb in rule.get("verbs", [])
+            }
+    for action in ACTIONS:
+        need = NEEDS.get(action)
+        by_rbac = {"admin"} | {
+            user for user, role in BINDINGS.items() if need is not None and need in granted[role]
+        }
+        expected_users = by_rbac if need is not None else set()
+        assert MAY[action] == expected_users & set(USERS), action
+    # anonymous is refused everything.
     assert all(expected(a, "anonymous", p) != "allowed" for a in ACTIONS for p in PATHS)
-    assert {a for a in ACTIONS if not MAY[a]} == {"repatch", "forge"}
