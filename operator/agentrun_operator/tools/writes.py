@@ -48,20 +48,33 @@ def stamped(call_id: str, patch: dict[str, Any] | None = None) -> dict[str, Any]
     return merge(patch or {}, {"metadata": {"annotations": {contract.LAST_CALL_ID: call_id}}})
 
 
+async def _patch(
+    kube: kubeapi.ServiceAccountKube,
+    rt: kubeapi.ResourceType,
+    name: str,
+    namespace: str,
+    patch: dict[str, Any] | list[Any],
+    patch_type: kubeapi.PatchType = "merge",
+) -> dict[str, Any]:
+    """One patch request (the change and the stamp together), as a write."""
+    return await write(
+        kube.patch_object(
+            kind=rt.plural,
+            api_version=rt.api_version,
+            name=name,
+            namespace=namespace,
+            patch=patch,
+            patch_type=patch_type,
+        )
+    )
+
+
 async def k8s_scale(kube: kubeapi.ServiceAccountKube, a: ScaleArgs, ns: str, call_id: str) -> Any:
     rt = await resolve_kind(kube, a.kind)
     require_kind(rt, ("Deployment", "StatefulSet", "ReplicaSet"), "k8s_scale")
     # spec.replicas on the object itself, not the scale subresource: one request carries
     # both the change and the stamp (so the account needs `patch` on the kind).
-    obj = await write(
-        kube.patch_object(
-            kind=rt.plural,
-            api_version=rt.api_version,
-            name=a.name,
-            namespace=ns,
-            patch=stamped(call_id, {"spec": {"replicas": a.replicas}}),
-        )
-    )
+    obj = await _patch(kube, rt, a.name, ns, stamped(call_id, {"spec": {"replicas": a.replicas}}))
     return summarize(obj, kind=rt.kind)
 
 
@@ -72,15 +85,7 @@ async def k8s_rollout_restart(
     require_kind(rt, ("Deployment", "StatefulSet", "DaemonSet"), "k8s_rollout_restart")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     template = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: now}}}}}
-    obj = await write(
-        kube.patch_object(
-            kind=rt.plural,
-            api_version=rt.api_version,
-            name=a.name,
-            namespace=ns,
-            patch=stamped(call_id, template),
-        )
-    )
+    obj = await _patch(kube, rt, a.name, ns, stamped(call_id, template))
     result = summarize(obj, kind=rt.kind) | {"restartedAt": now}
     if (obj.get("spec") or {}).get("paused"):
         result["note"] = "the Deployment is paused: the restart rolls out when it is resumed"
@@ -123,16 +128,7 @@ async def k8s_patch(kube: kubeapi.ServiceAccountKube, a: PatchArgs, ns: str, cal
                     f"'{op.get('op')}' on a Secret's data is not allowed: it would reveal it",
                 )
     if isinstance(a.patch, dict):
-        patched = await write(
-            kube.patch_object(
-                kind=rt.plural,
-                api_version=rt.api_version,
-                name=a.name,
-                namespace=ns,
-                patch=stamped(call_id, a.patch),
-                patch_type=a.patch_type,
-            )
-        )
+        patched = await _patch(kube, rt, a.name, ns, stamped(call_id, a.patch), a.patch_type)
         return clean(patched, rt)
     # JSON patch: one more operation adds the stamp, and how depends on whether the object
     # has annotations, so read it first. Adding the whole map is guarded by a test of
@@ -143,16 +139,7 @@ async def k8s_patch(kube: kubeapi.ServiceAccountKube, a: PatchArgs, ns: str, cal
         )
         ops, guarded = json_patch_with_stamp(a.patch, current, call_id)
         try:
-            patched = await write(
-                kube.patch_object(
-                    kind=rt.plural,
-                    api_version=rt.api_version,
-                    name=a.name,
-                    namespace=ns,
-                    patch=ops,
-                    patch_type="json",
-                )
-            )
+            patched = await _patch(kube, rt, a.name, ns, ops, "json")
             return clean(patched, rt)
         except kubeapi.KubeError as e:
             if not guarded or e.status not in (409, 422) or attempt == 2:
