@@ -18,6 +18,8 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 
+from agentrun_operator import contract
+
 M = TypeVar("M", bound=BaseModel)
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -93,7 +95,7 @@ class ChatRequest(_Body):
         else:
             metadata["generateName"] = "chat-"
         return {
-            "apiVersion": "agentrun.dev/v1alpha1",
+            "apiVersion": contract.API_VERSION,
             "kind": "AgentRun",
             "metadata": metadata,
             "spec": spec,
