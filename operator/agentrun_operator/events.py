@@ -47,7 +47,7 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
     # Retries nest: a command retries, and each try's reconnect retries again, so the
     # worst case is about (retries + 1)^2 connection attempts. These give a Redis restart
     # some 7 s to come back; a longer outage reaches the caller, which waits and says why
-    # (runs._supervise) instead of hanging in a retry loop for a minute and more.
+    # (engine.execution) instead of hanging in a retry loop for a minute and more.
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
