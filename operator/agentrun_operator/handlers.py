@@ -1,4 +1,4 @@
-"""Every kopf registration of the operator: thin handlers that delegate to ``runs``.
+"""Every kopf registration of the operator: thin handlers that delegate to the ``engine``.
 
 Importing this module registers the handlers, so both ``python -m agentrun_operator`` and
 ``kopf run -m agentrun_operator.handlers`` work. Never holds run logic (the ``engine``
