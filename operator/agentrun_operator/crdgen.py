@@ -232,6 +232,12 @@ def toolapproval_crd() -> Schema:
             {"name": "Decided-By", "type": "string", "jsonPath": ".status.decidedBy.username"},
             {"name": "Votes", "type": "integer", "jsonPath": ".status.approvals"},
             {"name": "Needed", "type": "integer", "jsonPath": ".status.approvalsNeeded"},
+            {
+                "name": "Change",
+                "type": "string",
+                "jsonPath": ".status.preview.summary",
+                "priority": 1,
+            },
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

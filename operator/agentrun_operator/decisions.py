@@ -25,7 +25,8 @@ async def list_approvals(
         items = await k.list_toolapprovals(namespace=namespace, label_selector=contract.RUN_LABEL)
     finally:
         await k.close()
-    rows = [("CALL ID", "RUN", "TOOL", "STATE", "DECIDED BY", "ARGUMENTS")]
+    rows = [("CALL ID", "RUN", "TOOL", "STATE", "DECIDED BY", "CHANGE", "ARGUMENTS")]
+    details: list[str] = []
     for ta in sorted(items, key=lambda t: t["metadata"].get("creationTimestamp", "")):
         spec, st = ta.get("spec") or {}, ta.get("status") or {}
         state = st.get("state") or "Pending"
@@ -33,6 +34,7 @@ async def list_approvals(
             continue
         args = ", ".join(f"{k}={v}" for k, v in (spec.get("arguments") or {}).items())
         by = (st.get("decidedBy") or spec.get("decidedBy") or {}).get("username", "")
+        preview = st.get("preview") or {}
         rows.append(
             (
                 spec.get("callId", ""),
@@ -40,9 +42,12 @@ async def list_approvals(
                 spec.get("tool", ""),
                 state,
                 by,
+                str(preview.get("summary") or "")[:60],
                 args[:60],
             )
         )
+        if state == "Pending" and preview:
+            details.append(_preview_text(spec.get("callId", ""), preview))
     if len(rows) == 1:
         print(f"no {'' if everything else 'pending '}approvals in namespace {namespace}", file=out)
         return 0
@@ -51,7 +56,29 @@ async def list_approvals(
         print(
             "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out
         )
+    for text in details:
+        print(f"\n{text}", file=out)
     return 0
+
+
+def _preview_text(call_id: str, preview: dict[str, Any]) -> str:
+    """What a pending call would change (status.preview), for a person about to decide."""
+    target = preview.get("target") or {}
+    where = "/".join(p for p in (target.get("namespace"), target.get("name")) if p)
+    head = f"{call_id}: {preview.get('operation', 'update')} {target.get('kind', '')} {where}"
+    if preview.get("approximate"):
+        head += " (approximate: a webhook of the cluster does not support dry run)"
+    lines = [head.rstrip()]
+    for change in preview.get("changes") or []:
+        before = change.get("before") if change.get("before") is not None else "(absent)"
+        after = change.get("after") if change.get("after") is not None else "(absent)"
+        lines.append(f"  {change.get('path')}: {before} -> {after}")
+    if preview.get("moreChanges"):
+        lines.append(f"  ... and {preview['moreChanges']} more")
+    if preview.get("owner"):
+        fate = "replaces it" if preview.get("replaced") else "owns it"
+        lines.append(f"  {preview['owner']} {fate}")
+    return "\n".join(lines)
 
 
 async def decide(

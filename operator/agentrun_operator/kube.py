@@ -461,6 +461,9 @@ def _error(status: int, reason: str | None, raw: bytes) -> KubeError:
     return KubeError(status, reason or "Error", raw.decode("utf-8", errors="replace")[:1000])
 
 
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
 class ServiceAccountKube:
     """The API server as one service account (impersonated): a run has exactly its rights."""
 
@@ -475,6 +478,10 @@ class ServiceAccountKube:
 
     async def resolve(self, *, kind: str, api_version: str | None = None) -> ResourceType:
         return await self._kube.resolve(kind=kind, api_version=api_version)
+
+    def dry_run(self) -> DryRunKube:
+        """The same account, with every write a server-side dry run."""
+        return DryRunKube(self._kube, namespace=self.namespace, name=self.name)
 
     async def read_secret_key(self, *, name: str, key: str) -> str:
         """The value of one key of a Secret in this account's namespace."""
@@ -633,6 +640,29 @@ def _event_time(event: dict[str, Any]) -> str:
         or event.get("metadata", {}).get("creationTimestamp")
         or ""
     )
+
+
+class DryRunKube(ServiceAccountKube):
+    """A service account whose every write is a server-side dry run (``dryRun=All``): the API
+    server authorizes, admits and validates it as the real write, and persists nothing.
+    ``written`` holds each write's answer (what the object would be), in order."""
+
+    def __init__(self, kube: Kube, *, namespace: str, name: str) -> None:
+        super().__init__(kube, namespace=namespace, name=name)
+        self.written: list[tuple[str, Any]] = []
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if method not in _WRITE_METHODS:
+            return await super()._call(method, path, **kwargs)
+        kwargs["query"] = {**(kwargs.get("query") or {}), "dryRun": "All"}
+        if method == "DELETE":
+            # A DELETE with a body (DeleteOptions) takes its options from the body only:
+            # the query's dryRun would be ignored, and the object really deleted.
+            options = kwargs.get("body") or {"apiVersion": "v1", "kind": "DeleteOptions"}
+            kwargs["body"] = {**options, "dryRun": ["All"]}
+        result = await super()._call(method, path, **kwargs)
+        self.written.append((method, result))
+        return result
 
 
 class _Discovery:

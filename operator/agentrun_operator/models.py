@@ -496,8 +496,78 @@ class ToolApprovalSpec(_Model):
     )
 
 
+MAX_PREVIEW_CHANGES = 20
+MAX_PREVIEW_VALUE = 300
+
+
+class PreviewTarget(_Model):
+    """The object a call changes, as it was when the preview was computed."""
+
+    api_version: str = Field(description="Its apiVersion.")
+    kind: str = Field(description="Its kind.")
+    namespace: str | None = Field(default=None, description="Its namespace (none: cluster).")
+    name: str = Field(description="Its name.")
+    uid: str | None = Field(default=None, description="Its uid (none: it does not exist yet).")
+    resource_version: str | None = Field(
+        default=None, description="Its resourceVersion when the preview was computed."
+    )
+    generation: int | None = Field(
+        default=None, description="Its metadata.generation, where the object keeps one."
+    )
+
+
+class PreviewChange(_Model):
+    """One field the call changes: its JSON path, the value before and after (JSON text,
+    capped; Secret values shown as <redacted>; absent: the field does not exist)."""
+
+    path: str = Field(max_length=1024, description="The field, e.g. spec.replicas.")
+    before: str | None = Field(
+        default=None, max_length=MAX_PREVIEW_VALUE + 16, description="The value now (JSON)."
+    )
+    after: str | None = Field(
+        default=None, max_length=MAX_PREVIEW_VALUE + 16, description="The value after (JSON)."
+    )
+
+
+class Preview(_Model):
+    """What the call would change, from a server-side dry run (dryRun=All) as the run's
+    service account, computed before anyone is asked."""
+
+    summary: str = Field(
+        max_length=300, description="One line for people, e.g. 'spec.replicas 1→3'."
+    )
+    target: PreviewTarget | None = Field(default=None, description="The object it changes.")
+    changes: list[PreviewChange] = Field(
+        default_factory=list,
+        max_length=MAX_PREVIEW_CHANGES,
+        description=f"The changed fields (at most {MAX_PREVIEW_CHANGES}).",
+    )
+    more_changes: int = Field(
+        default=0, ge=0, description="How many more fields change than are listed."
+    )
+    operation: Literal["create", "update", "delete"] = Field(
+        description="create (the object does not exist yet), update or delete."
+    )
+    owner: str | None = Field(
+        default=None, description="For a deletion: the controller that owns the object."
+    )
+    replaced: bool | None = Field(
+        default=None,
+        description="For a deletion: whether its controller will create a replacement.",
+    )
+    approximate: bool = Field(
+        default=False,
+        description="Computed locally: an admission webhook of the cluster does not "
+        "support dry run, so the server could not compute it.",
+    )
+
+
 class ToolApprovalStatus(_Model):
     """Observed state of the approval, written only by the operator."""
+
+    preview: Preview | None = Field(
+        default=None, description="What the call would change (server-side dry run)."
+    )
 
     state: ApprovalState | None = Field(
         default=None, description="Pending, Approved, Denied, Expired or Cancelled."

@@ -51,7 +51,8 @@ class LimitExceeded(Exception):
 
 
 class Decision(TypedDict, total=False):
-    decision: Literal["approved", "denied", "expired", "cancelled"]
+    # refused: the API server refused a dry run of the call (nobody was asked).
+    decision: Literal["approved", "denied", "expired", "cancelled", "refused"]
     by: str
     comment: str
 

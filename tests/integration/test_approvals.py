@@ -149,6 +149,16 @@ def test_an_approved_call_runs_exactly_once_and_says_who_approved(
     assert replicas(kubectl, namespace)["spec"]["replicas"] == 1, "nothing runs before a decision"
     columns = kubectl("get", "ta", "-n", namespace).stdout
     assert "k8s_scale" in columns and "Pending" in columns
+    # What it would change, from a dry run as the run's account, before anyone decides.
+    preview = ta["status"]["preview"]
+    assert preview["summary"] == "spec.replicas 1→3" and preview["operation"] == "update"
+    assert preview["target"]["uid"] == replicas(kubectl, namespace)["metadata"]["uid"]
+    wide = kubectl("get", "ta", "-n", namespace, "-o", "wide").stdout
+    assert "CHANGE" in wide and "spec.replicas 1→3" in wide
+    pending = wait_event(r, uid, "the pending approval", lambda e: e["type"] == "approval")
+    assert pending["data"]["preview"]["changes"] == [
+        {"path": "spec.replicas", "before": "1", "after": "3"}
+    ]
 
     proc = decide(
         kubectl,
@@ -252,10 +262,10 @@ def nested(levels: int) -> dict[str, Any]:
     return dict(value)
 
 
-def test_arguments_nested_to_the_limit_are_put_to_a_person_and_one_more_level_is_not(
+def test_arguments_nested_to_the_limit_pass_every_check_of_ours_and_one_more_level_does_not(
     kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
 ) -> None:
-    # The API server mirrors spec.arguments into managedFields four levels deeper; the
+    # The API server mirrors spec.arguments into managedFields six levels deeper; the
     # webhook must still take the deepest arguments the tools accept.
     limit = approvals.MAX_ARGUMENT_NESTING
     call = {"kind": "Deployment", "name": "web", "patch": nested(limit - 1)}
@@ -277,14 +287,37 @@ def test_arguments_nested_to_the_limit_are_put_to_a_person_and_one_more_level_is
     uid = create_run(
         kubectl, namespace, "deep", goal=goal, serviceAccountName=agent_sa, tools=["k8s_patch"]
     )
-    [name] = wait_awaiting(kubectl, namespace, "deep")
-    [ta] = approvals_of(kubectl, namespace, "deep")
-    assert ta["spec"]["arguments"] == call
-    assert decide(kubectl, namespace, name, "approver", "Denied").returncode == 0
     assert wait_phase(kubectl, namespace, "deep", "Succeeded", "Failed")["phase"] == "Succeeded"
     tool = [e["data"] for e in stream(r, uid) if e["type"] == "tool"]
-    assert [t["status"] for t in tool] == ["denied", "failed"], tool
+    assert [t["status"] for t in tool] == ["failed", "failed"], tool
+    # At the limit, the call passed every check of ours: the API server's dry run is what
+    # refused it (a Deployment has no field "a"), before anyone was asked.
+    assert "refused a dry run" in tool[0]["result"]["error"]
+    assert "Invalid (422)" in tool[0]["result"]["error"]
     assert f"argument 'patch': nested deeper than {limit} levels" in tool[1]["result"]["error"]
+    assert approvals_of(kubectl, namespace, "deep") == []
+    # And the webhook takes an approval whose arguments are that deep, from the operator.
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "ToolApproval",
+        "metadata": {"name": "deep-c-0123456789ab"},
+        "spec": {
+            "runName": "deep",
+            "callId": "c-0123456789ab",
+            "tool": "k8s_patch",
+            "arguments": call,
+        },
+    }
+    operator = kubectl.as_user("agentrun-operator")
+    proc = operator("create", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+    assert proc.returncode == 0, proc.stderr
+    stored = approvals.deeper_than(
+        json.loads(
+            kubectl("get", "ta", "deep-c-0123456789ab", "-n", namespace, "-o", "json").stdout
+        )["spec"]["arguments"],
+        limit,
+    )
+    assert stored is None
 
 
 def test_people_without_the_right_cannot_decide(
@@ -541,6 +574,10 @@ def test_the_cli_lists_and_decides_as_the_person(
 
     listed = cli("approvals", "-n", namespace)
     assert listed.returncode == 0 and call_id in listed.stdout and "k8s_scale" in listed.stdout
+    # What it would change, before the person decides.
+    assert "spec.replicas 1→3" in listed.stdout
+    assert f"{call_id}: update Deployment {namespace}/web" in listed.stdout
+    assert "  spec.replicas: 1 -> 3" in listed.stdout
     missing = cli("approve", "c-000000000000", "-n", namespace)
     assert missing.returncode == 1 and "no ToolApproval with call id" in missing.stderr
     done = cli("approve", call_id, "-n", namespace, "--comment", "ship it")
@@ -664,3 +701,27 @@ async def test_stopped_by_names_the_real_user_through_the_http_api(
     assert st["phase"] == "Stopped" and st["stoppedBy"] == "creator"
     run = get_run(kubectl, namespace, "viaapi")
     assert run["metadata"]["annotations"]["agentrun.dev/stopped-by"] == "creator"
+
+
+def test_a_call_the_api_server_refuses_in_a_dry_run_fails_without_asking_anyone(
+    kubectl: Kubectl, namespace: str, r: redis_sync.Redis, script: Script
+) -> None:
+    # The namespace's default account may not patch deployments: the dry run says so.
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
+    uid = create_run(
+        kubectl,
+        namespace,
+        "refused",
+        goal=scale_script(script, "refused dry run"),
+        tools=["k8s_scale", "k8s_get"],
+    )
+    st = wait_phase(kubectl, namespace, "refused", "Succeeded", "Failed")
+    assert st["phase"] == "Succeeded", st
+    assert approvals_of(kubectl, namespace, "refused") == [], "a person was asked"
+    evs = stream(r, uid)
+    [failed] = [e["data"] for e in evs if e["type"] == "tool" and e["data"]["status"] != "started"]
+    assert failed["status"] == "failed", failed
+    assert "refused a dry run" in failed["result"]["error"]
+    assert "forbidden" in failed["result"]["error"].lower()
+    assert not [e for e in evs if e["type"] == "approval"]
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 1

@@ -3,9 +3,9 @@ browser download).
 
 Covers: logging in with a token (the HttpOnly cookie), the run list, opening a run whose
 history replays and whose tokens then stream live into the page, a tool card and an
-approval card, Approve (a POST with the CSRF token; the ToolApproval's decision checked
-with kubectl), the browser's own reconnect by Last-Event-ID after the server drops the
-stream (no token shown twice), Stop (spec.stop checked with kubectl), the end of the run,
+approval card with the preview of what the call would change, Approve (a POST with the
+CSRF token; the ToolApproval's decision checked with kubectl), the browser's own reconnect
+by Last-Event-ID after the server drops the stream (no token shown twice), Stop (spec.stop checked with kubectl), the end of the run,
 and a screenshot (/tmp/agentrun-ui.png; /tmp/agentrun-ui-failure.png when a step fails).
 """
 
@@ -175,6 +175,12 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
                 "tool": "k8s_scale",
                 "arguments": {"replicas": 3},
                 "state": "pending",
+                "preview": {
+                    "summary": "spec.replicas 1→3",
+                    "operation": "update",
+                    "target": {"kind": "Deployment", "namespace": namespace, "name": "web"},
+                    "changes": [{"path": "spec.replicas", "before": "1", "after": "3"}],
+                },
             },
         )
         await page.until(
@@ -183,6 +189,13 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
         )
         card = f"document.querySelector('.card.approval[data-call-id=\"{call}\"]')"
         await page.until(f"{card}.querySelector('button.approve')", what="the Approve button")
+        # What the call would change, above the buttons.
+        change = f"{card}.querySelector('.preview .change')"
+        await page.until(f"{change}.textContent.includes('spec.replicas')", what="the preview")
+        assert await page.js(f"{change}.querySelector('.before').textContent") == "1"
+        assert await page.js(f"{change}.querySelector('.after').textContent") == "3"
+        head = await page.js(f"{card}.querySelector('.preview-head').textContent")
+        assert head == f"update Deployment {namespace}/web"
         await page.until(
             "document.getElementById('run-phase').textContent === 'AwaitingApproval'",
             what="the phase",

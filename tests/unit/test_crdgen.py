@@ -93,8 +93,10 @@ def test_printer_columns_match_the_design() -> None:
         "Decided-By",
         "Votes",
         "Needed",
+        "Change",
         "Age",
     ]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Change"]
 
 
 def test_check_mode_reports_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -404,3 +404,58 @@ def test_a_json_patch_gets_one_more_operation_for_the_stamp() -> None:
     adds_map = [{"op": "add", "path": "/metadata/annotations", "value": {"a": "b"}}]
     stamped, guarded = tools.json_patch_with_stamp(adds_map, {"metadata": {}}, "c-1")
     assert not guarded and stamped[-1]["path"].startswith("/metadata/annotations/")
+
+
+# -- previews (the pure part: what changed, shown to people) --------------------------------
+
+
+def test_a_preview_lists_changed_fields_without_server_noise() -> None:
+    from agentrun_operator.tools import dryrun as pv
+
+    before = {
+        "metadata": {
+            "name": "web",
+            "resourceVersion": "1",
+            "generation": 1,
+            "annotations": {"keep": "a"},
+        },
+        "spec": {"replicas": 1, "template": {"spec": {"containers": [{"image": "nginx:1"}]}}},
+        "status": {"readyReplicas": 1},
+    }
+    after = {
+        "metadata": {
+            "name": "web",
+            "resourceVersion": "2",
+            "generation": 2,
+            "annotations": {"keep": "a", contract.LAST_CALL_ID: "c-1"},
+            "managedFields": [{"manager": "agentrun"}],
+        },
+        "spec": {"replicas": 3, "template": {"spec": {"containers": [{"image": "nginx:2"}]}}},
+        "status": {"readyReplicas": 3},
+    }
+    changes = pv._changes(pv._comparable(before), pv._comparable(after), secret=False)
+    assert [(c.path, c.before, c.after) for c in changes] == [
+        ("spec.replicas", "1", "3"),
+        ("spec.template.spec.containers[0].image", '"nginx:1"', '"nginx:2"'),
+    ]
+
+
+def test_a_secret_preview_names_keys_and_hides_values() -> None:
+    from agentrun_operator.tools import dryrun as pv
+
+    before = {"kind": "Secret", "apiVersion": "v1", "data": {"pw": "b2xk"}}
+    after = {"kind": "Secret", "apiVersion": "v1", "data": {"pw": "bmV3", "user": "YQ=="}}
+    changes = pv._changes(pv._comparable(before), pv._comparable(after), secret=True)
+    assert [(c.path, c.before, c.after) for c in changes] == [
+        ("data.pw", tools.REDACTED, tools.REDACTED),
+        ("data.user", None, tools.REDACTED),
+    ]
+
+
+def test_a_long_value_is_capped_and_a_merge_patch_computed_locally() -> None:
+    from agentrun_operator.tools import dryrun as pv
+
+    [change] = pv._changes({"a": "x"}, {"a": "y" * 5000}, secret=False)
+    assert change.after is not None and len(change.after) <= models.MAX_PREVIEW_VALUE
+    merged = pv._merged({"spec": {"a": 1, "b": 2}}, {"spec": {"a": None, "c": 3}})
+    assert merged == {"spec": {"b": 2, "c": 3}}

@@ -238,6 +238,10 @@ class RunDeps:
             if error is not None:
                 failed = tools.ToolOutcome("failed", None, error)
                 return await self._report(call_id, name, shown, failed, started)
+        if (decision or {}).get("decision") == "refused":
+            # The dry run before the gate failed: the call fails as that tool error.
+            refused = tools.ToolOutcome("failed", None, str((decision or {}).get("comment")))
+            return await self._report(call_id, name, shown, refused, started)
         if name in self.required and (decision or {}).get("decision") != "approved":
             d = decision or {
                 "decision": "denied",

@@ -248,18 +248,19 @@ class Emitter:
         arguments: Mapping[str, Any],
         state: str,
         decided_by: str = "",
+        preview: Mapping[str, Any] | None = None,
     ) -> None:
-        await self.emit(
-            "approval",
-            {
-                "callId": call_id,
-                "approval": approval,
-                "tool": tool,
-                "arguments": arguments,
-                "state": state,
-                "decidedBy": decided_by,
-            },
-        )
+        data: dict[str, Any] = {
+            "callId": call_id,
+            "approval": approval,
+            "tool": tool,
+            "arguments": arguments,
+            "state": state,
+            "decidedBy": decided_by,
+        }
+        if preview is not None:
+            data["preview"] = preview
+        await self.emit("approval", data)
 
     async def end(self, *, phase: str, result: str | None, stopped_by: str | None) -> None:
         await self.emit(

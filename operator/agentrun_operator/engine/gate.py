@@ -92,6 +92,21 @@ class Gate:
                 if ta is not None and (ta.get("status") or {}).get("state") in (None, "Pending"):
                     await self.cancel(ref, emitter, ta, f"its arguments can never run: {invalid}")
                 continue
+            preview: models.Preview | None = None
+            if ta is None or not (ta.get("status") or {}).get("state"):
+                # Before anyone is asked: what would it change? A call the API server
+                # refuses fails as the tool error it is, and nobody is asked.
+                try:
+                    preview = await self._preview(ref, spec, item)
+                except tools.PreviewRefused as e:
+                    if ta is not None:
+                        await self.cancel(ref, emitter, ta, e.message)
+                    decisions[call_id] = {
+                        "decision": "refused",
+                        "by": "the API server",
+                        "comment": e.message,
+                    }
+                    continue
             if ta is None:
                 ta = await self._s.k8s.create_toolapproval(
                     namespace=ref.namespace,
@@ -106,7 +121,7 @@ class Gate:
                     ),
                 )
             if not (ta.get("status") or {}).get("state"):
-                ta = await self._open(ref, spec, ta, item["tool"], shown, emitter, now)
+                ta = await self._open(ref, spec, ta, item["tool"], shown, preview, emitter, now)
             settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
             if settled is None:
                 await self._count(ref, spec, ta)
@@ -138,14 +153,19 @@ class Gate:
         ta: dict[str, Any],
         tool: str,
         shown: dict[str, Any],
+        preview: models.Preview | None,
         emitter: Emitter,
         now: dt.datetime,
     ) -> dict[str, Any]:
-        """Open an approval for votes (Pending, with its deadline) and tell people."""
+        """Open an approval for votes (Pending, with its deadline and the preview of what
+        the call would change) and tell people."""
         policy = spec.approval
         name = ta["metadata"]["name"]
         call_id = ta["spec"]["callId"]
         expires = now + dt.timedelta(seconds=parse_duration(policy.timeout))
+        shown_preview = (
+            None if preview is None else preview.model_dump(by_alias=True, exclude_none=True)
+        )
         ta = await self._s.k8s.patch_toolapproval_status(
             namespace=ref.namespace,
             name=name,
@@ -154,21 +174,45 @@ class Gate:
                 "expiresAt": approvals.rfc3339(expires),
                 "approvals": 0,
                 "approvalsNeeded": policy.min_approvals,
+                "preview": shown_preview,
             },
         )
         await emitter.approval(
-            call_id=call_id, approval=name, tool=tool, arguments=shown, state="pending"
+            call_id=call_id,
+            approval=name,
+            tool=tool,
+            arguments=shown,
+            state="pending",
+            preview=shown_preview,
         )
+        change = f" ({preview.summary})" if preview is not None else ""
         self._s.notify(
             ref,
             "approval.pending",
-            f"Run {ref.key} wants to call {tool} {json.dumps(shown)}: approve or deny {name}",
+            f"Run {ref.key} wants to call {tool} {json.dumps(shown)}{change}: "
+            f"approve or deny {name}",
             approval=name,
             callId=call_id,
             tool=tool,
             state="pending",
+            change=preview.summary if preview is not None else "",
         )
         return ta
+
+    async def _preview(
+        self, ref: RunRef, spec: models.AgentRunSpec, item: Mapping[str, Any]
+    ) -> models.Preview | None:
+        """What the call would change, by a dry run as the run's service account."""
+        sa_kube = self._s.k8s.as_service_account(
+            namespace=ref.namespace, name=spec.service_account_name
+        )
+        return await tools.preview(
+            sa_kube,
+            name=item["tool"],
+            arguments=item.get("arguments") or {},
+            namespace=ref.namespace,
+            call_id=item["callId"],
+        )
 
     async def _count(self, ref: RunRef, spec: models.AgentRunSpec, ta: Mapping[str, Any]) -> None:
         """Show the votes counted so far on an approval still open."""

@@ -7,6 +7,7 @@ Where things are:
 - ``landing``: exactly-once after a crash (mutating tools stamp ``agentrun.dev/last-call-id``
   on the object they change; ``landed`` reads it back);
 - ``results``: compact result forms, Secret redaction, the size cap (pure);
+- ``dryrun``: the preview of a mutating call (server-side dry run), before anyone is asked;
 - ``catalog``: descriptions, the OpenAI function specs, and dispatch of one call.
 
 Never: raises for anything the model or the cluster did; lets a Secret's
@@ -24,6 +25,7 @@ from agentrun_operator.tools.arguments import (
     parse_arguments,
 )
 from agentrun_operator.tools.catalog import TOOLS, openai_tools, run_tool
+from agentrun_operator.tools.dryrun import PreviewRefused, preview
 from agentrun_operator.tools.landing import landed
 from agentrun_operator.tools.results import (
     LAST_APPLIED,
@@ -49,6 +51,7 @@ __all__ = [
     "ArgumentError",
     "LogsArgs",
     "PatchArgs",
+    "PreviewRefused",
     "ToolOutcome",
     "cap",
     "json_patch_with_stamp",
@@ -56,6 +59,7 @@ __all__ = [
     "merge",
     "openai_tools",
     "parse_arguments",
+    "preview",
     "redact",
     "redact_secret",
     "redacted_arguments",

@@ -197,7 +197,7 @@ async def run_tool(
         return ToolOutcome("failed", None, f"{name}: {e}")
     except MaybeLanded as lost:
         # The write may have been carried out though its answer was lost: read the stamp.
-        why = f"{name}: {_explain_kube(kube, tool, lost.error)}"
+        why = f"{name}: {explain_kube(kube, tool, lost.error)}"
         verdict = await landed(
             kube, name=name, arguments=arguments, namespace=namespace, call_id=call_id
         )
@@ -209,14 +209,14 @@ async def run_tool(
             return ToolOutcome("unknown", None, why)
         return ToolOutcome("failed", None, why + "; the change was not made")
     except kubeapi.KubeError as e:
-        return ToolOutcome("failed", None, f"{name}: {_explain_kube(kube, tool, e)}")
+        return ToolOutcome("failed", None, f"{name}: {explain_kube(kube, tool, e)}")
     except Exception as e:  # a bug here must not end the run
         logger.exception("tool %s failed unexpectedly", name)
         return ToolOutcome("failed", None, f"{name}: internal error: {type(e).__name__}: {e}")
     return ToolOutcome("succeeded", cap(redact(result), max_bytes), None)
 
 
-def _explain_kube(kube: kubeapi.ServiceAccountKube, tool: Tool, e: kubeapi.KubeError) -> str:
+def explain_kube(kube: kubeapi.ServiceAccountKube, tool: Tool, e: kubeapi.KubeError) -> str:
     text = f"{e.reason} ({e.status}): {e.message}"
     if e.status == 403:
         return (

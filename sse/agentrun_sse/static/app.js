@@ -274,7 +274,7 @@ function approvalCard(d) {
     card = el("li", "card approval");
     card.dataset.callId = d.callId || "";
     card.append(el("h3", "", `Approval: ${d.tool || ""}`), el("span", "status"),
-      el("pre", "args", pretty(d.arguments)));
+      el("pre", "args", pretty(d.arguments)), previewOf(d.preview));
     const comment = el("input", "comment");
     comment.placeholder = "comment (optional)";
     const approve = el("button", "approve", "Approve");
@@ -292,6 +292,29 @@ function approvalCard(d) {
   card.querySelector(".status").textContent = state + (d.decidedBy ? ` by ${d.decidedBy}` : "");
   card.querySelector(".status").className = `status ${state}`;
   card.querySelector(".actions").hidden = state !== "pending";
+}
+
+// What the call would change (the operator's server-side dry run), shown above the buttons.
+function previewOf(p) {
+  const box = el("div", "preview");
+  if (!p) return box;
+  const t = p.target || {};
+  const where = [t.namespace, t.name].filter(Boolean).join("/");
+  box.append(el("p", "preview-head",
+    `${p.operation || "update"} ${t.kind || ""} ${where}` +
+    (p.approximate ? " (approximate: a webhook does not support dry run)" : "")));
+  const list = el("ul", "changes");
+  for (const c of p.changes || []) {
+    const li = el("li", "change");
+    li.append(el("code", "path", c.path), el("span", "before", c.before ?? "(absent)"),
+      el("span", "arrow", " → "), el("span", "after", c.after ?? "(absent)"));
+    list.append(li);
+  }
+  if (p.moreChanges) list.append(el("li", "change more", `… and ${p.moreChanges} more`));
+  if (p.owner) list.append(el("li", "change owner",
+    `${p.owner} ${p.replaced ? "replaces it" : "owns it"}`));
+  box.append(list);
+  return box;
 }
 
 async function decide(card, callId, decision) {

@@ -1,0 +1,177 @@
+"""Previews of mutating calls, by server-side dry run as the run's service account, against a
+real kube-apiserver with kube-controller-manager (Deployments get ReplicaSets and Pods).
+
+Covers: each of the five mutating tools previews what it would change (scale: replicas
+before → after; restart: the template annotation; delete: the pod, its owner and whether
+it is replaced; patch of a Secret: the key shown, the values redacted; apply of a new
+object: created) and changes nothing; a dry run the API server refuses (RBAC, validation)
+is a PreviewRefused naming why. (Through the operator: tests/integration/test_approvals.py.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from integration.test_tools import (
+    AGENT_RULES,
+    SECRET_B64,
+    SECRET_VALUE,
+    apply,
+    configmap,
+    deployment,
+    get,
+    grant,
+    new_call_id,
+    pod,
+    pods_can_be_created,
+)
+
+from agentrun_operator import kube as kubeapi
+from agentrun_operator import models, tools
+
+from support import Kubectl, wait_for
+
+
+@pytest.fixture
+async def kube(cluster: Any) -> Any:
+    client = await kubeapi.Kube.from_kubeconfig(cluster.kubeconfig("admin"))
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+def agent(kube: kubeapi.Kube, kubectl: Kubectl, namespace: str) -> kubeapi.ServiceAccountKube:
+    grant(kubectl, namespace, "agent", AGENT_RULES)
+    return kube.as_service_account(namespace=namespace, name="agent")
+
+
+async def preview(
+    sa: kubeapi.ServiceAccountKube, tool: str, namespace: str, /, **arguments: Any
+) -> models.Preview:
+    found = await tools.preview(
+        sa, name=tool, arguments=arguments, namespace=namespace, call_id=new_call_id()
+    )
+    assert found is not None
+    return found
+
+
+async def test_scale_previews_replicas_and_changes_nothing(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    deployment(kubectl, namespace)
+    before = get(kubectl, namespace, "deploy", "web")
+    p = await preview(agent, "k8s_scale", namespace, kind="deploy", name="web", replicas=3)
+    assert p.operation == "update" and not p.approximate
+    assert [(c.path, c.before, c.after) for c in p.changes] == [("spec.replicas", "1", "3")]
+    assert p.summary == "spec.replicas 1→3"
+    assert p.target is not None
+    meta = before["metadata"]
+    assert (p.target.kind, p.target.name, p.target.namespace) == ("Deployment", "web", namespace)
+    assert (p.target.uid, p.target.generation) == (meta["uid"], meta["generation"])
+    assert p.target.resource_version == meta["resourceVersion"]
+    after = get(kubectl, namespace, "deploy", "web")
+    assert after["metadata"]["resourceVersion"] == meta["resourceVersion"], "a dry run wrote"
+    assert after["spec"]["replicas"] == 1
+    # Read-only tools have no preview.
+    assert (
+        await tools.preview(
+            agent, name="k8s_get", arguments={"kind": "deploy"}, namespace=namespace, call_id="c"
+        )
+        is None
+    )
+
+
+async def test_restart_and_patch_preview_the_template_and_the_fields(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    deployment(kubectl, namespace)
+    p = await preview(agent, "k8s_rollout_restart", namespace, kind="deployment", name="web")
+    [change] = p.changes
+    assert change.path.startswith("spec.template.metadata.annotations.")
+    assert change.path.endswith("restartedAt") and change.before is None and change.after
+    p = await preview(
+        agent,
+        "k8s_patch",
+        namespace,
+        kind="deployment",
+        name="web",
+        patch={"metadata": {"labels": {"tier": "web"}}, "spec": {"paused": True}},
+    )
+    paths = {c.path: (c.before, c.after) for c in p.changes}
+    assert paths == {"metadata.labels.tier": (None, '"web"'), "spec.paused": (None, "true")}
+    assert "(+1 more)" in p.summary
+
+
+async def test_a_secret_patch_shows_the_key_never_the_value(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(
+        kubectl,
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "s"},
+            "data": {"pw": SECRET_B64},
+        },
+    )
+    p = await preview(
+        agent, "k8s_patch", namespace, kind="secret", name="s", patch={"stringData": {"pw": "x"}}
+    )
+    text = p.model_dump_json()
+    assert SECRET_VALUE not in text and SECRET_B64 not in text
+    assert [(c.path, c.before, c.after) for c in p.changes] == [
+        ("data.pw", tools.REDACTED, tools.REDACTED)
+    ]
+
+
+async def test_delete_previews_the_pod_its_owner_and_its_replacement(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    pods_can_be_created(kubectl, namespace)
+    deployment(kubectl, namespace)
+    apply(kubectl, namespace, pod("lonely"))
+    wait_for(
+        "a pod of the deployment",
+        lambda: bool(get(kubectl, namespace, "pods", "-l", "app=web")["items"]),
+    )
+    owned = get(kubectl, namespace, "pods", "-l", "app=web")["items"][0]["metadata"]["name"]
+    p = await preview(agent, "k8s_delete_pod", namespace, name=owned)
+    assert p.operation == "delete" and p.replaced is True
+    assert p.owner is not None and p.owner.startswith("ReplicaSet/web-")
+    assert p.summary == f"delete pod {owned} ({p.owner} replaces it)"
+    p = await preview(agent, "k8s_delete_pod", namespace, name="lonely")
+    assert (p.owner, p.replaced, p.summary) == (None, False, "delete pod lonely")
+    assert get(kubectl, namespace, "pod", "lonely")["metadata"].get("deletionTimestamp") is None
+
+
+async def test_apply_of_a_new_object_previews_a_creation(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    p = await preview(agent, "k8s_apply", namespace, manifest=configmap("fresh", a="1"))
+    assert (p.operation, p.summary) == ("create", "create configmap fresh")
+    assert p.target is not None and p.target.uid is None
+    assert ("data.a", None, '"1"') in [(c.path, c.before, c.after) for c in p.changes]
+    missing = kubectl("get", "cm", "fresh", "-n", namespace, check=False)
+    assert missing.returncode != 0, "a dry-run apply created the object"
+
+
+async def test_a_dry_run_the_api_server_refuses_is_refused_naming_why(
+    kube: kubeapi.Kube, agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    deployment(kubectl, namespace)
+    # RBAC: the default account may not patch deployments.
+    nobody = kube.as_service_account(namespace=namespace, name="default")
+    with pytest.raises(tools.PreviewRefused, match="forbidden"):
+        await preview(nobody, "k8s_scale", namespace, kind="deploy", name="web", replicas=2)
+    # Validation: the server refuses the patched object.
+    with pytest.raises(tools.PreviewRefused, match=r"refused a dry run.*spec\.replicas"):
+        await preview(
+            agent,
+            "k8s_patch",
+            namespace,
+            kind="deploy",
+            name="web",
+            patch={"spec": {"replicas": -1}},
+        )
