@@ -6,7 +6,8 @@ history replays and whose tokens then stream live into the page, a tool card and
 approval card with the preview of what the call would change, Approve (a POST with the
 CSRF token; the ToolApproval's decision checked with kubectl), the browser's own reconnect
 by Last-Event-ID after the server drops the stream (no token shown twice), Stop (spec.stop
-checked with kubectl), the end of the run, and a screenshot (/tmp/agentrun-ui.png; /tmp/agentrun-ui-failure.png when a step fails).
+checked with kubectl), the end of the run, and a screenshot (/tmp/agentrun-ui.png;
+/tmp/agentrun-ui-failure.png when a step fails).
 """
 
 from __future__ import annotations
