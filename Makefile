@@ -25,7 +25,6 @@ UV := $(AGENTRUN_CACHE)/uv-$(UV_VERSION)/bin/uv
 # Never download a Python: the lock resolves for the interpreter this machine has.
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
-export AGENTRUN_UV := $(UV)
 DEPS := PYTHON=$(PYTHON) scripts/install-deps.sh
 
 .PHONY: deps
@@ -90,16 +89,16 @@ controlplane: ## Build (once, cached by version) the Kubernetes binaries the tes
 
 .PHONY: test
 test: deps-test lint check-crds controlplane ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
-	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+	TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-oldest
 test-oldest: deps-oldest install ## The unit and integration tests on the oldest supported Kubernetes (1.20)
 	$(MAKE) --no-print-directory controlplane K8S_VERSION=1.20
-	K8S_VERSION=1.20 $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+	K8S_VERSION=1.20 TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-unit
 test-unit: install ## Unit tests only (no control plane, no Redis)
-	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+	TEST_UV=$(UV) $(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
 ##@ Demo
 .PHONY: demo

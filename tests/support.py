@@ -202,6 +202,29 @@ class Script:
 # -- runs, as the tests see them ------------------------------------------------------
 
 
+def let_default_account_scale(kubectl: Kubectl, namespace: str) -> None:
+    """The namespace's default ServiceAccount may read and patch Deployments (returns once
+    RBAC enforces it): runs acting as it pass the dry run that previews a k8s_scale, so
+    people are asked."""
+    kubectl(
+        "create", "role", "scaler", "-n", namespace, "--verb=get,list,patch",
+        "--resource=deployments",
+    )  # fmt: skip
+    kubectl(
+        "create", "rolebinding", "scaler", "-n", namespace, "--role=scaler",
+        f"--serviceaccount={namespace}:default",
+    )  # fmt: skip
+    default = f"system:serviceaccount:{namespace}:default"
+    wait_for(
+        "RBAC to let the default account patch deployments",
+        lambda: kubectl(
+            "auth", "can-i", "patch", "deployments", "-n", namespace, f"--as={default}",
+            check=False,
+        ).stdout.strip()
+        == "yes",
+    )  # fmt: skip
+
+
 def create_run(kubectl: Kubectl, namespace: str, name: str, **spec: Any) -> str:
     doc = {
         "apiVersion": "agentrun.dev/v1alpha1",

@@ -33,3 +33,9 @@ class KubeError(Exception):
         self.status = status
         self.reason = reason
         self.message = message
+
+    @property
+    def transient(self) -> bool:
+        """The API server is away or overloaded (0: no connection; 429: "storage is
+        (re)initializing" while kube-apiserver starts; 502-504): wait and try again."""
+        return self.status in (0, 429, 502, 503, 504)

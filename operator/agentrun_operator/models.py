@@ -368,10 +368,24 @@ class Usage(_Model):
     def from_status(cls, body: Mapping[str, Any] | None) -> Usage:
         """The totals a status (or a metrics event's ``total``) carries; zero when absent
         or unreadable."""
-        try:
-            usage = cls.model_validate(dict(body or {}))
-        except ValueError:
-            return cls()
+        body = body or {}
+
+        def number(key: str, kind: type[int] | type[float]) -> Any:
+            try:
+                return max(kind(body.get(key) or 0), 0)
+            except (TypeError, ValueError):
+                return kind(0)
+
+        ttft = body.get("ttftMs")
+        usage = cls(
+            input_tokens=number("inputTokens", int),
+            output_tokens=number("outputTokens", int),
+            cached_tokens=number("cachedTokens", int),
+            cost_usd=number("costUSD", float),
+            ttft_ms=ttft if isinstance(ttft, int) and ttft >= 0 else None,
+            llm_calls=number("llmCalls", int),
+            tool_calls=number("toolCalls", int),
+        )
         usage.total_tokens = usage.input_tokens + usage.output_tokens
         return usage
 

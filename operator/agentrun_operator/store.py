@@ -106,12 +106,13 @@ class RunStore:
         """A spec edit that was ignored, for the task that next runs it to report."""
         await self.redis.hset(events.meta_key(uid), "ignored", message)
 
-    async def take_ignored(self, uid: str) -> str | None:
+    async def ignored(self, uid: str) -> str | None:
         value = await self.redis.hget(events.meta_key(uid), "ignored")
-        if value is None:
-            return None
+        return None if value is None else _text(value)
+
+    async def forget_ignored(self, uid: str) -> None:
+        """Once the run's stream says it (never before: the note would be lost)."""
         await self.redis.hdel(events.meta_key(uid), "ignored")
-        return _text(value)
 
     async def awaiting_people(self, uid: str) -> None:
         """The run starts waiting for people (the first time counts)."""

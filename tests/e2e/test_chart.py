@@ -787,19 +787,32 @@ def test_helm_uninstall_leaves_no_orphans(kubectl: Kubectl, release: Release, he
     def step(what: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {what}")
 
+    # A call the agent's account may make (its dry run passes), so a person is asked.
+    kubectl(
+        "create", "deployment", "left", "--image=registry.invalid/none", "--replicas=0",
+        "-n", release.runs,
+    )  # fmt: skip
+    label = {"kind": "Deployment", "name": "left", "patch": {"metadata": {"labels": {"a": "b"}}}}
     release.script(
         [
             {
                 "match": "left behind",
                 "replies": [
-                    {"text": "Plan: delete pod x."},
-                    {"tool_calls": [{"name": "k8s_delete_pod", "arguments": {"name": "x"}}]},
+                    {"text": "Plan: label left."},
+                    {"tool_calls": [{"name": "k8s_patch", "arguments": label}]},
                     {"text": "done"},
                 ],
             }
         ]
     )
-    create_run(kubectl, release, "left-behind", "left behind", tools=["k8s_delete_pod"])
+    create_run(
+        kubectl,
+        release,
+        "left-behind",
+        "left behind",
+        serviceAccountName="agent",
+        tools=["k8s_patch"],
+    )
     wait_phase(kubectl, release.runs, "left-behind", "AwaitingApproval", timeout=60)
     step("run awaiting approval")
     manifest = helm("get", "manifest", RELEASE, "-n", release.namespace)

@@ -17,7 +17,17 @@ import redis as redis_sync
 
 from agentrun_harness.operatorproc import OperatorProcess, WebhookProcess
 
-from support import Kubectl, Script, bind_roles, create_run, get_run, marker, wait_event, wait_phase
+from support import (
+    Kubectl,
+    Script,
+    bind_roles,
+    create_run,
+    get_run,
+    let_default_account_scale,
+    marker,
+    wait_event,
+    wait_phase,
+)
 
 
 @pytest.fixture
@@ -32,6 +42,7 @@ def namespace(op_namespace: str, kubectl: Kubectl) -> str:
             ("approver", "agentrun-approver"),
         ],
     )
+    let_default_account_scale(kubectl, op_namespace)  # its runs' calls are previewed
     return op_namespace
 
 

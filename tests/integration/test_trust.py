@@ -33,6 +33,7 @@ from support import (
     bind_roles,
     create_run,
     get_run,
+    let_default_account_scale,
     marker,
     stream,
     wait_event,
@@ -57,6 +58,9 @@ def namespace(op_namespace: str, kubectl: Kubectl) -> str:
             ("approver2", "agentrun-approver"),
         ],
     )
+    # The runs act as the namespace's default account, which may scale deployments: the
+    # dry run that previews each call is then allowed, and people are asked.
+    let_default_account_scale(kubectl, op_namespace)
     return op_namespace
 
 
@@ -194,6 +198,7 @@ def test_any_edit_casts_a_vote_no_more_only_an_explicit_decision_does(
 def test_a_runs_settings_cannot_change_mid_run_even_while_the_webhook_is_away(
     kubectl: Kubectl, namespace: str, script: Script, r: redis_sync.Redis
 ) -> None:
+    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
     uid = create_run(
         kubectl.as_user("creator"),
         namespace,
@@ -202,7 +207,6 @@ def test_a_runs_settings_cannot_change_mid_run_even_while_the_webhook_is_away(
         tools=["k8s_scale", "k8s_get"],
         approval={"approvers": {"users": ["approver"]}},
     )
-    kubectl("create", "deployment", "web", "--image=nginx", "-n", namespace)
     ta = pending_approval(kubectl, namespace, "scale")
     effective = get_run(kubectl, namespace, "scale")["status"]["effective"]
     assert effective["approval"]["approvers"]["users"] == ["approver"]

@@ -61,3 +61,23 @@ def test_status_serialises_in_kubernetes_shape() -> None:
     body = status.model_dump(by_alias=True, exclude_none=True, mode="json")
     assert body["phase"] == "Running"
     assert body["usage"]["totalTokens"] == 7 and body["usage"]["costUSD"] == 0.01
+
+
+def test_usage_totals_read_back_field_by_field() -> None:
+    usage = models.Usage.from_status(
+        {"inputTokens": 10, "outputTokens": "x", "costUSD": 0.5, "llmCalls": -3, "ttftMs": 80}
+    )
+    assert (usage.input_tokens, usage.output_tokens, usage.total_tokens) == (10, 0, 10)
+    assert (usage.cost_usd, usage.llm_calls, usage.ttft_ms) == (0.5, 0, 80)
+    usage.add_call(models.CallUsage(input_tokens=5, output_tokens=7, cost_usd=0.25, ttft_ms=9))
+    assert usage.as_status() == {
+        "inputTokens": 15,
+        "outputTokens": 7,
+        "totalTokens": 22,
+        "cachedTokens": 0,
+        "costUSD": 0.75,
+        "ttftMs": 80,
+        "llmCalls": 1,
+        "toolCalls": 0,
+    }
+    assert models.Usage.from_status(None).as_status()["totalTokens"] == 0

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _uv() -> str:
-    found = os.environ.get("AGENTRUN_UV") or shutil.which("uv")
+    found = os.environ.get("TEST_UV") or shutil.which("uv")
     if not found:
         cached = sorted(glob.glob(os.path.expanduser("~/.cache/agentrun/uv-*/bin/uv")))
         found = cached[-1] if cached else None

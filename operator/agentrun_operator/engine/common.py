@@ -123,8 +123,7 @@ def unavailable(e: BaseException) -> str | None:
     """What could not be reached, past the clients' own retries ("Redis", "the Kubernetes
     API"), or None when ``e`` is not about reaching something."""
     if isinstance(e, kube.KubeError):
-        # 0: no connection; 429: "storage is (re)initializing" while kube-apiserver starts.
-        return "the Kubernetes API" if e.status in (0, 429, 502, 503, 504) else None
+        return "the Kubernetes API" if e.transient else None
     if store_mod.unreachable(e):
         return "Redis"
     return None

@@ -80,7 +80,17 @@ class Runner:
         delay = 1.0
         while True:
             try:
-                if not await self._run(ref):
+                try:
+                    again = await self._run(ref)
+                except asyncio.CancelledError:
+                    # Stopped where _run does not catch it (reading the run, before its
+                    # lease): the next try finishes it as Stopped instead of leaving it.
+                    slot = self._slot_of(ref.uid)
+                    if slot is None or self._closing() or not slot.stop.finishing():
+                        raise
+                    uncancel()
+                    continue
+                if not again:
                     slot = self._slot_of(ref.uid)
                     if slot is None or not slot.recheck or slot.stop.requested:
                         return
@@ -270,9 +280,10 @@ class Runner:
                 await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
             else:
                 await emitter.workflow("pending", node="", step=0)
-            ignored = await store.take_ignored(ref.uid)
+            ignored = await store.ignored(ref.uid)
             if ignored:
                 await emitter.fault(ignored, code="SpecChangeIgnored", fatal=False)
+                await store.forget_ignored(ref.uid)
             if statusw.current.get("phase") != "Running" or is_waiting(statusw.current):
                 await statusw.phase(
                     "Running",

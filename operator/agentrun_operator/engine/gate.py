@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from langgraph.types import Command
 
-from agentrun_operator import approvals, contract, events, models, tools, workflow
+from agentrun_operator import approvals, contract, events, kube, models, tools, workflow
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine.binding import argument_error
 from agentrun_operator.engine.common import RunRef, Services, audit, is_waiting, parse_duration
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
+
+log = logging.getLogger("agentrun.gate")
 
 _STATE = {"approved": "Approved", "denied": "Denied", "expired": "Expired"}
 
@@ -92,8 +95,19 @@ class Gate:
                 if ta is not None and (ta.get("status") or {}).get("state") in (None, "Pending"):
                     await self.cancel(ref, emitter, ta, f"its arguments can never run: {invalid}")
                 continue
+            state = (ta.get("status") or {}).get("state") if ta is not None else None
+            if state == "Cancelled":
+                # Cancelled while its call still waits (its dry run was refused after the
+                # approval was created): nobody can decide it any more, so the call fails.
+                decisions[call_id] = {
+                    "decision": "refused",
+                    "by": "agentrun",
+                    "comment": str((ta or {}).get("status", {}).get("message") or "")
+                    or f"{item['tool']}: the approval was cancelled",
+                }
+                continue
             preview: models.Preview | None = None
-            if ta is None or not (ta.get("status") or {}).get("state"):
+            if ta is None or not state:
                 # Before anyone is asked: what would it change? A call the API server
                 # refuses fails as the tool error it is, and nobody is asked.
                 try:
@@ -206,13 +220,21 @@ class Gate:
         sa_kube = self._s.k8s.as_service_account(
             namespace=ref.namespace, name=spec.service_account_name
         )
-        return await tools.preview(
-            sa_kube,
-            name=item["tool"],
-            arguments=item.get("arguments") or {},
-            namespace=ref.namespace,
-            call_id=item["callId"],
-        )
+        try:
+            return await tools.preview(
+                sa_kube,
+                name=item["tool"],
+                arguments=item.get("arguments") or {},
+                namespace=ref.namespace,
+                call_id=item["callId"],
+            )
+        except (tools.PreviewRefused, kube.KubeError):
+            raise  # refused: the call fails; the API server away: the run waits for it
+        except Exception:
+            # A bug in computing the preview must not stop the run: people are asked
+            # without one, as before previews existed.
+            log.exception("run %s: no preview for call %s", ref.key, item["callId"])
+            return None
 
     async def _count(self, ref: RunRef, spec: models.AgentRunSpec, ta: Mapping[str, Any]) -> None:
         """Show the votes counted so far on an approval still open."""

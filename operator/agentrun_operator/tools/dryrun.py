@@ -63,17 +63,26 @@ async def preview(
         rt, target, ns = await _target(kube, args, namespace)
     except ArgumentError as e:
         raise PreviewRefused(f"{name}: {e}") from None
+    except kubeapi.KubeError as e:
+        if e.transient:
+            raise
+        raise PreviewRefused(f"{name}: {e}") from None
     before = await _get(kube, rt, target, ns, tool=name)
     dry = kube.dry_run()
     approximate = False
     try:
         await TOOLS[name].run(dry, args, getattr(args, "namespace", None) or namespace, call_id)
     except MaybeLanded as lost:
-        raise lost.error from None  # the API server is away: the gate waits for it
+        if lost.error.transient:
+            raise lost.error from None  # the API server is away: the gate waits for it
+        raise PreviewRefused(
+            f"{name}: the API server refused a dry run of this call: "
+            f"{explain_kube(kube, TOOLS[name], lost.error)}"
+        ) from None
     except ArgumentError as e:
         raise PreviewRefused(f"{name}: {e}") from None
     except kubeapi.KubeError as e:
-        if e.status == 0:
+        if e.transient:
             raise
         if not _no_dry_run_support(e):
             raise PreviewRefused(
@@ -120,7 +129,7 @@ async def _get(
     except kubeapi.KubeError as e:
         if e.status == 404:
             return None
-        if e.status == 0:
+        if e.transient:
             raise
         raise PreviewRefused(
             f"{tool}: the API server refused a dry run of this call: cannot read "
@@ -283,7 +292,7 @@ def _changes(
     hidden = secret and path.split(".", 1)[0] in ("data", "stringData")
     return [
         models.PreviewChange(
-            path=path,
+            path=_cap(path, 1024),
             before=_shown(before, hidden),
             after=_shown(after, hidden),
         )
