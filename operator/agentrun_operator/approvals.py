@@ -305,7 +305,7 @@ def validate_toolapproval(
     vote = votes[-1]
     status = old.get("status") or {}
     state = status.get("state")
-    if state in ("Expired", "Cancelled", "Approved", "Denied"):
+    if state in ("Expired", "Cancelled", "Approved", "Denied", "Stale"):
         return f"this approval is already {state.lower()}; it cannot be decided any more"
     expires = parse_time(status.get("expiresAt"))
     if state != "Pending" or expires is None:

@@ -56,7 +56,7 @@ ALL_TOOLS: tuple[ToolName, ...] = READ_ONLY_TOOLS + MUTATING_TOOLS
 RunPhase = Literal["Pending", "Running", "AwaitingApproval", "Succeeded", "Failed", "Stopped"]
 FINISHED_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Stopped"})
 Decision = Literal["Approved", "Denied"]
-ApprovalState = Literal["Pending", "Approved", "Denied", "Expired", "Cancelled"]
+ApprovalState = Literal["Pending", "Approved", "Denied", "Expired", "Cancelled", "Stale"]
 
 # Go's time.ParseDuration units that make sense for a run: "90s", "1h30m", "250ms".
 DURATION_PATTERN = r"^([0-9]+(\.[0-9]+)?(ms|s|m|h))+$"
@@ -584,7 +584,9 @@ class ToolApprovalStatus(_Model):
     )
 
     state: ApprovalState | None = Field(
-        default=None, description="Pending, Approved, Denied, Expired or Cancelled."
+        default=None,
+        description="Pending, Approved, Denied, Expired, Cancelled, or Stale (approved, but "
+        "its target changed before the call ran: nothing ran).",
     )
     decided_by: UserInfo | None = Field(default=None, description="Who settled the approval.")
     decided_at: datetime | None = Field(default=None, description="When it was settled.")

@@ -55,6 +55,10 @@ class Decision(TypedDict, total=False):
     decision: Literal["approved", "denied", "expired", "cancelled", "refused"]
     by: str
     comment: str
+    # For an approved call with a preview: the ToolApproval and the object as it was
+    # approved (the call runs only if the object is still that version).
+    approval: str
+    target: dict[str, Any]
 
 
 class RunState(TypedDict, total=False):

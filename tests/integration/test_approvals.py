@@ -62,11 +62,18 @@ def _dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) 
         print(f"--- operator log ---\n{operator.log_tail(80)}")
 
 
-def scale_script(script: Script, name: str, *, replicas: int = 3, calls: int = 1) -> str:
+def scale_script(
+    script: Script, name: str, *, replicas: int = 3, calls: int = 1, targets: int = 1
+) -> str:
+    """Calls scaling web (or web, web-1, web-2... with ``targets``), all in one turn."""
     tool_calls = [
         {
             "name": "k8s_scale",
-            "arguments": {"kind": "Deployment", "name": "web", "replicas": replicas + i},
+            "arguments": {
+                "kind": "Deployment",
+                "name": "web" if i % targets == 0 else f"web-{i % targets}",
+                "replicas": replicas + i,
+            },
         }
         for i in range(calls)
     ]
@@ -640,7 +647,11 @@ def test_approve_all_decides_every_pending_call_each_with_its_own_vote(
     import subprocess
     import sys
 
-    start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "all", calls=3))
+    # Three objects: calls on one object would bind to a version the first call changes.
+    for other in ("web-1", "web-2"):
+        kubectl("create", "deployment", other, "--image=nginx", "-n", namespace)
+    goal = scale_script(script, "all", calls=3, targets=3)
+    start_scaling_run(kubectl, namespace, agent_sa, goal)
     names = wait_awaiting(kubectl, namespace, "scale", count=3)
     env = {**os.environ, "KUBECONFIG": str(kubectl.plane.kubeconfig("approver"))}
     done = subprocess.run(
@@ -667,7 +678,9 @@ def test_approve_all_decides_every_pending_call_each_with_its_own_vote(
         assert ta["status"]["state"] == "Approved"
         assert [v["username"] for v in ta["spec"]["votes"]] == ["approver"]
         assert ta["spec"]["votes"][0]["comment"] == "batch"
-    assert replicas(kubectl, namespace)["metadata"]["generation"] == 4, "three scales, once each"
+    for deployment in ("web", "web-1", "web-2"):
+        obj = json.loads(kubectl("get", "deploy", deployment, "-n", namespace, "-o", "json").stdout)
+        assert obj["metadata"]["generation"] == 2, f"{deployment} scaled once"
 
 
 async def test_stopped_by_names_the_real_user_through_the_http_api(
@@ -725,3 +738,27 @@ def test_a_call_the_api_server_refuses_in_a_dry_run_fails_without_asking_anyone(
     assert "forbidden" in failed["result"]["error"].lower()
     assert not [e for e in evs if e["type"] == "approval"]
     assert replicas(kubectl, namespace)["spec"]["replicas"] == 1
+
+
+def test_an_approval_binds_the_call_to_the_version_people_saw(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "stale"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    [ta] = approvals_of(kubectl, namespace, "scale")
+    assert ta["status"]["preview"]["target"]["generation"] == 1
+    # Someone changes the Deployment's spec after the preview (status churn from the
+    # controller meanwhile does not count: the generation stays).
+    kubectl("scale", "deployment", "web", "--replicas=2", "-n", namespace)
+    assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    evs = stream(r, uid)
+    [tool] = [e["data"] for e in evs if e["type"] == "tool"]
+    assert tool["status"] == "failed", tool
+    assert "nothing ran" in tool["result"]["error"]
+    assert "changed after the approval (generation 1 → 2)" in tool["result"]["error"]
+    states = [e["data"]["state"] for e in evs if e["type"] == "approval"]
+    assert states == ["pending", "approved", "stale"], states
+    [ta] = approvals_of(kubectl, namespace, "scale")
+    assert ta["status"]["state"] == "Stale" and "generation" in ta["status"]["message"]
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 2, "the approved call ran"

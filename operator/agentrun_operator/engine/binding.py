@@ -9,6 +9,7 @@ service account).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
@@ -99,6 +100,7 @@ class RunDeps:
         statusw: StatusWriter,
         usage: models.Usage,
         sa_kube: kube.ServiceAccountKube,
+        k8s: kube.Kube,
         store: RunStore,
     ) -> None:
         self.goal = spec.goal
@@ -116,6 +118,7 @@ class RunDeps:
         self._status = statusw
         self.usage = usage
         self._kube = sa_kube
+        self._k8s = k8s  # the operator's own client: only for the ToolApproval's status
         self._store = store
         self._prices = settings.price_table()
         self._last_input_tokens = 0  # the previous call's prompt, for the budget estimate
@@ -265,6 +268,29 @@ class RunDeps:
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
             return content
+        if (
+            decision is not None
+            and decision.get("decision") == "approved"
+            and decision.get("target")
+            and record.get("state") != "started"
+        ):
+            # Bound to what people approved: if the object changed since, nothing runs.
+            stale = await tools.changed_since(
+                self._kube,
+                name=name,
+                arguments=arguments,
+                namespace=self.namespace,
+                target=decision["target"],
+            )
+            if stale is not None:
+                await self._mark_stale(call_id, name, shown, decision.get("approval"), stale)
+                failed = tools.ToolOutcome(
+                    "failed",
+                    None,
+                    f"{name}: nothing ran: {stale}, so the approval no longer holds (it is "
+                    "Stale); look at the object again and call the tool again if still needed",
+                )
+                return await self._report(call_id, name, shown, failed, started)
         outcome: tools.ToolOutcome | None = None
         if record.get("state") == "started" and name in models.MUTATING_TOOLS:
             # We crashed after starting this call: did it land? Ask the object, not memory.
@@ -287,6 +313,25 @@ class RunDeps:
                 max_bytes=self._settings.tool_result_max_bytes,
             )
         return await self._report(call_id, name, shown, outcome, started)
+
+    async def _mark_stale(
+        self, call_id: str, name: str, shown: dict[str, Any], approval: str | None, why: str
+    ) -> None:
+        """The approval no longer holds: its status and the stream say so."""
+        if approval:
+            with contextlib.suppress(kube.KubeError):
+                await self._k8s.patch_toolapproval_status(
+                    namespace=self.namespace,
+                    name=approval,
+                    status={"state": "Stale", "message": why},
+                )
+        await self._emitter.approval(
+            call_id=call_id,
+            approval=approval or "",
+            tool=name,
+            arguments=shown,
+            state="stale",
+        )
 
     async def _landed_before(
         self, name: str, arguments: dict[str, Any], call_id: str

@@ -265,6 +265,7 @@ class Runner:
                 statusw=statusw,
                 usage=usage,
                 sa_kube=sa_kube,
+                k8s=self._s.k8s,
                 store=store,
             )
             graph = workflow.build(deps, checkpointer=self._s.saver)

@@ -146,11 +146,16 @@ class Gate:
                 await self._report(ref, spec, ta, item["tool"], shown, settled, emitter, now)
             if settled.outcome == "expired" and policy.on_timeout == "stop":
                 expired_stop = True
-            decisions[call_id] = {
+            decision: workflow.Decision = {
                 "decision": settled.outcome,
                 "by": settled.by,
                 "comment": settled.comment,
+                "approval": ta["metadata"]["name"],
             }
+            target = ((ta.get("status") or {}).get("preview") or {}).get("target")
+            if settled.outcome == "approved" and isinstance(target, dict):
+                decision["target"] = target
+            decisions[call_id] = decision
         if expired_stop:
             return GateOutcome(stop=True)
         if waiting:

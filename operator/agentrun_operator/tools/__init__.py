@@ -25,7 +25,7 @@ from agentrun_operator.tools.arguments import (
     parse_arguments,
 )
 from agentrun_operator.tools.catalog import TOOLS, openai_tools, run_tool
-from agentrun_operator.tools.dryrun import PreviewRefused, preview
+from agentrun_operator.tools.dryrun import PreviewRefused, changed_since, preview
 from agentrun_operator.tools.landing import landed
 from agentrun_operator.tools.results import (
     LAST_APPLIED,
@@ -54,6 +54,7 @@ __all__ = [
     "PreviewRefused",
     "ToolOutcome",
     "cap",
+    "changed_since",
     "json_patch_with_stamp",
     "landed",
     "merge",

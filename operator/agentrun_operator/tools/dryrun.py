@@ -317,3 +317,47 @@ def _shown(value: Any, hidden: bool) -> str | None:
 
 def _cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+async def changed_since(
+    kube: kubeapi.ServiceAccountKube,
+    *,
+    name: str,
+    arguments: dict[str, Any],
+    namespace: str,
+    target: dict[str, Any],
+) -> str | None:
+    """Whether the object an approved call targets is no longer the version people approved
+    (``target`` is its preview's target): a reason, or None when the call may run. Status
+    churn does not count: objects with a generation compare it (a Deployment's status or a
+    crash-looping pod does not bump it), others their resourceVersion, a pod deletion only
+    the pod's uid, and a new object only that it still does not exist."""
+    try:
+        args = parse_arguments(name, arguments)
+        rt, target_name, ns = await _target(kube, args, namespace)
+    except (ArgumentError, kubeapi.KubeError):
+        return None  # the call itself reports it
+    try:
+        now = await _get(kube, rt, target_name, ns, tool=name)
+    except PreviewRefused:
+        return None  # cannot read it now: the call itself will say why
+    meta = (now or {}).get("metadata") or {}
+    what = f"{rt.kind} {ns}/{target_name}" if rt.namespaced else f"{rt.kind} {target_name}"
+    if not target.get("uid"):
+        return None if now is None else f"{what} was created after the approval"
+    if now is None:
+        return f"{what} was deleted after the approval"
+    if meta.get("uid") != target["uid"]:
+        return f"{what} was replaced after the approval (another uid)"
+    if isinstance(args, DeletePodArgs):
+        return None
+    if target.get("generation") is not None:
+        if meta.get("generation") != target["generation"]:
+            return (
+                f"{what} changed after the approval (generation {target['generation']} → "
+                f"{meta.get('generation')})"
+            )
+        return None
+    if meta.get("resourceVersion") != target.get("resourceVersion"):
+        return f"{what} changed after the approval (resourceVersion)"
+    return None
