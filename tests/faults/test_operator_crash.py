@@ -391,8 +391,11 @@ def test_decisions_racing_the_approval_gate_are_never_lost(
     waiting. The second vote must not be lost (the run would wait forever)."""
     names = [f"race-{i}" for i in range(RACES)]
     for name in names:
+        # Two objects: two calls on one object in one turn would bind to a version the
+        # first call changes (the second would then be Stale, by design).
         create_target(kubectl, namespace, name)
-        calls = [append_call(name, f"{name}-{k}") for k in (1, 2)]
+        create_target(kubectl, namespace, f"{name}-b")
+        calls = [append_call(name, f"{name}-1"), append_call(f"{name}-b", f"{name}-2")]
         goal = script.add(
             marker(name),
             [{"text": "plan"}, {"text": "go", "tool_calls": calls}, {"text": "done"}],
@@ -413,4 +416,5 @@ def test_decisions_racing_the_approval_gate_are_never_lost(
     statuses = all_finished(kubectl, namespace, names, timeout=60)
     assert {n: s["phase"] for n, s in statuses.items()} == dict.fromkeys(names, "Succeeded")
     for name in names:
-        assert executions(kubectl, namespace, name).tags == [f"{name}-1", f"{name}-2"]
+        assert executions(kubectl, namespace, name).tags == [f"{name}-1"]
+        assert executions(kubectl, namespace, f"{name}-b").tags == [f"{name}-2"]
