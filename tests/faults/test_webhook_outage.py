@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from typing import Any
 
 import pytest
 import redis as redis_sync
@@ -44,6 +45,17 @@ def namespace(op_namespace: str, kubectl: Kubectl) -> str:
     )
     let_default_account_scale(kubectl, op_namespace)  # its runs' calls are previewed
     return op_namespace
+
+
+@pytest.fixture(autouse=True)
+def _dump_on_failure(
+    request: pytest.FixtureRequest, operator: OperatorProcess, kubectl: Kubectl, namespace: str
+) -> Any:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        runs = kubectl("get", "agentruns", "-n", namespace, "-o", "yaml", check=False).stdout
+        print(f"--- runs ---\n{runs}\n--- operator log ---\n{operator.log_tail(120)}")
 
 
 def vote(
