@@ -161,7 +161,7 @@ cat <<MSG
   REDIS=$REDIS_URL
   kubectl get agentruns -n $NS          # phase, step, tokens, cost
   kubectl describe agentrun $RUN -n $NS # the story as Kubernetes Events
-  kubectl get ta -n $NS                 # the scale-web run waits for an approval; decide it
+  kubectl get ta -n $NS -o wide         # the scale-web run waits for an approval (and what it would change); decide it
                                         # as the user "approver" (group approvers):
   KUBECONFIG=${KUBECONFIG%/*}/approver.yaml kubectl patch ta NAME -n $NS --type merge -p '{"spec":{"decision":"Approved"}}'
   .venv/bin/agentrun watch --server $UI $NS/$RUN   # replay the stream (as you)
