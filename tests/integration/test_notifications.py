@@ -124,6 +124,7 @@ def test_people_hear_of_approvals_and_ends_and_a_dead_receiver_costs_nothing(
     texts = [body["text"] for _, body in slack.got]
     assert list(slack.got[0][1]) == ["text"], "a Slack incoming-webhook body"
     assert "wants to call k8s_scale" in texts[0]
+    assert "(spec.replicas 1\u21922)" in texts[0], texts[0]  # the preview of the change
     assert "approved by admin" in texts[1]
     assert f"Run {namespace}/loud succeeded" in texts[2]
     assert f"https://agentrun.example.com/#/runs/{namespace}/loud" in texts[0]

@@ -75,20 +75,14 @@ async def preview(
     except MaybeLanded as lost:
         if lost.error.transient:
             raise lost.error from None  # the API server is away: the gate waits for it
-        raise PreviewRefused(
-            f"{name}: the API server refused a dry run of this call: "
-            f"{explain_kube(kube, TOOLS[name], lost.error)}"
-        ) from None
+        raise _refused(name, explain_kube(kube, TOOLS[name], lost.error)) from None
     except ArgumentError as e:
         raise PreviewRefused(f"{name}: {e}") from None
     except kubeapi.KubeError as e:
         if e.transient:
             raise
         if not _no_dry_run_support(e):
-            raise PreviewRefused(
-                f"{name}: the API server refused a dry run of this call: "
-                f"{explain_kube(kube, TOOLS[name], e)}"
-            ) from None
+            raise _refused(name, explain_kube(kube, TOOLS[name], e)) from None
         approximate = True
     written = [obj for method, obj in dry.written if method != "DELETE"]
     if isinstance(args, DeletePodArgs):
@@ -131,10 +125,13 @@ async def _get(
             return None
         if e.transient:
             raise
-        raise PreviewRefused(
-            f"{tool}: the API server refused a dry run of this call: cannot read "
-            f"{rt.kind} {namespace}/{name} as {kube.username}: {e.message}"
+        raise _refused(
+            tool, f"cannot read {rt.kind} {namespace}/{name} as {kube.username}: {e.message}"
         ) from None
+
+
+def _refused(tool: str, why: str) -> PreviewRefused:
+    return PreviewRefused(f"{tool}: the API server refused a dry run of this call: {why}")
 
 
 def _no_dry_run_support(e: kubeapi.KubeError) -> bool:
