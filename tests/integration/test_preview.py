@@ -27,8 +27,8 @@ from integration.test_tools import (
     pods_can_be_created,
 )
 
+from agentrun_operator import contract, models, tools
 from agentrun_operator import kube as kubeapi
-from agentrun_operator import models, tools
 
 from support import Kubectl, wait_for
 
@@ -69,9 +69,14 @@ async def test_scale_previews_replicas_and_changes_nothing(
     meta = before["metadata"]
     assert (p.target.kind, p.target.name, p.target.namespace) == ("Deployment", "web", namespace)
     assert (p.target.uid, p.target.generation) == (meta["uid"], meta["generation"])
-    assert p.target.resource_version == meta["resourceVersion"]
+    # (Its resourceVersion moves with the controller's status writes: only that it is one.)
+    assert p.target.resource_version and int(p.target.resource_version) >= int(
+        meta["resourceVersion"]
+    )
     after = get(kubectl, namespace, "deploy", "web")
-    assert after["metadata"]["resourceVersion"] == meta["resourceVersion"], "a dry run wrote"
+    # Nothing was written: no new generation, no stamp (the controller may write status).
+    assert after["metadata"]["generation"] == meta["generation"], "a dry run wrote"
+    assert contract.LAST_CALL_ID not in (after["metadata"].get("annotations") or {})
     assert after["spec"]["replicas"] == 1
     # Read-only tools have no preview.
     assert (
