@@ -42,7 +42,7 @@ def deeper_than(value: Any, most: int) -> list[str] | None:
     return None
 
 
-OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason")
+OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason", "rule")
 MAX_COMMENT = 2048  # spec.comment and a vote's comment (models.ToolApprovalSpec)
 
 
@@ -72,12 +72,16 @@ def toolapproval_body(
     tool: str,
     arguments: Mapping[str, Any],
     reason: str,
+    rule: Mapping[str, Any] | None = None,
+    again: bool = False,
 ) -> dict[str, Any]:
+    """A ToolApproval; ``again``: the second one of a call whose first went Stale (NAME-2)."""
+    suffix = contract.REASK_SUFFIX if again else ""
     return {
         "apiVersion": models.API_VERSION,
         "kind": "ToolApproval",
         "metadata": {
-            "name": approval_name(run, call_id),
+            "name": approval_name(run, call_id) + suffix,
             "namespace": namespace,
             "labels": {contract.RUN_LABEL: run, contract.CALL_ID_LABEL: call_id},
             "ownerReferences": [
@@ -99,8 +103,31 @@ def toolapproval_body(
             # Empty strings are left out: the 1.20 API server of the test ground reads "" in a
             # custom resource as null and refuses it.
             **({"reason": reason[:16384]} if reason else {}),
+            **({"rule": dict(rule)} if rule else {}),
         },
     }
+
+
+def needed(ta: Mapping[str, Any], min_approvals: int) -> int:
+    """Approvals a ToolApproval needs: the run's own floor, or more when a policy rule
+    asked for more (spec.rule.minApprovals)."""
+    rule = (ta.get("spec") or {}).get("rule") or {}
+    asked = rule.get("minApprovals") if isinstance(rule, Mapping) else None
+    return max(min_approvals, asked if isinstance(asked, int) else 0)
+
+
+def approver_lists(
+    ta: Mapping[str, Any], approval: models.EffectiveApproval
+) -> list[tuple[str, models.Approvers]]:
+    """Every approver list a vote must match (where each comes from, the list): the run's,
+    its policies' and the asking rule's. Empty lists (anyone) are left out."""
+    found = [("spec.approval.approvers", approval.approvers)]
+    found += [("an AgentPolicy's approval.approvers", a) for a in approval.policy_approvers]
+    rule = (ta.get("spec") or {}).get("rule")
+    if isinstance(rule, Mapping):
+        match = models.RuleMatch.model_validate(rule)
+        found += [(f"{match.policy} rule {match.name}", a) for a in match.approvers]
+    return [(where, a) for where, a in found if a.users or a.groups]
 
 
 # -- settling -----------------------------------------------------------------------------
@@ -333,22 +360,20 @@ def validate_toolapproval(
             f"{user.username} is the identity run {spec.get('runName')} acts as; an agent "
             "never decides its own tool calls"
         )
-    policy = models.ApprovalPolicy.model_validate(effective.get("approval") or {})
+    policy = models.EffectiveApproval.model_validate(effective.get("approval") or {})
     approvers, denials = tally(old_votes)
     if denials:
         return f"already denied by {denials[0].get('username')}"
-    if len(approvers) >= policy.min_approvals:
+    if len(approvers) >= needed(old, policy.min_approvals):
         return f"already approved by {', '.join(approvers)}"
     if any(v.get("username") == user.username for v in old_votes):
         return f"{user.username} has already decided this approval; one vote per person"
-    allowed = policy.approvers
-    if (allowed.users or allowed.groups) and not (
-        user.username in allowed.users or set(user.groups) & set(allowed.groups)
-    ):
-        return (
-            f"{user.username} is not among the approvers of run {spec.get('runName')} "
-            f"(spec.approval.approvers: users {allowed.users}, groups {allowed.groups})"
-        )
+    for where, allowed in approver_lists(old, policy):
+        if not (user.username in allowed.users or set(user.groups) & set(allowed.groups)):
+            return (
+                f"{user.username} is not among the approvers of run {spec.get('runName')} "
+                f"({where}: users {allowed.users}, groups {allowed.groups})"
+            )
     creator = run_status.get("createdBy")
     if (
         vote.get("decision") == "Approved"

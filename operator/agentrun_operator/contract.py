@@ -7,6 +7,8 @@ a name is declared once and both sides read it from here.
 
 from __future__ import annotations
 
+from typing import Any
+
 GROUP = "agentrun.dev"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -39,3 +41,21 @@ class KubeError(Exception):
         """The API server is away or overloaded (0: no connection; 429: "storage is
         (re)initializing" while kube-apiserver starts; 502-504): wait and try again."""
         return self.status in (0, 429, 502, 503, 504)
+
+
+REASK_SUFFIX = "-2"
+
+
+def current_approval(items: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Of the ToolApprovals of one call (an approval that went Stale is asked again once,
+    as NAME-2, with the same call id), the one that counts: the newest that is not Stale,
+    else the newest."""
+    ordered = sorted(
+        items,
+        key=lambda ta: (
+            str((ta.get("metadata") or {}).get("creationTimestamp") or ""),
+            str((ta.get("metadata") or {}).get("name") or ""),
+        ),
+    )
+    live = [ta for ta in ordered if (ta.get("status") or {}).get("state") != "Stale"]
+    return (live or ordered)[-1] if ordered else None

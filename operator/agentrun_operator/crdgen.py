@@ -72,6 +72,8 @@ def _structural(node: Schema, where: str) -> Schema:
     out: Schema = {}
     if "const" in node:  # a one-value Literal; Kubernetes knows enums, not const
         node = {**node, "enum": [node["const"]]}
+    if node.get(models.NO_CRD_DEFAULT):
+        node = {k: v for k, v in node.items() if k != "default"}
     for key, value in node.items():
         if key.startswith("x-kubernetes-"):
             out[key] = value
@@ -89,7 +91,11 @@ def _structural(node: Schema, where: str) -> Schema:
         out["items"] = _structural(out["items"], f"{where}[]")
         # Item descriptions only repeat the list's; kubectl explain shows the list's.
         out["items"].pop("description", None)
-    if out.get("type") == "object" and "properties" not in out:
+    typed = out.get("additionalProperties")
+    if out.get("type") == "object" and isinstance(typed, dict) and typed.get("type"):
+        # A map of one type (labels: string to string): Kubernetes checks its values.
+        out["additionalProperties"] = {k: v for k, v in typed.items() if k in _KEEP}
+    elif out.get("type") == "object" and "properties" not in out:
         out.pop("additionalProperties", None)
         out["x-kubernetes-preserve-unknown-fields"] = True
     if out.get("format") == "date-time":
@@ -121,21 +127,44 @@ def _crd(
     plural: str,
     short: str,
     spec: type[BaseModel],
-    status: type[BaseModel],
+    status: type[BaseModel] | None,
     description: str,
     columns: list[Schema],
     metadata_schema: Schema,
+    scope: str = "Namespaced",
 ) -> Schema:
     spec_schema = schema_of(spec, f"{kind}.spec")
     # Only spec objects default to {}: status is the operator's, and stays as it wrote it.
     _add_object_defaults(spec_schema)
-    status_schema = schema_of(status, f"{kind}.status")
-    # kopf keeps its own progress and diff-base here (never in annotations), so GitOps
-    # tools that compare metadata and spec see no drift.
-    status_schema["properties"]["kopf"] = {
-        "type": "object",
-        "description": "The operator's own bookkeeping (kopf progress); do not edit.",
-        "x-kubernetes-preserve-unknown-fields": True,
+    properties: Schema = {
+        "apiVersion": {
+            "type": "string",
+            "description": f"APIVersion of this object: {models.API_VERSION}.",
+        },
+        "kind": {"type": "string", "description": f"Kind of this object: {kind}."},
+        "metadata": metadata_schema,
+        "spec": spec_schema,
+    }
+    version: Schema = {"name": models.VERSION, "served": True, "storage": True}
+    if status is not None:
+        status_schema = schema_of(status, f"{kind}.status")
+        # kopf keeps its own progress and diff-base here (never in annotations), so GitOps
+        # tools that compare metadata and spec see no drift.
+        status_schema["properties"]["kopf"] = {
+            "type": "object",
+            "description": "The operator's own bookkeeping (kopf progress); do not edit.",
+            "x-kubernetes-preserve-unknown-fields": True,
+        }
+        properties["status"] = status_schema
+        version["subresources"] = {"status": {}}
+    version["additionalPrinterColumns"] = columns
+    version["schema"] = {
+        "openAPIV3Schema": {
+            "type": "object",
+            "description": description,
+            "required": ["spec"],
+            "properties": properties,
+        }
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -146,7 +175,7 @@ def _crd(
         },
         "spec": {
             "group": models.GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
                 "kind": kind,
                 "listKind": f"{kind}List",
@@ -155,36 +184,7 @@ def _crd(
                 "shortNames": [short],
                 "categories": [CATEGORY],
             },
-            "versions": [
-                {
-                    "name": models.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": columns,
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": description,
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {
-                                    "type": "string",
-                                    "description": "APIVersion of this object: "
-                                    f"{models.API_VERSION}.",
-                                },
-                                "kind": {
-                                    "type": "string",
-                                    "description": f"Kind of this object: {kind}.",
-                                },
-                                "metadata": metadata_schema,
-                                "spec": spec_schema,
-                                "status": status_schema,
-                            },
-                        }
-                    },
-                }
-            ],
+            "versions": [version],
         },
     }
 
@@ -243,6 +243,40 @@ def toolapproval_crd() -> Schema:
     )
 
 
+def _policy_crd(kind: str, plural: str, short: str, scope: str) -> Schema:
+    cluster = scope == "Cluster"
+    return _crd(
+        kind=kind,
+        plural=plural,
+        short=short,
+        spec=models.ClusterAgentPolicySpec if cluster else models.AgentPolicySpec,
+        status=None,
+        scope=scope,
+        description=(
+            "Rules cluster admins set for the agent runs of every namespace its "
+            "namespaceSelector matches"
+            if cluster
+            else "Rules namespace admins set for the agent runs of this namespace"
+        )
+        + ": allowed tools, endpoints and service accounts, approval floors, limit caps, "
+        "and CEL rules judged for every tool call. A run can only tighten it. Written by "
+        "the agentrun-policy-admin role, never by agentrun-editor.",
+        metadata_schema={"type": "object"},
+        columns=[
+            {"name": "Min-Approvals", "type": "integer", "jsonPath": ".spec.approval.minApprovals"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+        ],
+    )
+
+
+def agentpolicy_crd() -> Schema:
+    return _policy_crd("AgentPolicy", "agentpolicies", "ap", "Namespaced")
+
+
+def clusteragentpolicy_crd() -> Schema:
+    return _policy_crd("ClusterAgentPolicy", "clusteragentpolicies", "cap", "Cluster")
+
+
 HEADER = "# Generated by `make crds` from operator/agentrun_operator/models.py. Do not edit.\n"
 
 
@@ -252,7 +286,7 @@ def render(crd: Schema) -> str:
 
 def outputs(root: Path) -> dict[Path, str]:
     files: dict[Path, str] = {}
-    for crd in (agentrun_crd(), toolapproval_crd()):
+    for crd in (agentrun_crd(), toolapproval_crd(), agentpolicy_crd(), clusteragentpolicy_crd()):
         text = render(crd)
         name = f"{crd['metadata']['name']}.yaml"
         files[root / "crds" / name] = text

@@ -46,8 +46,8 @@ async def list_approvals(
                 args[:60],
             )
         )
-        if state == "Pending" and preview:
-            details.append(_preview_text(spec.get("callId", ""), preview))
+        if state == "Pending" and (preview or spec.get("rule")):
+            details.append(_preview_text(spec.get("callId", ""), preview, spec.get("rule")))
     if len(rows) == 1:
         print(f"no {'' if everything else 'pending '}approvals in namespace {namespace}", file=out)
         return 0
@@ -61,8 +61,9 @@ async def list_approvals(
     return 0
 
 
-def _preview_text(call_id: str, preview: dict[str, Any]) -> str:
-    """What a pending call would change (status.preview), for a person about to decide."""
+def _preview_text(call_id: str, preview: dict[str, Any], rule: dict[str, Any] | None) -> str:
+    """What a pending call would change (status.preview), and the policy rule that asked
+    for it (spec.rule), for a person about to decide."""
     target = preview.get("target") or {}
     where = "/".join(p for p in (target.get("namespace"), target.get("name")) if p)
     head = f"{call_id}: {preview.get('operation', 'update')} {target.get('kind', '')} {where}"
@@ -78,6 +79,9 @@ def _preview_text(call_id: str, preview: dict[str, Any]) -> str:
     if preview.get("owner"):
         fate = "replaces it" if preview.get("replaced") else "owns it"
         lines.append(f"  {preview['owner']} {fate}")
+    if rule:
+        why = f": {rule['message']}" if rule.get("message") else ""
+        lines.append(f"  asked by {rule.get('policy')} rule {rule.get('name')}{why}")
     return "\n".join(lines)
 
 
@@ -95,7 +99,10 @@ async def decide(
                 f"no ToolApproval with call id {call_id} in namespace {namespace} "
                 "(agentrun approvals -n NAMESPACE lists the pending ones)"
             )
-        name = found[0]["metadata"]["name"]
+        # A call asked again after its approval went Stale has two: the newest not Stale.
+        current = contract.current_approval(found)
+        assert current is not None
+        name = current["metadata"]["name"]
         patch: dict[str, Any] = {"spec": {"decision": decision}}
         if comment:
             patch["spec"]["comment"] = comment

@@ -113,8 +113,8 @@ async def stop(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec", old=kopf.PRESENT)
-async def spec_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _state(memo).registry.spec_changed(body)
+async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_: Any) -> None:
+    await _state(memo).registry.spec_changed(body, old or {}, new or {})
 
 
 @kopf.on.field(GROUP, VERSION, "toolapprovals", field="spec.votes")

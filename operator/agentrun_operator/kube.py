@@ -116,6 +116,26 @@ TOOLAPPROVALS = ResourceType(
     namespaced=True,
     preferred=True,
 )
+AGENTPOLICIES = ResourceType(
+    group=models.GROUP,
+    version=models.VERSION,
+    kind="AgentPolicy",
+    plural="agentpolicies",
+    singular="agentpolicy",
+    short_names=("ap",),
+    namespaced=True,
+    preferred=True,
+)
+CLUSTERAGENTPOLICIES = ResourceType(
+    group=models.GROUP,
+    version=models.VERSION,
+    kind="ClusterAgentPolicy",
+    plural="clusteragentpolicies",
+    singular="clusteragentpolicy",
+    short_names=("cap",),
+    namespaced=False,
+    preferred=True,
+)
 EVENTS = ResourceType(
     group="",
     version="v1",
@@ -250,6 +270,26 @@ class Kube:
         )
         st = review.get("status") or {}
         return bool(st.get("allowed")), str(st.get("reason") or "")
+
+    async def policies_for(self, namespace: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
+        """The AgentPolicies of ``namespace`` and every ClusterAgentPolicy (each with its
+        kind), and the namespace's labels (for the cluster policies' selectors). No policy
+        CRDs installed (an upgrade that skipped them): no policies."""
+        bodies: list[dict[str, Any]] = []
+        for rt, ns in ((AGENTPOLICIES, namespace), (CLUSTERAGENTPOLICIES, None)):
+            try:
+                found = await self.request("GET", rt.path(namespace=ns))
+            except KubeError as e:
+                if e.status == 404:
+                    continue
+                raise
+            bodies += [{**item, "kind": rt.kind} for item in found.get("items") or []]
+        return bodies, await self.namespace_labels(namespace)
+
+    async def namespace_labels(self, namespace: str) -> dict[str, str]:
+        ns = await self.request("GET", f"/api/v1/namespaces/{_segment(namespace, 'namespace')}")
+        labels = (ns.get("metadata") or {}).get("labels") or {}
+        return {str(k): str(v) for k, v in labels.items()}
 
     async def list_agentruns(self, *, namespace: str | None) -> list[dict[str, Any]]:
         """The AgentRuns of ``namespace`` (None: of every namespace)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -65,9 +65,31 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 # Operator-minted call ids: "c-" and 12 hex characters.
 CALL_ID_PATTERN = r"^c-[0-9a-f]{12}$"
 MAX_RUN_NAME = 63
+MAX_POLICIES = 100
 MAX_RESULT_BYTES = 4096
 
+
+def duration_seconds(text: str) -> float:
+    """Go-style duration ("1h30m", "90s", "250ms") in seconds; the CRD pattern checked it."""
+    total, number = 0.0, ""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch.isdigit() or ch == ".":
+            number += ch
+            i += 1
+            continue
+        unit = "ms" if text[i : i + 2] == "ms" else ch
+        total += float(number) * units[unit]
+        number = ""
+        i += len(unit)
+    return total
+
+
 _SET: JsonDict = {"x-kubernetes-list-type": "set"}
+# Marks a field whose default the CRD must not carry (crdgen drops it).
+NO_CRD_DEFAULT = "x-agentrun-no-crd-default"
 _FREE_FORM: JsonDict = {"x-kubernetes-preserve-unknown-fields": True}
 
 
@@ -156,9 +178,12 @@ class ApprovalPolicy(_Model):
     required: list[ToolName] = Field(
         default=list(MUTATING_TOOLS),
         max_length=len(ALL_TOOLS),
-        json_schema_extra=_SET,
+        # No default in the CRD: the API server would write it into the stored spec, and a
+        # run that leaves the list unset lets AgentPolicy allow rules waive it.
+        json_schema_extra={**_SET, NO_CRD_DEFAULT: True},
         description="Tools whose every call needs an approved ToolApproval before it runs. "
-        "Default: every mutating tool.",
+        "Default: every mutating tool (then AgentPolicy allow rules may waive some calls; a "
+        "list written here only adds to the policies).",
     )
     approvers: Approvers = Field(
         default_factory=Approvers,
@@ -271,9 +296,43 @@ class AgentRunSpec(RunSettings):
     )
 
 
+class EffectiveApproval(ApprovalPolicy):
+    """The run's approval settings after the AgentPolicies of its namespace."""
+
+    required_by_run: bool = Field(
+        default=True,
+        description="Whether the run's spec listed approval.required itself (then policy "
+        "allow rules cannot waive it); false: the default list, which allow rules may waive.",
+    )
+    always_required: list[ToolName] = Field(
+        default_factory=list,
+        max_length=len(ALL_TOOLS),
+        json_schema_extra=_SET,
+        description="Tools a policy always gates (tools.requireApproval): no allow rule "
+        "waives them.",
+    )
+    policy_approvers: list[Approvers] = Field(
+        default_factory=list,
+        max_length=MAX_POLICIES,
+        description="Approver lists of the policies; each vote must match every one (and "
+        "approvers above).",
+    )
+
+
 class EffectiveSettings(RunSettings):
-    """The settings the operator fixed when it first saw the run (spec after defaults), and
-    the only ones it and the approval webhook use from then on."""
+    """The settings the operator fixed when it first saw the run (spec after defaults and
+    the AgentPolicies of its namespace), and the only ones it and the approval webhook use
+    from then on."""
+
+    approval: EffectiveApproval = Field(
+        default_factory=EffectiveApproval,
+        description="Which tool calls need a human decision, and who gives it.",
+    )
+    policies: list[PolicyRef] = Field(
+        default_factory=list,
+        max_length=MAX_POLICIES,
+        description="The AgentPolicies and ClusterAgentPolicies applied (names, generations).",
+    )
 
     service_account_name: str | None = Field(
         default="default",
@@ -296,6 +355,15 @@ def effective_spec(body: Mapping[str, Any]) -> AgentRunSpec:
         return AgentRunSpec.model_validate(spec)
     fixed = {k: v for k, v in effective.items() if k != "generation"}
     return AgentRunSpec.model_validate({**fixed, "stop": bool(spec.get("stop"))})
+
+
+def effective_approval(body: Mapping[str, Any]) -> EffectiveApproval:
+    """The run's approval settings as fixed in status.effective (with what its policies
+    added), else from the live spec (a run not yet seen: no policy applied yet)."""
+    effective = (body.get("status") or {}).get("effective")
+    if isinstance(effective, Mapping):
+        return EffectiveApproval.model_validate(effective.get("approval") or {})
+    return EffectiveApproval.model_validate(((body.get("spec") or {}).get("approval")) or {})
 
 
 def effective_settings(spec: AgentRunSpec, *, generation: int | None) -> dict[str, Any]:
@@ -508,6 +576,11 @@ class ToolApprovalSpec(_Model):
         max_length=100,
         description="Every decision so far; appended by the admission webhook.",
     )
+    rule: RuleMatch | None = Field(
+        default=None,
+        description="The AgentPolicy rule that asked for this approval, and why (none: the "
+        "run's own spec.approval.required did).",
+    )
 
 
 MAX_PREVIEW_CHANGES = 20
@@ -527,6 +600,9 @@ class PreviewTarget(_Model):
     )
     generation: int | None = Field(
         default=None, description="Its metadata.generation, where the object keeps one."
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="Its labels (at most 32), as policy rules see them."
     )
 
 
@@ -598,3 +674,227 @@ class ToolApprovalStatus(_Model):
         default=None, ge=0, description="Approving votes still needed."
     )
     message: str | None = Field(default=None, description="Human-readable detail.")
+
+
+# -- AgentPolicy and ClusterAgentPolicy (admin-owned; a run can only tighten them) --------
+
+PolicyAction = Literal["allow", "require", "deny"]
+MAX_RULES = 100
+MAX_RULE_EXPRESSION = 2048
+# A tool name or a pattern with '*' (any characters): k8s_get, k8s_*, mcp:*/read_*.
+TOOL_PATTERN = r"^[A-Za-z0-9_:/.*-]{1,200}$"
+RULE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+ToolPattern = Annotated[str, Field(pattern=TOOL_PATTERN)]
+AccountName = Annotated[str, Field(max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+
+
+class PolicyTools(_Model):
+    """Which tools runs may use, and which are always gated."""
+
+    allowed: list[ToolPattern] | None = Field(
+        default=None,
+        max_length=200,
+        json_schema_extra=_SET,
+        description="Tools runs may list in spec.tools: names or patterns with '*' "
+        "(k8s_get, k8s_*, mcp:*/read_*). A run naming any other tool is refused at "
+        "admission. Unset: any tool.",
+    )
+    require_approval: list[ToolPattern] = Field(
+        default_factory=list,
+        max_length=200,
+        json_schema_extra=_SET,
+        description="Tools (names or patterns) whose every call needs an approval, whatever "
+        "the run's spec.approval.required says and whatever an allow rule says.",
+    )
+
+
+class PolicyApproval(_Model):
+    """Floors for the approval settings of runs."""
+
+    min_approvals: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="Floor for spec.approval.minApprovals: a run asking for fewer gets this.",
+    )
+    approvers: Approvers | None = Field(
+        default=None,
+        description="Who may approve here. A run's spec.approval.approvers can only narrow "
+        "it: every vote must match both lists. A run whose list cannot overlap is refused.",
+    )
+    allow_self_approval: bool | None = Field(
+        default=None,
+        description="false forces spec.approval.allowSelfApproval off for every run here.",
+    )
+    max_timeout: str | None = Field(
+        default=None,
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="Cap on spec.approval.timeout, as a duration like '30m'.",
+    )
+
+
+class PolicyLimits(_Model):
+    """Caps on the limits of runs: a run asking for more (or for no limit) gets the cap."""
+
+    max_steps: int | None = Field(
+        default=None, ge=1, le=1000, description="Cap on spec.limits.maxSteps."
+    )
+    max_tokens: int | None = Field(default=None, ge=1, description="Cap on spec.limits.maxTokens.")
+    max_cost_usd: float | None = Field(
+        default=None, alias="maxCostUSD", ge=0, description="Cap on spec.limits.maxCostUSD."
+    )
+    timeout: str | None = Field(
+        default=None,
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="Cap on spec.limits.timeout, as a duration like '1h'.",
+    )
+
+
+class PolicyModels(_Model):
+    """Which model endpoints runs may talk to."""
+
+    base_urls: list[str] | None = Field(
+        default=None,
+        alias="baseURLs",
+        max_length=50,
+        json_schema_extra=_SET,
+        description="Allowed prefixes of the model's base URL (scheme, host, port and whole "
+        "path segments must match). A run whose endpoint is elsewhere is refused. Unset: "
+        "any endpoint the operator allows.",
+    )
+
+
+class PolicyRule(_Model):
+    """A rule judged for every tool call: when its CEL expression is true, its action
+    applies. Across all matching rules deny beats require beats allow."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=63,
+        pattern=RULE_NAME_PATTERN,
+        description="The rule's name, unique in the policy; shown on the ToolApprovals it "
+        "asks for (spec.rule).",
+    )
+    when: str = Field(
+        min_length=1,
+        max_length=MAX_RULE_EXPRESSION,
+        description="A CEL expression of type bool over: tool (string), args (map), run "
+        "{namespace, name, createdBy, serviceAccount}, target (the dry run's object: "
+        "apiVersion, kind, namespace, name, uid, labels, operation, owner, ownerKind, "
+        "approximate, changes [{path, before, after}] with values as JSON text; null for "
+        "read-only calls), namespaceObject.metadata {name, labels} (the namespace the call "
+        "acts in) and now (timestamp). Compiled when the policy is admitted; an evaluation "
+        "error counts as require, never allow.",
+    )
+    action: PolicyAction = Field(
+        description="allow: no person needed (unless another rule or the run asks); require: "
+        "a person must approve; deny: the call fails as a tool error and nobody is asked."
+    )
+    min_approvals: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="For require: distinct approvals needed (the highest of all matching "
+        "rules and the run's own applies).",
+    )
+    approvers: Approvers | None = Field(
+        default=None,
+        description="For require: who may approve such calls; each vote must match every "
+        "matching rule's approvers.",
+    )
+    message: str = Field(
+        default="",
+        max_length=1024,
+        description="Why: shown to approvers (ToolApproval spec.rule) and to the agent.",
+    )
+
+
+class AgentPolicySpec(_Model):
+    """Rules admins set for the agent runs of a namespace; all policies apply, the strictest
+    wins, and a run can only tighten them."""
+
+    tools: PolicyTools = Field(
+        default_factory=PolicyTools, description="Allowed and always-gated tools."
+    )
+    approval: PolicyApproval = Field(
+        default_factory=PolicyApproval, description="Floors for the runs' approval settings."
+    )
+    limits: PolicyLimits = Field(
+        default_factory=PolicyLimits, description="Caps on the runs' limits."
+    )
+    endpoints: PolicyModels = Field(
+        default_factory=PolicyModels, alias="models", description="Allowed model endpoints."
+    )
+    service_accounts: list[AccountName] | None = Field(
+        default=None,
+        max_length=200,
+        json_schema_extra=_SET,
+        description="Service accounts runs may act as (spec.serviceAccountName; 'default' "
+        "when empty). A run naming another is refused. Unset: any the creator may use.",
+    )
+    rules: list[PolicyRule] = Field(
+        default_factory=list,
+        max_length=MAX_RULES,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+        description="Rules judged for every tool call, as the policy is at the time of the call.",
+    )
+
+
+class LabelSelectorRequirement(_Model):
+    """One requirement of a label selector."""
+
+    key: str = Field(min_length=1, max_length=317, description="The label key.")
+    operator: Literal["In", "NotIn", "Exists", "DoesNotExist"] = Field(
+        description="In, NotIn, Exists or DoesNotExist."
+    )
+    values: list[str] = Field(
+        default_factory=list, max_length=100, description="Values for In and NotIn."
+    )
+
+
+class LabelSelector(_Model):
+    """A Kubernetes label selector."""
+
+    match_labels: dict[str, str] = Field(
+        default_factory=dict, description="Labels that must all be present with these values."
+    )
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=20, description="Requirements that must all hold."
+    )
+
+
+class ClusterAgentPolicySpec(AgentPolicySpec):
+    """An AgentPolicy for every namespace its selector matches."""
+
+    namespace_selector: LabelSelector | None = Field(
+        default=None,
+        description="Namespaces (by their labels) this policy applies to. Unset: all.",
+    )
+
+
+class PolicyRef(_Model):
+    """A policy that shaped a run's settings."""
+
+    kind: Literal["AgentPolicy", "ClusterAgentPolicy"] = Field(description="Its kind.")
+    name: str = Field(description="Its name (namespaced ones live in the run's namespace).")
+    generation: int | None = Field(default=None, description="Its generation when applied.")
+
+
+class RuleMatch(_Model):
+    """The policy rule that asked for an approval, and why."""
+
+    policy: str = Field(
+        description="The policy, e.g. 'AgentPolicy guard' or 'ClusterAgentPolicy x'."
+    )
+    name: str = Field(description="The rule's name.")
+    message: str = Field(default="", description="The rule's message.")
+    min_approvals: int | None = Field(
+        default=None, ge=1, le=10, description="Approvals needed, from the matching rules."
+    )
+    approvers: list[Approvers] = Field(
+        default_factory=list,
+        max_length=MAX_RULES,
+        description="Approver lists of the matching rules; each vote must match every one.",
+    )

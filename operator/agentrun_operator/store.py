@@ -102,17 +102,23 @@ class RunStore:
         stamp = await self.redis.hget(events.meta_key(uid), "cluster")
         return None if stamp is None else _text(stamp)
 
-    async def note_ignored(self, uid: str, message: str) -> None:
-        """A spec edit that was ignored, for the task that next runs it to report."""
-        await self.redis.hset(events.meta_key(uid), "ignored", message)
+    async def note(self, uid: str, code: str, message: str) -> None:
+        """A fault (an ignored spec edit, a policy applied) for the task that next runs the
+        run to report in its stream."""
+        await self.redis.hset(events.meta_key(uid), f"note:{code}", message)
 
-    async def ignored(self, uid: str) -> str | None:
-        value = await self.redis.hget(events.meta_key(uid), "ignored")
-        return None if value is None else _text(value)
+    async def notes(self, uid: str) -> dict[str, str]:
+        """The faults noted for the run (code -> message)."""
+        found = await self.redis.hgetall(events.meta_key(uid))
+        return {
+            _text(k).removeprefix("note:"): _text(v)
+            for k, v in found.items()
+            if _text(k).startswith("note:")
+        }
 
-    async def forget_ignored(self, uid: str) -> None:
+    async def forget_note(self, uid: str, code: str) -> None:
         """Once the run's stream says it (never before: the note would be lost)."""
-        await self.redis.hdel(events.meta_key(uid), "ignored")
+        await self.redis.hdel(events.meta_key(uid), f"note:{code}")
 
     async def awaiting_people(self, uid: str) -> None:
         """The run starts waiting for people (the first time counts)."""

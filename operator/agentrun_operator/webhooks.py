@@ -11,6 +11,7 @@ use the service account it names.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import contextlib
 import datetime as dt
@@ -27,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agentrun_operator import approvals, config, kube, models
+from agentrun_operator import approvals, config, kube, models, policy
 
 log = logging.getLogger("agentrun.webhooks")
 
@@ -115,7 +116,40 @@ class Webhooks:
         account = approvals.service_account_to_check(req["operation"], obj)
         if refusal is None and account is not None:
             refusal = await self._may_use(req, account)
+        if refusal is None and req["operation"] == "CREATE":
+            refusal = await self._fits_policies(req, obj)
         return refusal, []
+
+    async def _fits_policies(self, req: dict[str, Any], obj: dict[str, Any]) -> str | None:
+        """A new run may ask only for what its namespace's policies allow (a tool, a model
+        endpoint, a service account, approvers); what it asks too little of is clamped
+        later, when the operator fixes its settings."""
+        if self.k8s is None:
+            return "agentrun webhook error: no Kubernetes client to read the AgentPolicies"
+        namespace = str(req.get("namespace") or "")
+        k8s = self.k8s
+        bodies, labels = await _retrying(lambda: k8s.policies_for(namespace))
+        try:
+            # The operator's default endpoint is judged when it fixes the run's settings
+            # (this server does not know it).
+            policy.tighten(obj.get("spec") or {}, policy.applicable(bodies, labels))
+        except policy.Refused as e:
+            return str(e)
+        except ValueError:
+            return None  # a spec the schema refuses: the API server says why, naming the field
+        return None
+
+    async def validate_policy(self, req: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
+        """An AgentPolicy or ClusterAgentPolicy is admitted only when every rule compiles."""
+        if req["operation"] not in ("CREATE", "UPDATE"):
+            return None, []
+        obj = req.get("object") or {}
+        problems = policy.check(obj.get("spec") or {})
+        if not problems:
+            return None, []
+        kind = obj.get("kind") or "AgentPolicy"
+        name = (obj.get("metadata") or {}).get("name") or ""
+        return f"{kind} {name}: " + "; ".join(problems), []
 
     async def _may_use(self, req: dict[str, Any], account: str) -> str | None:
         """A SubjectAccessReview for the requester: may they use this service account?"""
@@ -138,6 +172,20 @@ class Webhooks:
         return approvals.service_account_refusal(
             user=user, namespace=namespace, name=account, reason=reason
         )
+
+
+async def _retrying(call: Callable[[], Awaitable[Any]], *, seconds: float = 2.5) -> Any:
+    """``call()``, tried again for a moment while the API server answers with a transient
+    error (429 while a new resource's watch cache initialises, 5xx): the API server gives a
+    webhook 5 s, and a refusal here refuses the person's request."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        try:
+            return await call()
+        except kube.KubeError as e:
+            if not e.transient or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 _REQUEST_UID = re.compile(rb'"uid"\s*:\s*"([^"\\]{1,128})"')
@@ -199,6 +247,12 @@ def app(hooks: Webhooks, *, lifespan: Any = None) -> Starlette:
             ),
             Route("/mutate/agentruns", _endpoint(hooks.mutate_agentrun), methods=["POST"]),
             Route("/validate/agentruns", _endpoint(hooks.validate_agentrun), methods=["POST"]),
+            Route("/validate/agentpolicies", _endpoint(hooks.validate_policy), methods=["POST"]),
+            Route(
+                "/validate/clusteragentpolicies",
+                _endpoint(hooks.validate_policy),
+                methods=["POST"],
+            ),
         ],
     )
 
@@ -226,7 +280,13 @@ def configurations(
         return cc
 
     def hook(
-        kind: str, plural: str, ops: list[str], policy: str, suffix: str, mode: str
+        kind: str,
+        plural: str,
+        ops: list[str],
+        failure: str,
+        suffix: str,
+        mode: str,
+        scope: str = "Namespaced",
     ) -> dict[str, Any]:
         return {
             "name": f"{mode}-{plural}{suffix}.agentrun.dev",
@@ -237,15 +297,19 @@ def configurations(
                     "apiVersions": [models.VERSION],
                     "operations": ops,
                     "resources": [plural],
-                    "scope": "Namespaced",
+                    "scope": scope,
                 }
             ],
             # Identity facts are never waved through; nothing may ever block spec.stop.
-            "failurePolicy": policy,
+            "failurePolicy": failure,
             "sideEffects": "None",
             "admissionReviewVersions": ["v1"],
             "timeoutSeconds": 5,
-            **({"namespaceSelector": namespace_selector} if namespace_selector else {}),
+            **(
+                {"namespaceSelector": namespace_selector}
+                if namespace_selector and scope == "Namespaced"
+                else {}
+            ),
         }
 
     def hooks(mode: str) -> list[dict[str, Any]]:
@@ -255,6 +319,19 @@ def configurations(
             hook("AgentRun", "agentruns", ["UPDATE"], "Ignore", "-update", mode),
         ]
 
+    # A policy is admitted only when its rules compile: never waved through either.
+    policies = [
+        hook("AgentPolicy", "agentpolicies", ["CREATE", "UPDATE"], "Fail", "", "validate"),
+        hook(
+            "ClusterAgentPolicy",
+            "clusteragentpolicies",
+            ["CREATE", "UPDATE"],
+            "Fail",
+            "",
+            "validate",
+            scope="Cluster",
+        ),
+    ]
     mutating = {
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "MutatingWebhookConfiguration",
@@ -265,7 +342,7 @@ def configurations(
         "apiVersion": "admissionregistration.k8s.io/v1",
         "kind": "ValidatingWebhookConfiguration",
         "metadata": {"name": name},
-        "webhooks": hooks("validate"),
+        "webhooks": [*hooks("validate"), *policies],
     }
     return [mutating, validating]
 

@@ -1,5 +1,5 @@
-"""The agent's LangGraph workflow: plan → act (LLM with tools) → approval gate → tools →
-act … → verify → done, bounded by a step limit.
+"""The agent's LangGraph workflow: plan → act (LLM with tools) → judge (dry runs and policy
+rules) → approval gate → tools → act … → verify → done, bounded by a step limit.
 
 Owns the graph's shape, its state and routing. Everything with side effects (the LLM call
 and its streaming, tool execution, events) comes in through :class:`Deps`, which the run
@@ -61,12 +61,25 @@ class Decision(TypedDict, total=False):
     target: dict[str, Any]
 
 
+class Verdict(TypedDict, total=False):
+    """How one call was judged before anyone is asked: its dry run and the policy rules."""
+
+    gated: bool  # it waits for people
+    refused: str  # the API server refused its dry run: it fails with this, nobody asked
+    denied: dict[str, str]  # a policy rule denied it ({by, comment}): nobody asked
+    preview: dict[str, Any]  # what it would change (models.Preview, as JSON)
+    rule: dict[str, Any]  # the policy rule that asked for people (models.RuleMatch)
+
+
 class RunState(TypedDict, total=False):
     messages: Annotated[list[AnyMessage], add_messages]
     step: int
     # The model's tool-call id -> our call id, minted when the model asked for the call.
     call_ids: dict[str, str]
     decisions: dict[str, Decision]
+    # The last turn's calls, judged (our call id -> verdict). A checkpoint from before the
+    # judge node has none: then the run's approval.required list decides.
+    verdicts: dict[str, Verdict]
     result: str
 
 
@@ -92,9 +105,14 @@ class Deps(Protocol):
         arguments: dict[str, Any],
         call_id: str,
         decision: Decision | None,
+        gated: bool,
     ) -> str: ...
 
     def mint_call_id(self) -> str: ...
+
+    async def judge(self, calls: list[dict[str, Any]]) -> dict[str, Verdict]:
+        """Each call's dry run and policy verdict (by our call id), before anyone is asked."""
+        ...
 
     def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
         """What is wrong with a call's arguments (the call then fails as a tool error, and
@@ -145,19 +163,28 @@ def calls_of(state: RunState) -> list[dict[str, Any]]:
     return calls
 
 
+def gated(call: dict[str, Any], state: RunState, required: frozenset[str]) -> bool:
+    """Whether a call waits for people: as it was judged, else (a checkpoint from before
+    the judge node) as the run's approval.required list says."""
+    verdict = state.get("verdicts", {}).get(call["call_id"] or "")
+    if verdict is None:
+        return call["name"] in required
+    return bool(verdict.get("gated"))
+
+
 def pending_approvals(state: RunState, required: frozenset[str]) -> list[dict[str, Any]]:
     decided = state.get("decisions", {})
     return [
         c
         for c in calls_of(state)
-        if c["name"] in required and not c.get("invalid") and c["call_id"] not in decided
+        if gated(c, state, required) and not c.get("invalid") and c["call_id"] not in decided
     ]
 
 
-def route_after_act(state: RunState) -> Literal["gate", "verify"]:
+def route_after_act(state: RunState) -> Literal["judge", "verify"]:
     message = last_ai(state)
     if message is not None and (message.tool_calls or message.invalid_tool_calls):
-        return "gate"
+        return "judge"
     return "verify"
 
 
@@ -192,7 +219,19 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
                 ids[model_id] = deps.mint_call_id()
         return {"messages": [reply], "step": step, "call_ids": ids}
 
+    async def judge(state: RunState) -> RunState:
+        # Dry runs and rules have no side effects; a node that runs again judges again.
+        todo = [
+            c
+            for c in calls_of(state)
+            if not c.get("invalid")
+            and c["name"] in deps.tools
+            and deps.argument_error(c["name"], c["args"]) is None
+        ]
+        return {"verdicts": await deps.judge(todo) if todo else {}}
+
     async def gate(state: RunState) -> RunState:
+        verdicts = state.get("verdicts", {})
         waiting = [
             c
             for c in pending_approvals(state, deps.required)
@@ -200,13 +239,19 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
         ]
         if not waiting:
             return {}
+
+        def item(c: dict[str, Any]) -> dict[str, Any]:
+            found = {"callId": c["call_id"], "tool": c["name"], "arguments": c["args"]}
+            verdict = verdicts.get(c["call_id"]) or {}
+            for key in ("preview", "rule"):
+                if verdict.get(key):
+                    found[key] = verdict[key]
+            return found
+
         # No side effects before interrupt(): this node runs again when resumed.
         answer: dict[str, Decision] = interrupt(
             {
-                "approvals": [
-                    {"callId": c["call_id"], "tool": c["name"], "arguments": c["args"]}
-                    for c in waiting
-                ],
+                "approvals": [item(c) for c in waiting],
                 "reason": _text(last_ai(state) or AIMessage("")),
             }
         )
@@ -215,7 +260,17 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
     async def tools(state: RunState) -> RunState:
         replies: list[AnyMessage] = []
         decisions = state.get("decisions", {})
+        verdicts = state.get("verdicts", {})
         for call in calls_of(state):
+            verdict = verdicts.get(call["call_id"] or "") or {}
+            waits = gated(call, state, deps.required)
+            decision = decisions.get(call["call_id"]) if waits else None
+            if verdict.get("refused"):
+                decision, waits = {"decision": "refused", "comment": verdict["refused"]}, True
+            elif verdict.get("denied"):
+                denied = verdict["denied"]
+                decision = {"decision": "denied", "by": denied["by"], "comment": denied["comment"]}
+                waits = True
             if call.get("invalid"):
                 content = json.dumps(
                     {"error": f"tool call rejected: {call['invalid']}; send valid JSON arguments"}
@@ -230,9 +285,8 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
                     name=call["name"],
                     arguments=call["args"],
                     call_id=call["call_id"],
-                    decision=decisions.get(call["call_id"])
-                    if call["name"] in deps.required
-                    else None,
+                    decision=decision,
+                    gated=waits,
                 )
             replies.append(
                 ToolMessage(content=content, tool_call_id=call["id"] or call["call_id"] or "")
@@ -249,12 +303,14 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
     graph = StateGraph(RunState)
     graph.add_node("plan", plan)
     graph.add_node("act", act)
+    graph.add_node("judge", judge)
     graph.add_node("gate", gate)
     graph.add_node("tools", tools)
     graph.add_node("verify", verify)
     graph.add_edge(START, "plan")
     graph.add_edge("plan", "act")
-    graph.add_conditional_edges("act", route_after_act, ["gate", "verify"])
+    graph.add_conditional_edges("act", route_after_act, ["judge", "verify"])
+    graph.add_edge("judge", "gate")
     graph.add_edge("gate", "tools")
     graph.add_edge("tools", "act")
     graph.add_edge("verify", END)

@@ -287,12 +287,10 @@ async def _decide(
     found = await c.kube.list_approvals(
         token=who.token, namespace=namespace, label_selector=selector
     )
-    items = found.get("items") or []
-    if not items:
+    # A call asked again after its approval went Stale has two: the newest not Stale counts.
+    approval = contract.current_approval(list(found.get("items") or []))
+    if approval is None:
         return _problem(404, "NotFound", f"no ToolApproval for call {call_id} in {namespace}")
-    if len(items) > 1:
-        return _problem(409, "Conflict", f"{len(items)} ToolApprovals carry call id {call_id}")
-    approval = items[0]
     approval_name = str(approval["metadata"]["name"])
     run = str(
         (approval.get("spec") or {}).get("runName")

@@ -182,7 +182,7 @@ def document() -> dict[str, Any]:
         **_ERRORS,
         **_NOT_FOUND,
         **_BODY_ERRORS,
-        "409": _problem("Several approvals carry the call id, or a conflicting write."),
+        "409": _problem("A conflicting write (the approval changed meanwhile)."),
     }
     api = "/api/v1"
     paths: dict[str, Any] = {

@@ -760,19 +760,57 @@ def test_an_approval_binds_the_call_to_the_version_people_saw(
     uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "stale"))
     [name] = wait_awaiting(kubectl, namespace, "scale")
     [ta] = approvals_of(kubectl, namespace, "scale")
+    call_id = ta["spec"]["callId"]
     assert ta["status"]["preview"]["target"]["generation"] == 1
     # Someone changes the Deployment's spec after the preview (status churn from the
     # controller meanwhile does not count: the generation stays).
     kubectl("scale", "deployment", "web", "--replicas=2", "-n", namespace)
     assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    # Nothing runs on that approval: it is Stale, and people are asked again (once), as
+    # NAME-2 with the same call id and a fresh preview.
+    again = f"{name}-2"
+    wait_for(
+        "the second approval",
+        lambda: any(
+            a["metadata"]["name"] == again for a in approvals_of(kubectl, namespace, "scale")
+        ),
+    )
+    found = {a["metadata"]["name"]: a for a in approvals_of(kubectl, namespace, "scale")}
+    assert found[name]["status"]["state"] == "Stale"
+    assert "generation" in found[name]["status"]["message"]
+
+    def opened() -> dict[str, Any] | None:
+        found = found_approval(kubectl, namespace, again)
+        return found if (found.get("status") or {}).get("state") == "Pending" else None
+
+    second = wait_for("the second approval open", opened)
+    assert isinstance(second, dict)
+    assert second["spec"]["callId"] == call_id
+    assert second["status"]["preview"]["summary"] == "spec.replicas 2→3"
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 2, "nothing ran"
+    # It changes again before the second decision: the call fails, nobody is asked a third time.
+    kubectl("scale", "deployment", "web", "--replicas=4", "-n", namespace)
+    assert decide(kubectl, namespace, again, "approver", "Approved").returncode == 0
     assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
     evs = stream(r, uid)
     [tool] = [e["data"] for e in evs if e["type"] == "tool"]
     assert tool["status"] == "failed", tool
-    assert "nothing ran" in tool["result"]["error"]
-    assert "changed after the approval (generation 1 → 2)" in tool["result"]["error"]
-    states = [e["data"]["state"] for e in evs if e["type"] == "approval"]
-    assert states == ["pending", "approved", "stale"], states
-    [ta] = approvals_of(kubectl, namespace, "scale")
-    assert ta["status"]["state"] == "Stale" and "generation" in ta["status"]["message"]
-    assert replicas(kubectl, namespace)["spec"]["replicas"] == 2, "the approved call ran"
+    assert "nothing ran" in tool["result"]["error"] and "second time" in tool["result"]["error"]
+    states = [(e["data"]["approval"], e["data"]["state"]) for e in evs if e["type"] == "approval"]
+    assert states == [
+        (name, "pending"),
+        (name, "approved"),
+        (name, "stale"),
+        (again, "pending"),
+        (again, "approved"),
+        (again, "stale"),
+    ], states
+    assert [a["status"]["state"] for a in approvals_of(kubectl, namespace, "scale")] == [
+        "Stale"
+    ] * 2
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 4, "no approved call ran"
+
+
+def found_approval(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    proc = kubectl("get", "ta", name, "-n", namespace, "-o", "json", check=False)
+    return dict(json.loads(proc.stdout)) if proc.returncode == 0 else {}

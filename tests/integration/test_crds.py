@@ -4,6 +4,7 @@ work, and RBAC decides who may create runs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -36,6 +37,25 @@ def toolapproval(**spec: Any) -> dict[str, Any]:
         "metadata": {"name": "bad-ta"},
         "spec": {"runName": "r", "callId": "c-0123456789ab", "tool": "k8s_scale", **spec},
     }
+
+
+def agentpolicy(kind: str = "AgentPolicy", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": "bad-policy"},
+        "spec": spec,
+    }
+
+
+def rule(**fields: Any) -> dict[str, Any]:
+    return {"name": "r", "when": "true", "action": "require", **fields}
+
+
+def selector(*requirements: dict[str, Any]) -> dict[str, Any]:
+    return agentpolicy(
+        "ClusterAgentPolicy", namespaceSelector={"matchExpressions": list(requirements)}
+    )
 
 
 def without_goal() -> dict[str, Any]:
@@ -142,6 +162,90 @@ BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
         toolapproval(votes=[{"username": "a", "decision": "Approved", "at": "yesterday"}]),
         "spec.votes.at",
     ),
+    ("asking rule without policy", toolapproval(rule={"name": "r"}), "spec.rule.policy"),
+    ("asking rule without name", toolapproval(rule={"policy": "p"}), "spec.rule.name"),
+    (
+        "asking rule with zero approvals",
+        toolapproval(rule={"policy": "p", "name": "r", "minApprovals": 0}),
+        "spec.rule.minApprovals",
+    ),
+    (
+        "101 approver lists of an asking rule",
+        toolapproval(rule={"policy": "p", "name": "r", "approvers": [{}] * 101}),
+        "spec.rule.approvers",
+    ),
+    (
+        "asking rule approvers not a list",
+        toolapproval(rule={"policy": "p", "name": "r", "approvers": [{"users": "alice"}]}),
+        "spec.rule.approvers.users",
+    ),
+    (
+        "asking rule duplicate approver group",
+        toolapproval(rule={"policy": "p", "name": "r", "approvers": [{"groups": ["a", "a"]}]}),
+        "spec.rule.approvers.groups",
+    ),
+    ("unknown rule action", agentpolicy(rules=[rule(action="maybe")]), "spec.rules.action"),
+    (
+        "rule without a condition",
+        agentpolicy(rules=[{"name": "r", "action": "deny"}]),
+        "spec.rules.when",
+    ),
+    ("huge condition", agentpolicy(rules=[rule(when="x" * 2049)]), "spec.rules.when"),
+    ("rule name with capitals", agentpolicy(rules=[rule(name="Big")]), "spec.rules.name"),
+    ("two rules of one name", agentpolicy(rules=[rule(), rule()]), "spec.rules"),
+    ("zero rule approvals", agentpolicy(rules=[rule(minApprovals=0)]), "spec.rules.minApprovals"),
+    ("huge rule message", agentpolicy(rules=[rule(message="x" * 1025)]), "spec.rules.message"),
+    (
+        "rule approvers not a list",
+        agentpolicy(rules=[rule(approvers={"users": "alice"})]),
+        "spec.rules.approvers.users",
+    ),
+    (
+        "duplicate rule approver group",
+        agentpolicy(rules=[rule(approvers={"groups": ["sre", "sre"]})]),
+        "spec.rules.approvers.groups",
+    ),
+    ("days in maxTimeout", agentpolicy(approval={"maxTimeout": "1d"}), "spec.approval.maxTimeout"),
+    (
+        "duplicate allowed endpoint",
+        agentpolicy(models={"baseURLs": ["http://a/v1", "http://a/v1"]}),
+        "spec.models.baseURLs",
+    ),
+    (
+        "invalid allowed service account",
+        agentpolicy(serviceAccounts=["Not_A_Name"]),
+        "spec.serviceAccounts",
+    ),
+    (
+        "tool pattern with a space",
+        agentpolicy(tools={"allowed": ["k8s get"]}),
+        "spec.tools.allowed",
+    ),
+    (
+        "tool pattern with brackets",
+        agentpolicy(tools={"requireApproval": ["k8s_[a-z]"]}),
+        "spec.tools.requireApproval",
+    ),
+    (
+        "unknown selector operator",
+        selector({"key": "env", "operator": "Near"}),
+        "spec.namespaceSelector.matchExpressions.operator",
+    ),
+    (
+        "selector requirement without key",
+        selector({"operator": "Exists"}),
+        "spec.namespaceSelector.matchExpressions.key",
+    ),
+    (
+        "21 selector requirements",
+        selector(*({"key": f"k{i}", "operator": "Exists"} for i in range(21))),
+        "spec.namespaceSelector.matchExpressions",
+    ),
+    (
+        "101 selector values",
+        selector({"key": "env", "operator": "In", "values": [str(i) for i in range(101)]}),
+        "spec.namespaceSelector.matchExpressions.values",
+    ),
     (
         "101 votes",
         toolapproval(
@@ -179,8 +283,10 @@ def test_invalid_manifests_are_rejected_naming_the_field(
     # (1.20 leaves the index out: spec.votes.decision.)
     path = r"(\[\d+\])?\.".join(re.escape(part) for part in field.split("."))
     assert re.search(path + r"(\[\d+\])?[: ]", proc.stderr), proc.stderr
-    listed = kubectl("get", "agentruns,toolapprovals", "-n", namespace, "-o", "name")
+    listed = kubectl("get", "agentruns,toolapprovals,agentpolicies", "-n", namespace, "-o", "name")
     assert listed.stdout.strip() == "", "nothing may be stored after a rejection"
+    stored = kubectl("get", "clusteragentpolicy", "bad-policy", check=False)
+    assert stored.returncode != 0, "nothing may be stored after a rejection"
 
 
 def _constrained_fields(crd: Path) -> set[str]:
@@ -280,7 +386,9 @@ def test_the_api_server_fills_in_spec_defaults(kubectl: Kubectl, namespace: str)
         "spec"
     ]
     assert spec["tools"] == ["k8s_get", "k8s_list", "k8s_describe", "k8s_logs", "k8s_events"]
-    assert spec["approval"]["required"][0] == "k8s_scale"
+    # Not approval.required: a run that leaves it unset lets AgentPolicy allow rules decide
+    # (the operator applies the default, every mutating tool, in status.effective).
+    assert "required" not in spec["approval"]
     assert spec["approval"]["timeout"] == "1h"
     assert spec["limits"] == {"maxSteps": 25, "timeout": "30m"}
     assert spec["stop"] is False
@@ -316,10 +424,10 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -
     assert header == ["NAME", "RUN", "TOOL", "STATE", "DECIDED-BY", "VOTES", "NEEDED", "AGE"]
 
 
-def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl, namespace: str) -> None:
+def test_every_kind_is_in_the_agentrun_all_category(kubectl: Kubectl, namespace: str) -> None:
     discovery = json.loads(kubectl("get", "--raw", "/apis/agentrun.dev/v1alpha1").stdout)
     kinds = {r["kind"]: r for r in discovery["resources"] if "/" not in r["name"]}
-    assert set(kinds) == {"AgentRun", "ToolApproval"}
+    assert set(kinds) == {"AgentRun", "ToolApproval", "AgentPolicy", "ClusterAgentPolicy"}
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("both")))
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(toolapproval()))
     listed = kubectl("get", "agentrun-all", "-n", namespace, "-o", "name").stdout.split()
@@ -327,10 +435,15 @@ def test_both_kinds_are_in_the_agentrun_all_category(kubectl: Kubectl, namespace
     # ...and the category does not shadow the singular name.
     one = kubectl("get", "agentrun", "both", "-n", namespace, "-o", "name").stdout.split()
     assert one == ["agentrun.agentrun.dev/both"]
-    for kind, short in (("AgentRun", "ar"), ("ToolApproval", "ta")):
+    for kind, short, namespaced in (
+        ("AgentRun", "ar", True),
+        ("ToolApproval", "ta", True),
+        ("AgentPolicy", "ap", True),
+        ("ClusterAgentPolicy", "cap", False),
+    ):
         assert kinds[kind]["categories"] == ["agentrun-all"]
         assert kinds[kind]["shortNames"] == [short]
-        assert kinds[kind]["namespaced"] is True
+        assert kinds[kind]["namespaced"] is namespaced
 
 
 def test_kubectl_explain_teaches_the_approval_fields(kubectl: Kubectl) -> None:
@@ -345,6 +458,44 @@ def test_kubectl_explain_teaches_the_approval_fields(kubectl: Kubectl) -> None:
     for field in ("required", "approvers", "timeout", "onTimeout", "allowSelfApproval"):
         assert field in text
     assert "Which tool calls need a human decision" in text
+
+
+def test_kubectl_explain_teaches_every_policy_field(kubectl: Kubectl) -> None:
+    def explained(what: str) -> str | None:
+        proc = kubectl("explain", what, "--recursive", check=False)
+        return proc.stdout if proc.returncode == 0 else None
+
+    for kind in ("agentpolicy", "clusteragentpolicy"):
+        what = f"{kind}.spec"
+        text = str(
+            wait_for(
+                f"kubectl explain {what}",
+                functools.partial(explained, what),
+                timeout=60,
+                interval=1,
+            )
+        )
+        for field in (
+            "tools",
+            "allowed",
+            "requireApproval",
+            "approval",
+            "minApprovals",
+            "maxTimeout",
+            "limits",
+            "models",
+            "baseURLs",
+            "serviceAccounts",
+            "rules",
+            "when",
+            "action",
+            "message",
+        ):
+            assert field in text, (kind, field)
+    rule_text = kubectl("explain", "agentpolicy.spec.rules.when").stdout
+    assert "CEL expression" in rule_text and "namespaceObject" in rule_text
+    cluster = kubectl("explain", "clusteragentpolicy.spec.namespaceSelector").stdout
+    assert "Namespaces (by their labels)" in cluster
 
 
 def test_a_user_without_rbac_rights_cannot_create_a_run(kubectl: Kubectl, namespace: str) -> None:

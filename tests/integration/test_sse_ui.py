@@ -182,6 +182,11 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
                     "target": {"kind": "Deployment", "namespace": namespace, "name": "web"},
                     "changes": [{"path": "spec.replicas", "before": "1", "after": "3"}],
                 },
+                "rule": {
+                    "policy": f"AgentPolicy {namespace}/guard",
+                    "name": "big-scale",
+                    "message": "needs two SRE leads",
+                },
             },
         )
         await page.until(
@@ -197,6 +202,8 @@ async def test_log_in_watch_tokens_stream_approve_reconnect_and_stop_in_chromium
         assert await page.js(f"{change}.querySelector('.after').textContent") == "3"
         head = await page.js(f"{card}.querySelector('.preview-head').textContent")
         assert head == f"update Deployment {namespace}/web"
+        rule = await page.js(f"{card}.querySelector('.rule').textContent")
+        assert rule == f"Asked by AgentPolicy {namespace}/guard rule big-scale: needs two SRE leads"
         await page.until(
             "document.getElementById('run-phase').textContent === 'AwaitingApproval'",
             what="the phase",

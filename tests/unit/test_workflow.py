@@ -18,12 +18,21 @@ from agentrun_operator import workflow
 class ScriptedDeps:
     """Replies from a list; records events and tool calls."""
 
-    def __init__(self, replies: list[AIMessage], *, required: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        replies: list[AIMessage],
+        *,
+        required: frozenset[str] = frozenset(),
+        verdicts: dict[str, workflow.Verdict] | None = None,
+    ):
         self.goal = "find the crashing pod"
         self.namespace = "ns"
         self.max_steps = 5
         self.tools: Sequence[str] = ["k8s_list", "k8s_scale"]
         self.required = required
+        # By tool name; a tool not listed is judged as the required list says.
+        self.verdicts = verdicts or {}
+        self.judged: list[str] = []
         self._replies = iter(replies)
         self.events: list[tuple[str, str]] = []
         self.executed: list[tuple[str, str, Any]] = []
@@ -45,9 +54,17 @@ class ScriptedDeps:
         arguments: dict[str, Any],
         call_id: str,
         decision: workflow.Decision | None,
+        gated: bool,
     ) -> str:
         self.executed.append((name, call_id, decision))
         return '{"ok": true}'
+
+    async def judge(self, calls: list[dict[str, Any]]) -> dict[str, workflow.Verdict]:
+        self.judged += [c["call_id"] for c in calls]
+        return {
+            c["call_id"]: self.verdicts.get(c["name"], {"gated": c["name"] in self.required})
+            for c in calls
+        }
 
     def mint_call_id(self) -> str:
         return f"c-{next(self._ids):012x}"
@@ -149,3 +166,61 @@ async def test_invalid_tool_call_arguments_are_answered_not_crashed() -> None:
     result = await workflow.build(deps, checkpointer=None).ainvoke(workflow.initial_state(deps))
     reply = next(m for m in result["messages"] if isinstance(m, ToolMessage))
     assert "bad json" in str(reply.content) and deps.executed == []
+
+
+async def test_a_call_a_rule_gates_waits_with_its_preview_and_rule_though_not_required() -> None:
+    preview = {"summary": "spec.replicas 1→3", "operation": "update"}
+    rule = {"policy": "AgentPolicy ns/guard", "name": "big", "message": "m", "minApprovals": 2}
+    deps = ScriptedDeps(
+        [AIMessage("plan"), tool_call("k8s_list"), AIMessage("done"), AIMessage("final")],
+        verdicts={"k8s_list": {"gated": True, "preview": preview, "rule": rule}},
+    )
+    graph = workflow.build(deps, checkpointer=InMemorySaver())
+    config: Any = {"configurable": {"thread_id": "t1"}}
+    first = await graph.ainvoke(workflow.initial_state(deps), config)
+    item = first["__interrupt__"][0].value["approvals"][0]
+    assert (item["preview"], item["rule"]) == (preview, rule)
+    assert deps.executed == []
+    decision: workflow.Decision = {"decision": "approved", "by": "alice", "comment": ""}
+    await graph.ainvoke(Command(resume={"c-000000000001": decision}), config)
+    assert deps.executed == [("k8s_list", "c-000000000001", decision)]
+    assert deps.judged == ["c-000000000001"]  # judged once: resuming does not judge again
+
+
+@pytest.mark.parametrize(
+    ("verdict", "decision"),
+    [
+        (
+            {"denied": {"by": "AgentPolicy ns/guard (rule system)", "comment": "no"}},
+            {"decision": "denied", "by": "AgentPolicy ns/guard (rule system)", "comment": "no"},
+        ),
+        (
+            {"refused": "k8s_scale: forbidden"},
+            {"decision": "refused", "comment": "k8s_scale: forbidden"},
+        ),
+    ],
+)
+async def test_a_denied_or_refused_call_is_answered_without_asking_anyone(
+    verdict: workflow.Verdict, decision: workflow.Decision
+) -> None:
+    deps = ScriptedDeps(
+        [AIMessage("plan"), tool_call("k8s_scale"), AIMessage("ok"), AIMessage("final")],
+        required=frozenset({"k8s_scale"}),
+        verdicts={"k8s_scale": verdict},
+    )
+    graph = workflow.build(deps, checkpointer=InMemorySaver())
+    result = await graph.ainvoke(workflow.initial_state(deps), {"configurable": {"thread_id": "t"}})
+    assert "__interrupt__" not in result
+    assert deps.executed == [("k8s_scale", "c-000000000001", decision)]
+
+
+async def test_an_allowed_required_tool_runs_without_asking() -> None:
+    deps = ScriptedDeps(
+        [AIMessage("plan"), tool_call("k8s_scale"), AIMessage("ok"), AIMessage("final")],
+        required=frozenset({"k8s_scale"}),
+        verdicts={"k8s_scale": {"gated": False}},
+    )
+    graph = workflow.build(deps, checkpointer=InMemorySaver())
+    result = await graph.ainvoke(workflow.initial_state(deps), {"configurable": {"thread_id": "t"}})
+    assert "__interrupt__" not in result
+    assert deps.executed == [("k8s_scale", "c-000000000001", None)]

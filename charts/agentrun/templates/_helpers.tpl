@@ -74,7 +74,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $mode := index . 1 -}}
 {{- $ca := index . 2 -}}
 {{- $svc := printf "%s-webhooks" (include "agentrun.fullname" $root) -}}
-{{- range $h := list (list "toolapprovals" "" (list "CREATE" "UPDATE") "Fail") (list "agentruns" "-create" (list "CREATE") "Fail") (list "agentruns" "-update" (list "UPDATE") "Ignore") }}
+{{- $hooks := list (list "toolapprovals" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "agentruns" "-create" (list "CREATE") "Fail" "Namespaced") (list "agentruns" "-update" (list "UPDATE") "Ignore" "Namespaced") -}}
+{{- if eq $mode "validate" -}}
+{{- /* Policies are admitted only when every CEL rule compiles. */ -}}
+{{- $hooks = concat $hooks (list (list "agentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "clusteragentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Cluster")) -}}
+{{- end -}}
+{{- range $h := $hooks }}
 - name: {{ printf "%s-%s%s.agentrun.dev" $mode (index $h 0) (index $h 1) }}
   clientConfig:
     service:
@@ -90,7 +95,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
       apiVersions: [v1alpha1]
       operations: {{ index $h 2 | toJson }}
       resources: [{{ index $h 0 }}]
-      scope: Namespaced
+      scope: {{ index $h 4 }}
   failurePolicy: {{ index $h 3 }}
   sideEffects: None
   admissionReviewVersions: [v1]

@@ -2,11 +2,14 @@
 
 - ``registry``: the entry points kopf calls (a run appears, a vote, a spec edit, stop,
   deletion, shutdown), the concurrency queue, and the first sight that fixes a run's
-  settings;
+  settings (after its namespace's AgentPolicies);
 - ``execution``: one run's task (lease, workflow, resume, time limit, waiting out an
   outage);
 - ``stopping``: the stop state machine every stop goes through;
-- ``gate``: ToolApprovals (create, settle, report, cancel) and AwaitingApproval;
+- ``judging``: each call's dry run (its preview) and the AgentPolicy rules, before
+  anyone is asked: gated, denied, refused or free;
+- ``gate``: ToolApprovals (create, settle, report, cancel, ask again once when the object
+  changed after an approval) and AwaitingApproval;
 - ``binding``: the run's model and tools (``RunDeps`` for the workflow), budgets,
   exactly-once tool calls;
 - ``emitter``: the run's events (typed payloads) and status writes;

@@ -23,6 +23,7 @@ from agentrun_operator import approvals, config, events, kube, llm, models, tool
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine.common import RunFailed, RunRef, short
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
+from agentrun_operator.engine.judging import Judge
 from agentrun_operator.store import RunStore
 
 
@@ -33,6 +34,29 @@ def argument_error(name: str, arguments: dict[str, Any]) -> str | None:
     except tools.ArgumentError as e:
         return f"{name}: {e}"
     return None
+
+
+async def mark_stale(
+    k8s: kube.Kube,
+    emitter: Emitter,
+    *,
+    namespace: str,
+    approval: str,
+    call_id: str,
+    tool: str,
+    shown: dict[str, Any],
+    why: str,
+) -> None:
+    """An approval no longer holds (its object changed since people saw it): its status and
+    the stream say so. Nothing runs on it."""
+    if approval:
+        with contextlib.suppress(kube.KubeError):
+            await k8s.patch_toolapproval_status(
+                namespace=namespace, name=approval, status={"state": "Stale", "message": why}
+            )
+    await emitter.approval(
+        call_id=call_id, approval=approval, tool=tool, arguments=shown, state="stale"
+    )
 
 
 async def resolve_model(
@@ -102,6 +126,7 @@ class RunDeps:
         sa_kube: kube.ServiceAccountKube,
         k8s: kube.Kube,
         store: RunStore,
+        judge: Judge,
     ) -> None:
         self.goal = spec.goal
         self.namespace = ref.namespace
@@ -122,6 +147,10 @@ class RunDeps:
         self._store = store
         self._prices = settings.price_table()
         self._last_input_tokens = 0  # the previous call's prompt, for the budget estimate
+        self._judge = judge
+
+    async def judge(self, calls: list[dict[str, Any]]) -> dict[str, workflow.Verdict]:
+        return await self._judge.calls(calls)
 
     def mint_call_id(self) -> str:
         return "c-" + secrets.token_hex(6)
@@ -227,6 +256,7 @@ class RunDeps:
         arguments: dict[str, Any],
         call_id: str,
         decision: workflow.Decision | None,
+        gated: bool,
     ) -> str:
         record = await self._store.call_record(self._ref.uid, call_id)
         if record.get("state") == "done":
@@ -245,7 +275,7 @@ class RunDeps:
             # The dry run before the gate failed: the call fails as that tool error.
             refused = tools.ToolOutcome("failed", None, str((decision or {}).get("comment")))
             return await self._report(call_id, name, shown, refused, started)
-        if name in self.required and (decision or {}).get("decision") != "approved":
+        if gated and (decision or {}).get("decision") != "approved":
             d = decision or {
                 "decision": "denied",
                 "by": "agentrun",
@@ -283,7 +313,16 @@ class RunDeps:
                 target=decision["target"],
             )
             if stale is not None:
-                await self._mark_stale(call_id, name, shown, decision.get("approval"), stale)
+                await mark_stale(
+                    self._k8s,
+                    self._emitter,
+                    namespace=self.namespace,
+                    approval=decision.get("approval") or "",
+                    call_id=call_id,
+                    tool=name,
+                    shown=shown,
+                    why=stale,
+                )
                 failed = tools.ToolOutcome(
                     "failed",
                     None,
@@ -313,25 +352,6 @@ class RunDeps:
                 max_bytes=self._settings.tool_result_max_bytes,
             )
         return await self._report(call_id, name, shown, outcome, started)
-
-    async def _mark_stale(
-        self, call_id: str, name: str, shown: dict[str, Any], approval: str | None, why: str
-    ) -> None:
-        """The approval no longer holds: its status and the stream say so."""
-        if approval:
-            with contextlib.suppress(kube.KubeError):
-                await self._k8s.patch_toolapproval_status(
-                    namespace=self.namespace,
-                    name=approval,
-                    status={"state": "Stale", "message": why},
-                )
-        await self._emitter.approval(
-            call_id=call_id,
-            approval=approval or "",
-            tool=name,
-            arguments=shown,
-            state="stale",
-        )
 
     async def _landed_before(
         self, name: str, arguments: dict[str, Any], call_id: str

@@ -89,24 +89,6 @@ def audit(action: str, **fields: Any) -> None:
     audit_log.info(json.dumps({"audit": action, "at": events.now_rfc3339(), **fields}))
 
 
-def parse_duration(text: str) -> float:
-    """Go-style duration ("1h30m", "90s", "250ms") in seconds; the CRD pattern checked it."""
-    total, number = 0.0, ""
-    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch.isdigit() or ch == ".":
-            number += ch
-            i += 1
-            continue
-        unit = "ms" if text[i : i + 2] == "ms" else ch
-        total += float(number) * units[unit]
-        number = ""
-        i += len(unit)
-    return total
-
-
 def elapsed_since(value: Any) -> float:
     started = approvals.parse_time(value)
     if started is None:

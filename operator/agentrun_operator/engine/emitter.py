@@ -249,6 +249,7 @@ class Emitter:
         state: str,
         decided_by: str = "",
         preview: Mapping[str, Any] | None = None,
+        rule: Mapping[str, Any] | None = None,
     ) -> None:
         data: dict[str, Any] = {
             "callId": call_id,
@@ -260,6 +261,8 @@ class Emitter:
         }
         if preview is not None:
             data["preview"] = preview
+        if rule:
+            data["rule"] = {k: rule.get(k) for k in ("policy", "name", "message") if rule.get(k)}
         await self.emit("approval", data)
 
     async def end(self, *, phase: str, result: str | None, stopped_by: str | None) -> None:

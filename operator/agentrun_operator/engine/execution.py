@@ -28,13 +28,13 @@ from agentrun_operator.engine.common import (
     Services,
     elapsed_since,
     is_waiting,
-    parse_duration,
     short,
     unavailable,
 )
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
 from agentrun_operator.engine.finishing import Ends
 from agentrun_operator.engine.gate import Gate, GateOutcome
+from agentrun_operator.engine.judging import Judge
 from agentrun_operator.engine.stopping import StopControl, uncancel
 from agentrun_operator.engine.sweeps import Sweeps
 
@@ -267,6 +267,13 @@ class Runner:
                 sa_kube=sa_kube,
                 k8s=self._s.k8s,
                 store=store,
+                judge=Judge(
+                    self._s,
+                    ref,
+                    spec,
+                    models.effective_approval(body),
+                    str(st.get("createdBy") or ""),
+                ),
             )
             graph = workflow.build(deps, checkpointer=self._s.saver)
             snapshot = await graph.aget_state(config_)
@@ -281,10 +288,9 @@ class Runner:
                 await emitter.workflow("resumed", node="", step=int(st.get("step") or 0))
             else:
                 await emitter.workflow("pending", node="", step=0)
-            ignored = await store.ignored(ref.uid)
-            if ignored:
-                await emitter.fault(ignored, code="SpecChangeIgnored", fatal=False)
-                await store.forget_ignored(ref.uid)
+            for code, message in sorted((await store.notes(ref.uid)).items()):
+                await emitter.fault(message, code=code, fatal=False)
+                await store.forget_note(ref.uid, code)
             if statusw.current.get("phase") != "Running" or is_waiting(statusw.current):
                 await statusw.phase(
                     "Running",
@@ -302,7 +308,9 @@ class Runner:
                 )
             elapsed = elapsed_since(statusw.current.get("startedAt"))
             remaining = (
-                parse_duration(spec.limits.timeout) - elapsed + await store.waited_seconds(ref.uid)
+                models.duration_seconds(spec.limits.timeout)
+                - elapsed
+                + await store.waited_seconds(ref.uid)
             )
             if remaining <= 0:
                 raise _timeout(spec)

@@ -2,7 +2,9 @@
 on only once every one is settled.
 
 Owns creating, reading, settling, reporting (events, Kubernetes Events, notifications, the
-audit log) and cancelling a run's ToolApprovals, and the AwaitingApproval status. Idempotent:
+audit log) and cancelling a run's ToolApprovals, the AwaitingApproval status, and the bound
+check of an approved call's object (changed since its preview: the approval is Stale, and
+people are asked once more as NAME-2 with a fresh preview). Idempotent:
 it runs again after a restart, a vote or an expiry, and creates, reports and settles each
 approval once.
 Never: counts a vote itself (``approvals`` judges votes, the webhook admits them), runs a
@@ -20,11 +22,12 @@ from typing import Any
 
 from langgraph.types import Command
 
-from agentrun_operator import approvals, contract, events, kube, models, tools, workflow
+from agentrun_operator import approvals, contract, events, models, tools, workflow
 from agentrun_operator import metrics as prom
-from agentrun_operator.engine.binding import argument_error
-from agentrun_operator.engine.common import RunRef, Services, audit, is_waiting, parse_duration
+from agentrun_operator.engine.binding import argument_error, mark_stale
+from agentrun_operator.engine.common import RunRef, Services, audit, is_waiting
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
+from agentrun_operator.engine.judging import changed, dry_run
 
 log = logging.getLogger("agentrun.gate")
 
@@ -39,6 +42,18 @@ class GateOutcome:
     resume: Command[Any] | None = None
     stop: bool = False
     expires: dt.datetime | None = None
+
+
+def _twice_stale(tool: str, ta: Mapping[str, Any], why: str = "") -> workflow.Decision:
+    """The call's second approval went Stale too: the call fails, nobody is asked again."""
+    why = why or str((ta.get("status") or {}).get("message") or "its object changed")
+    return {
+        "decision": "refused",
+        "by": "agentrun",
+        "comment": f"{tool}: nothing ran: {why} after it was approved a second time (approval "
+        f"{ta['metadata']['name']} is Stale); look at the object again and call the tool "
+        "again if still needed",
+    }
 
 
 class Gate:
@@ -63,8 +78,11 @@ class Gate:
         interrupts: Any,
         emitter: Emitter,
         statusw: StatusWriter,
+        *,
+        asked_again: bool = False,
     ) -> GateOutcome:
-        """Create or read the run's ToolApprovals; the resume command once all are settled."""
+        """Create or read the run's ToolApprovals; the resume command once all are settled.
+        (``asked_again``: this pass follows one that found an approval Stale.)"""
         items: list[dict[str, Any]] = []
         reason = ""
         for intr in interrupts:
@@ -73,7 +91,10 @@ class Gate:
             reason = reason or str(value.get("reason") or "")
         policy = spec.approval
         now = dt.datetime.now(dt.UTC)
-        existing = {(ta.get("spec") or {}).get("callId"): ta for ta in await self.of_run(ref)}
+        by_call: dict[str, list[dict[str, Any]]] = {}
+        for found in await self.of_run(ref):
+            by_call.setdefault(str((found.get("spec") or {}).get("callId")), []).append(found)
+        existing = {c: contract.current_approval(tas) for c, tas in by_call.items()}
         decisions: dict[str, workflow.Decision] = {}
         waiting: list[tuple[str, dt.datetime | None]] = []
         expired_stop = False
@@ -86,7 +107,10 @@ class Gate:
             shown = tools.redacted_arguments(item["tool"], item.get("arguments") or {})
             if invalid is not None and (
                 ta is None
-                or approvals.settle(ta, min_approvals=policy.min_approvals, now=now) is None
+                or approvals.settle(
+                    ta, min_approvals=approvals.needed(ta, policy.min_approvals), now=now
+                )
+                is None
             ):
                 # A call paused before this operator judged arguments at the gate, whose
                 # arguments can never run: nobody is asked (any approval still waiting is
@@ -106,12 +130,23 @@ class Gate:
                     or f"{item['tool']}: the approval was cancelled",
                 }
                 continue
+            if state == "Stale" and ta is not None:
+                # Approved, but its object changed before the call ran (found so after a
+                # restart): asked once more, else the call fails.
+                if ta["metadata"]["name"].endswith(contract.REASK_SUFFIX):
+                    decisions[call_id] = _twice_stale(item["tool"], ta)
+                    continue
+            again = state == "Stale"
             preview: models.Preview | None = None
-            if ta is None or not state:
-                # Before anyone is asked: what would it change? A call the API server
-                # refuses fails as the tool error it is, and nobody is asked.
+            if item.get("preview") and not again:
+                preview = models.Preview.model_validate(item["preview"])  # judged before
+            elif ta is None or not state or again:
+                # A call paused before calls were judged: what would it change? A call the
+                # API server refuses fails as the tool error it is, and nobody is asked.
                 try:
-                    preview = await self._preview(ref, spec, item)
+                    preview = await dry_run(
+                        self._s.k8s, ref, spec, item["tool"], item.get("arguments") or {}, call_id
+                    )
                 except tools.PreviewRefused as e:
                     if ta is not None:
                         await self.cancel(ref, emitter, ta, e.message)
@@ -121,7 +156,7 @@ class Gate:
                         "comment": e.message,
                     }
                     continue
-            if ta is None:
+            if ta is None or again:
                 ta = await self._s.k8s.create_toolapproval(
                     namespace=ref.namespace,
                     body=approvals.toolapproval_body(
@@ -132,11 +167,15 @@ class Gate:
                         tool=item["tool"],
                         arguments=shown,
                         reason=reason,
+                        rule=item.get("rule"),
+                        again=again,
                     ),
                 )
             if not (ta.get("status") or {}).get("state"):
                 ta = await self._open(ref, spec, ta, item["tool"], shown, preview, emitter, now)
-            settled = approvals.settle(ta, min_approvals=policy.min_approvals, now=now)
+            settled = approvals.settle(
+                ta, min_approvals=approvals.needed(ta, policy.min_approvals), now=now
+            )
             if settled is None:
                 await self._count(ref, spec, ta)
                 expires = approvals.parse_time((ta.get("status") or {}).get("expiresAt"))
@@ -155,6 +194,29 @@ class Gate:
             target = ((ta.get("status") or {}).get("preview") or {}).get("target")
             if settled.outcome == "approved" and isinstance(target, dict):
                 decision["target"] = target
+                why = await changed(self._s.k8s, ref, spec, item, target)
+                if why is not None:
+                    # Bound to what people saw: the object changed since, so nothing runs on
+                    # this approval. The run asks again (once) with a fresh preview.
+                    await mark_stale(
+                        self._s.k8s,
+                        emitter,
+                        namespace=ref.namespace,
+                        approval=ta["metadata"]["name"],
+                        call_id=call_id,
+                        tool=item["tool"],
+                        shown=shown,
+                        why=why,
+                    )
+                    if ta["metadata"]["name"].endswith(contract.REASK_SUFFIX):
+                        decisions[call_id] = _twice_stale(item["tool"], ta, why)
+                        continue
+                    if not asked_again:
+                        return await self.settle(
+                            ref, spec, interrupts, emitter, statusw, asked_again=True
+                        )
+                    decisions[call_id] = _twice_stale(item["tool"], ta, why)
+                    continue
             decisions[call_id] = decision
         if expired_stop:
             return GateOutcome(stop=True)
@@ -181,7 +243,8 @@ class Gate:
         policy = spec.approval
         name = ta["metadata"]["name"]
         call_id = ta["spec"]["callId"]
-        expires = now + dt.timedelta(seconds=parse_duration(policy.timeout))
+        rule = ta["spec"].get("rule")
+        expires = now + dt.timedelta(seconds=models.duration_seconds(policy.timeout))
         shown_preview = (
             None if preview is None else preview.model_dump(by_alias=True, exclude_none=True)
         )
@@ -192,7 +255,7 @@ class Gate:
                 "state": "Pending",
                 "expiresAt": approvals.rfc3339(expires),
                 "approvals": 0,
-                "approvalsNeeded": policy.min_approvals,
+                "approvalsNeeded": approvals.needed(ta, policy.min_approvals),
                 "preview": shown_preview,
             },
         )
@@ -203,8 +266,12 @@ class Gate:
             arguments=shown,
             state="pending",
             preview=shown_preview,
+            rule=rule,
         )
         change = f" ({preview.summary})" if preview is not None else ""
+        if rule:
+            change += f"; asked by {rule.get('policy')} rule {rule.get('name')}"
+            change += f": {rule['message']}" if rule.get("message") else ""
         self._s.notify(
             ref,
             "approval.pending",
@@ -218,32 +285,9 @@ class Gate:
         )
         return ta
 
-    async def _preview(
-        self, ref: RunRef, spec: models.AgentRunSpec, item: Mapping[str, Any]
-    ) -> models.Preview | None:
-        """What the call would change, by a dry run as the run's service account."""
-        sa_kube = self._s.k8s.as_service_account(
-            namespace=ref.namespace, name=spec.service_account_name
-        )
-        try:
-            return await tools.preview(
-                sa_kube,
-                name=item["tool"],
-                arguments=item.get("arguments") or {},
-                namespace=ref.namespace,
-                call_id=item["callId"],
-            )
-        except (tools.PreviewRefused, kube.KubeError):
-            raise  # refused: the call fails; the API server away: the run waits for it
-        except Exception:
-            # A bug in computing the preview must not stop the run: people are asked
-            # without one, as before previews existed.
-            log.exception("run %s: no preview for call %s", ref.key, item["callId"])
-            return None
-
     async def _count(self, ref: RunRef, spec: models.AgentRunSpec, ta: Mapping[str, Any]) -> None:
         """Show the votes counted so far on an approval still open."""
-        needed = spec.approval.min_approvals
+        needed = approvals.needed(ta, spec.approval.min_approvals)
         approved, _ = approvals.tally(approvals.counted_votes(ta))
         if (ta.get("status") or {}).get("approvals") != len(approved):
             await self._s.k8s.patch_toolapproval_status(
@@ -297,7 +341,9 @@ class Gate:
                 "decidedBy": settled.decided_by,
                 "decidedAt": approvals.rfc3339(now),
                 "approvals": len(approved),
-                "approvalsNeeded": max(0, spec.approval.min_approvals - len(approved)),
+                "approvalsNeeded": max(
+                    0, approvals.needed(ta, spec.approval.min_approvals) - len(approved)
+                ),
                 "message": settled.comment or None,
             },
         )

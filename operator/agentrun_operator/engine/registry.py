@@ -17,13 +17,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from agentrun_operator import config, contract, kube, models, notify
+from agentrun_operator import config, contract, kube, models, notify, policy
 from agentrun_operator import metrics as prom
-from agentrun_operator.engine.common import RunRef, Services, annotation, audit
+from agentrun_operator.engine.common import RunRef, Services, annotation, audit, unavailable
 from agentrun_operator.engine.emitter import StatusWriter
 from agentrun_operator.engine.execution import Runner, Slot
 from agentrun_operator.engine.finishing import Ends
 from agentrun_operator.engine.gate import Gate
+from agentrun_operator.engine.judging import read_policies
 from agentrun_operator.engine.sweeps import Sweeps
 from agentrun_operator.events import stream_path
 from agentrun_operator.store import RunStore
@@ -139,36 +140,72 @@ class Registry:
                 ),
             )
             return None
+        try:
+            tightened = await self._tightened(body)
+        except policy.Refused as e:
+            await self.ends.without_task(
+                ref, st, by=None, phase="Failed", reason="PolicyForbids", message=str(e)
+            )
+            return None
+        except kube.KubeError as e:
+            if unavailable(e):
+                raise  # the API server is away: kopf tries again
+            await self.ends.without_task(
+                ref,
+                st,
+                by=None,
+                phase="Failed",
+                reason="PolicyUnreadable",
+                message=f"the AgentPolicies of namespace {ref.namespace} could not be read "
+                f"({e}); the run cannot start without them: check the operator's RBAC "
+                "(get, list on agentpolicies and clusteragentpolicies)",
+            )
+            return None
         fixed = {
-            "effective": self._settings_of(body, generation=generation),
+            "effective": tightened.effective(generation=generation),
             "createdBy": st.get("createdBy") or annotation(body, contract.CREATED_BY),
         }
         await self.services.k8s.patch_agentrun_status(
             namespace=ref.namespace, name=ref.name, status=fixed
         )
+        if tightened.clamped:
+            message = (
+                "the run asked for less than its namespace's policies allow, so it got the "
+                f"policy: {'; '.join(tightened.clamped)}"
+            )
+            audit("policy-clamped", run=ref.key, changes=tightened.clamped)
+            await self.services.k8s.post_event(
+                involved=ref.involved(), type="Warning", reason="PolicyApplied", message=message
+            )
+            # The task that runs it says it in the stream first, as a fault event.
+            await self.services.store.note(ref.uid, "PolicyApplied", message)
         return {**st, **fixed}
 
-    def _settings_of(self, body: Mapping[str, Any], *, generation: int | None) -> dict[str, Any]:
-        """status.effective for a run's spec: its settings after defaults, the operator's
-        default model included (a later change of the operator's configuration does not
-        move a run that already started to another model)."""
-        spec = models.AgentRunSpec.model_validate(body.get("spec") or {})
-        spec.model.name = spec.model.name or self.settings.model_name
-        spec.model.base_url = spec.model.base_url or self.settings.model_base_url
-        return models.effective_settings(spec, generation=generation)
+    async def _tightened(self, body: Mapping[str, Any]) -> policy.Tightened:
+        """The run's settings after defaults and its namespace's policies (a run can only
+        tighten them). Raises policy.Refused, or KubeError when the policies are unreadable."""
+        spec = body.get("spec") or {}
+        policies = await read_policies(self.services.k8s, body["metadata"]["namespace"])
+        tightened = policy.tighten(spec, policies, default_base_url=self.settings.model_base_url)
+        tightened.spec.model.name = tightened.spec.model.name or self.settings.model_name
+        tightened.spec.model.base_url = (
+            tightened.spec.model.base_url or self.settings.model_base_url
+        )
+        return tightened
 
-    async def spec_changed(self, body: Mapping[str, Any]) -> None:
+    async def spec_changed(
+        self, body: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+    ) -> None:
         """A spec edit after the settings were fixed (the AgentRun webhook refuses it, but
-        it fails open so that nothing blocks spec.stop): ignore it, and say so."""
+        it fails open so that nothing blocks spec.stop): ignore it, and say so. ``old`` and
+        ``new`` are the spec before and after (the effective settings differ from any spec
+        where a policy tightened them, so they are no measure of an edit)."""
         st = body.get("status") or {}
         effective = st.get("effective")
         if not isinstance(effective, Mapping) or st.get("phase") in models.FINISHED_PHASES:
             return
         ref = RunRef.of(body)
-        live = self._settings_of(body, generation=None)
-        fixed = {k: v for k, v in effective.items() if k != "generation"}
-        live.pop("generation", None)
-        changed = sorted(k for k in set(live) | set(fixed) if live.get(k) != fixed.get(k))
+        changed = sorted(k for k in set(old) | set(new) if k != "stop" and old.get(k) != new.get(k))
         if not changed:
             return
         message = (
@@ -194,7 +231,7 @@ class Registry:
                     await borrowed[0].fault(message, code="SpecChangeIgnored", fatal=False)
                     return
         # The task that next runs it (here or in another operator) says it first.
-        await self.services.store.note_ignored(ref.uid, message)
+        await self.services.store.note(ref.uid, "SpecChangeIgnored", message)
 
     async def decided(self, approval: Mapping[str, Any]) -> None:
         """Someone voted on a ToolApproval: let its run look at the decisions."""

@@ -177,6 +177,7 @@ def _identity(
         uid=meta.get("uid"),
         resource_version=meta.get("resourceVersion"),
         generation=int(generation) if generation is not None else None,
+        labels={str(k): str(v)[:63] for k, v in list((meta.get("labels") or {}).items())[:32]},
     )
 
 

@@ -274,7 +274,7 @@ function approvalCard(d) {
     card = el("li", "card approval");
     card.dataset.callId = d.callId || "";
     card.append(el("h3", "", `Approval: ${d.tool || ""}`), el("span", "status"),
-      el("pre", "args", pretty(d.arguments)), previewOf(d.preview));
+      el("pre", "args", pretty(d.arguments)), ruleOf(d.rule), previewOf(d.preview));
     const comment = el("input", "comment");
     comment.placeholder = "comment (optional)";
     const approve = el("button", "approve", "Approve");
@@ -289,9 +289,22 @@ function approvalCard(d) {
     $("timeline").append(card);
   }
   const state = d.state || "pending";
+  if (state === "pending" && d.preview) {
+    // Asked again (the object changed after an approval): show the fresh preview.
+    card.querySelector(".preview").replaceWith(previewOf(d.preview));
+    card.querySelector(".rule").replaceWith(ruleOf(d.rule));
+  }
   card.querySelector(".status").textContent = state + (d.decidedBy ? ` by ${d.decidedBy}` : "");
   card.querySelector(".status").className = `status ${state}`;
   card.querySelector(".actions").hidden = state !== "pending";
+}
+
+// The AgentPolicy rule that asked for this approval, and why.
+function ruleOf(r) {
+  const box = el("p", "rule");
+  if (r) box.textContent = `Asked by ${r.policy || "a policy"} rule ${r.name || ""}` +
+    (r.message ? `: ${r.message}` : "");
+  return box;
 }
 
 // What the call would change (the operator's server-side dry run), shown above the buttons.
