@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -523,6 +524,25 @@ class ServiceAccountKube:
         """The same account, with every write a server-side dry run."""
         return DryRunKube(self._kube, namespace=self.namespace, name=self.name)
 
+    def bound(
+        self,
+        *,
+        path: str,
+        uid: str | None,
+        resource_version: str | None,
+        fresh: Callable[[], Awaitable[str | None]],
+    ) -> BoundKube:
+        """The same account, its writes to the object at ``path`` bound to one version."""
+        return BoundKube(
+            self._kube,
+            namespace=self.namespace,
+            name=self.name,
+            path=path,
+            uid=uid,
+            resource_version=resource_version,
+            fresh=fresh,
+        )
+
     async def read_secret_key(self, *, name: str, key: str) -> str:
         """The value of one key of a Secret in this account's namespace."""
         where = f"Secret {self.namespace}/{name}"
@@ -703,6 +723,70 @@ class DryRunKube(ServiceAccountKube):
         result = await super()._call(method, path, **kwargs)
         self.written.append((method, result))
         return result
+
+
+class BoundKube(ServiceAccountKube):
+    """A service account whose writes to one object go only to the version people approved.
+
+    A patch or apply of the object at ``path`` carries its uid and ``resource_version`` as
+    preconditions (in a merge or apply body's metadata; as ``test`` operations ahead of a
+    JSON patch), so the API server refuses it if the object changed after the check; with
+    ``resource_version`` None only the uid is bound (a pod's deletion: its status churns).
+    A write to an object that did not exist (``uid`` None) is a create, and AlreadyExists
+    says it appeared meanwhile. When the server refuses a precondition, ``fresh()`` reads
+    the object again: a newer resourceVersion to retry with when only its status moved, or
+    None when it really changed (then the refusal stands)."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        namespace: str,
+        name: str,
+        path: str,
+        uid: str | None,
+        resource_version: str | None,
+        fresh: Callable[[], Awaitable[str | None]],
+    ) -> None:
+        super().__init__(kube, namespace=namespace, name=name)
+        self._path = path
+        self._uid = uid
+        self._rv = resource_version
+        self._fresh = fresh
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        if method != "PATCH" or path != self._path:
+            return await super()._call(method, path, **kwargs)
+        if self._uid is None:
+            if kwargs.get("content_type") != _CONTENT_TYPES["apply"]:
+                return await super()._call(method, path, **kwargs)
+            # It did not exist when people approved: create it, never overwrite one that
+            # appeared meanwhile (AlreadyExists).
+            query = {k: v for k, v in (kwargs.get("query") or {}).items() if k != "force"}
+            collection = path.rsplit("/", 1)[0]
+            return await super()._call("POST", collection, body=kwargs.get("body"), query=query)
+        for attempt in range(3):
+            try:
+                return await super()._call(method, path, **{**kwargs, "body": self._bind(kwargs)})
+            except KubeError as e:
+                json_patch = kwargs.get("content_type") == _CONTENT_TYPES["json"]
+                if (e.status != 409 and not (json_patch and e.status == 422)) or attempt == 2:
+                    raise
+                newer = await self._fresh()
+                if newer is None or newer == self._rv:
+                    raise  # it changed (or the patch itself failed): the refusal stands
+                self._rv = newer  # only its status moved: the same version people approved
+        raise AssertionError("unreachable")
+
+    def _bind(self, kwargs: dict[str, Any]) -> Any:
+        body = kwargs.get("body")
+        guard = {"uid": self._uid, **({"resourceVersion": self._rv} if self._rv else {})}
+        if isinstance(body, list):
+            tests = [{"op": "test", "path": f"/metadata/{k}", "value": v} for k, v in guard.items()]
+            return [*tests, *body]
+        if isinstance(body, dict):
+            return {**body, "metadata": {**(body.get("metadata") or {}), **guard}}
+        return body
 
 
 class _Discovery:

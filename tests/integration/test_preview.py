@@ -10,6 +10,8 @@ is a PreviewRefused naming why. (Through the operator: tests/integration/test_ap
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
 import pytest
@@ -180,3 +182,198 @@ async def test_a_dry_run_the_api_server_refuses_is_refused_naming_why(
             name="web",
             patch={"spec": {"replicas": -1}},
         )
+
+
+# -- bound execution: the write goes only to the version people approved -------------------
+
+
+async def bound_call(
+    agent: kubeapi.ServiceAccountKube,
+    tool: str,
+    namespace: str,
+    target: models.PreviewTarget,
+    between: Any = None,
+    /,
+    **arguments: Any,
+) -> tools.ToolOutcome:
+    """The call as the operator runs an approved one: checked against ``target``, then
+    written bound to the version the check read (``between`` runs in the gap)."""
+    shown = target.model_dump(by_alias=True, exclude_none=True)
+
+    async def check() -> tools.Bound:
+        return await tools.check_bound(
+            agent, name=tool, arguments=arguments, namespace=namespace, target=shown
+        )
+
+    bound = await check()
+    assert bound.why is None and bound.path is not None, bound
+
+    async def fresh() -> str | None:
+        again = await check()
+        return None if again.why else again.resource_version
+
+    runner = agent.bound(
+        path=bound.path, uid=bound.uid, resource_version=bound.resource_version, fresh=fresh
+    )
+    if between is not None:
+        done = between()
+        if inspect.isawaitable(done):
+            await done
+    return await tools.run_tool(
+        runner,
+        name=tool,
+        arguments=arguments,
+        namespace=namespace,
+        call_id=new_call_id(),
+        max_bytes=16384,
+    )
+
+
+async def test_a_bound_write_is_refused_when_the_object_changes_after_the_check(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    apply(kubectl, namespace, configmap("cfg", a="1"))
+    p = await preview(
+        agent, "k8s_patch", namespace, kind="ConfigMap", name="cfg", patch={"data": {"a": "2"}}
+    )
+    assert p.target is not None
+
+    def edit() -> None:
+        kubectl("patch", "cm", "cfg", "-n", namespace, "--type=merge", "-p", '{"data":{"b":"x"}}')
+
+    outcome = await bound_call(
+        agent,
+        "k8s_patch",
+        namespace,
+        p.target,
+        edit,
+        kind="ConfigMap",
+        name="cfg",
+        patch={"data": {"a": "2"}},
+    )
+    assert outcome.status == "failed" and outcome.error is not None
+    assert "409" in outcome.error or "modified" in outcome.error, outcome.error
+    assert get(kubectl, namespace, "cm", "cfg")["data"] == {"a": "1", "b": "x"}, "it did not land"
+    # A JSON patch is bound too (test operations ahead of it).
+    p = await preview(
+        agent,
+        "k8s_patch",
+        namespace,
+        kind="ConfigMap",
+        name="cfg",
+        patch=[{"op": "replace", "path": "/data/a", "value": "3"}],
+        patchType="json",
+    )
+    assert p.target is not None
+
+    def edit_again() -> None:
+        kubectl("patch", "cm", "cfg", "-n", namespace, "--type=merge", "-p", '{"data":{"c":"y"}}')
+
+    outcome = await bound_call(
+        agent,
+        "k8s_patch",
+        namespace,
+        p.target,
+        edit_again,
+        kind="ConfigMap",
+        name="cfg",
+        patch=[{"op": "replace", "path": "/data/a", "value": "3"}],
+        patchType="json",
+    )
+    assert outcome.status == "failed", outcome
+    assert get(kubectl, namespace, "cm", "cfg")["data"]["a"] == "1"
+
+
+async def test_status_churn_between_check_and_write_does_not_refuse_it(
+    kube: kubeapi.Kube, agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    deployment(kubectl, namespace)
+    p = await preview(agent, "k8s_scale", namespace, kind="deploy", name="web", replicas=3)
+    assert p.target is not None
+    rt = await kube.resolve(kind="deployments", api_version="apps/v1")
+
+    async def status_write() -> None:
+        # What a controller does all day: a status write moves resourceVersion only.
+        before = get(kubectl, namespace, "deploy", "web")["metadata"]["resourceVersion"]
+        await kube.request(
+            "PATCH",
+            rt.path(namespace=namespace, name="web", subresource="status"),
+            body={"status": {"conditions": [{"type": "Churn", "status": "True"}]}},
+            content_type="application/merge-patch+json",
+        )
+        after = get(kubectl, namespace, "deploy", "web")["metadata"]
+        assert after["resourceVersion"] != before and after["generation"] == 1
+
+    outcome = await bound_call(
+        agent, "k8s_scale", namespace, p.target, status_write, kind="deploy", name="web", replicas=3
+    )
+    assert outcome.status == "succeeded", outcome.error
+    assert get(kubectl, namespace, "deploy", "web")["spec"]["replicas"] == 3
+
+
+async def test_an_approved_create_never_overwrites_an_object_that_appeared_meanwhile(
+    agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    p = await preview(agent, "k8s_apply", namespace, manifest=configmap("new", a="1"))
+    assert p.target is not None and p.target.uid is None
+
+    def someone_creates() -> None:
+        apply(kubectl, namespace, configmap("new", theirs="x"))
+
+    outcome = await bound_call(
+        agent, "k8s_apply", namespace, p.target, someone_creates, manifest=configmap("new", a="1")
+    )
+    assert outcome.status == "failed" and "already exists" in (outcome.error or ""), outcome
+    assert get(kubectl, namespace, "cm", "new")["data"] == {"theirs": "x"}
+    p = await preview(agent, "k8s_apply", namespace, manifest=configmap("newer", a="1"))
+    assert p.target is not None
+    outcome = await bound_call(
+        agent, "k8s_apply", namespace, p.target, manifest=configmap("newer", a="1")
+    )
+    assert outcome.status == "succeeded", outcome.error
+    assert get(kubectl, namespace, "cm", "newer")["data"] == {"a": "1"}
+
+
+async def test_a_webhook_without_dry_run_support_gives_an_approximate_preview(
+    cluster: Any, agent: kubeapi.ServiceAccountKube, kubectl: Kubectl, namespace: str
+) -> None:
+    # Only admissionregistration v1beta1 (gone in 1.22) can declare side effects on dry run;
+    # such a webhook makes the API server refuse every dry run it matches.
+    if cluster.version() >= (1, 22):
+        pytest.skip("webhooks with side effects on dry run cannot be registered since 1.22")
+    kubectl("label", "namespace", namespace, "agentrun-test/side-effects=on")
+    name = f"side-effects-{namespace}"
+    hook = {
+        "apiVersion": "admissionregistration.k8s.io/v1beta1",
+        "kind": "ValidatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [
+            {
+                "name": "side-effects.agentrun.test",
+                "clientConfig": {"url": "https://127.0.0.1:1/validate"},
+                "rules": [
+                    {
+                        "apiGroups": [""],
+                        "apiVersions": ["v1"],
+                        "operations": ["UPDATE"],
+                        "resources": ["configmaps"],
+                    }
+                ],
+                "sideEffects": "Unknown",
+                "failurePolicy": "Ignore",
+                "namespaceSelector": {"matchLabels": {"agentrun-test/side-effects": "on"}},
+                "admissionReviewVersions": ["v1beta1"],
+            }
+        ],
+    }
+    apply(kubectl, namespace, configmap("cfg", a="1"))
+    kubectl("apply", "-f", "-", input=json.dumps(hook))
+    try:
+        p = await preview(
+            agent, "k8s_patch", namespace, kind="ConfigMap", name="cfg", patch={"data": {"a": "2"}}
+        )
+        assert p.approximate, p
+        assert [(c.path, c.before, c.after) for c in p.changes] == [("data.a", '"1"', '"2"')]
+        assert get(kubectl, namespace, "cm", "cfg")["data"] == {"a": "1"}
+    finally:
+        kubectl("delete", "validatingwebhookconfiguration", name, check=False)

@@ -10,6 +10,7 @@ service account).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import secrets
 import time
@@ -298,21 +299,25 @@ class RunDeps:
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
             return content
+        runner: kube.ServiceAccountKube = self._kube
         if (
             decision is not None
             and decision.get("decision") == "approved"
             and decision.get("target")
             and record.get("state") != "started"
         ):
-            # Bound to what people approved: if the object changed since, nothing runs.
-            stale = await tools.changed_since(
+            # Bound to what people approved: if the object changed since, nothing runs;
+            # else the write goes only to the version just read.
+            check = functools.partial(
+                tools.check_bound,
                 self._kube,
                 name=name,
                 arguments=arguments,
                 namespace=self.namespace,
                 target=decision["target"],
             )
-            if stale is not None:
+            bound = await check()
+            if bound.why is not None:
                 await mark_stale(
                     self._k8s,
                     self._emitter,
@@ -321,15 +326,28 @@ class RunDeps:
                     call_id=call_id,
                     tool=name,
                     shown=shown,
-                    why=stale,
+                    why=bound.why,
                 )
                 failed = tools.ToolOutcome(
                     "failed",
                     None,
-                    f"{name}: nothing ran: {stale}, so the approval no longer holds (it is "
-                    "Stale); look at the object again and call the tool again if still needed",
+                    f"{name}: nothing ran: {bound.why}, so the approval no longer holds (it "
+                    "is Stale); look at the object again and call the tool again if still "
+                    "needed",
                 )
                 return await self._report(call_id, name, shown, failed, started)
+            if bound.path is not None:
+
+                async def fresh() -> str | None:
+                    again = await check()
+                    return None if again.why is not None else again.resource_version
+
+                runner = self._kube.bound(
+                    path=bound.path,
+                    uid=bound.uid,
+                    resource_version=bound.resource_version,
+                    fresh=fresh,
+                )
         outcome: tools.ToolOutcome | None = None
         if record.get("state") == "started" and name in models.MUTATING_TOOLS:
             # We crashed after starting this call: did it land? Ask the object, not memory.
@@ -344,7 +362,7 @@ class RunDeps:
             )
         if outcome is None:
             outcome = await tools.run_tool(
-                self._kube,
+                runner,
                 name=name,
                 arguments=arguments,
                 namespace=self.namespace,

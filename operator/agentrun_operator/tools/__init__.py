@@ -25,7 +25,13 @@ from agentrun_operator.tools.arguments import (
     parse_arguments,
 )
 from agentrun_operator.tools.catalog import TOOLS, openai_tools, run_tool
-from agentrun_operator.tools.dryrun import PreviewRefused, changed_since, preview
+from agentrun_operator.tools.dryrun import (
+    Bound,
+    PreviewRefused,
+    changed_since,
+    check_bound,
+    preview,
+)
 from agentrun_operator.tools.landing import landed
 from agentrun_operator.tools.results import (
     LAST_APPLIED,
@@ -49,12 +55,14 @@ __all__ = [
     "TOOLS",
     "ApplyArgs",
     "ArgumentError",
+    "Bound",
     "LogsArgs",
     "PatchArgs",
     "PreviewRefused",
     "ToolOutcome",
     "cap",
     "changed_since",
+    "check_bound",
     "json_patch_with_stamp",
     "landed",
     "merge",

@@ -13,6 +13,7 @@ value.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from agentrun_operator import contract, models
@@ -317,6 +318,17 @@ def _cap(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+@dataclass
+class Bound:
+    """What an approved call may still change: ``why`` it may not (its object changed since
+    its preview), else the version to bind its write to (``path`` None: nothing to bind)."""
+
+    why: str | None = None
+    path: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+
+
 async def changed_since(
     kube: kubeapi.ServiceAccountKube,
     *,
@@ -325,37 +337,58 @@ async def changed_since(
     namespace: str,
     target: dict[str, Any],
 ) -> str | None:
-    """Whether the object an approved call targets is no longer the version people approved
-    (``target`` is its preview's target): a reason, or None when the call may run. Status
-    churn does not count: objects with a generation compare it (a Deployment's status or a
+    """How the object an approved call targets changed since people approved it, or None."""
+    found = await check_bound(
+        kube, name=name, arguments=arguments, namespace=namespace, target=target
+    )
+    return found.why
+
+
+async def check_bound(
+    kube: kubeapi.ServiceAccountKube,
+    *,
+    name: str,
+    arguments: dict[str, Any],
+    namespace: str,
+    target: dict[str, Any],
+) -> Bound:
+    """Whether the object an approved call targets is still the version people approved
+    (``target`` is its preview's target), read now as the run's account. Status churn does
+    not count: objects with a generation compare it (a Deployment's status or a
     crash-looping pod does not bump it), others their resourceVersion, a pod deletion only
-    the pod's uid, and a new object only that it still does not exist."""
+    the pod's uid, and a new object only that it still does not exist. When it holds, the
+    write is bound to the version just read (its uid and resourceVersion)."""
     try:
         args = parse_arguments(name, arguments)
         rt, target_name, ns = await _target(kube, args, namespace)
     except (ArgumentError, kubeapi.KubeError):
-        return None  # the call itself reports it
+        return Bound()  # the call itself reports it
     try:
         now = await _get(kube, rt, target_name, ns, tool=name)
     except PreviewRefused:
-        return None  # cannot read it now: the call itself will say why
+        return Bound()  # cannot read it now: the call itself will say why
     meta = (now or {}).get("metadata") or {}
     what = f"{rt.kind} {ns}/{target_name}" if rt.namespaced else f"{rt.kind} {target_name}"
+    path = rt.path(namespace=ns, name=target_name)
     if not target.get("uid"):
-        return None if now is None else f"{what} was created after the approval"
+        if now is not None:
+            return Bound(f"{what} was created after the approval")
+        return Bound(path=path)  # a create: AlreadyExists if it appears meanwhile
     if now is None:
-        return f"{what} was deleted after the approval"
+        return Bound(f"{what} was deleted after the approval")
     if meta.get("uid") != target["uid"]:
-        return f"{what} was replaced after the approval (another uid)"
+        return Bound(f"{what} was replaced after the approval (another uid)")
+    bound = Bound(path=path, uid=meta.get("uid"), resource_version=meta.get("resourceVersion"))
     if isinstance(args, DeletePodArgs):
-        return None
+        bound.resource_version = None  # its status churns: the uid only
+        return bound
     if target.get("generation") is not None:
         if meta.get("generation") != target["generation"]:
-            return (
+            return Bound(
                 f"{what} changed after the approval (generation {target['generation']} → "
                 f"{meta.get('generation')})"
             )
-        return None
+        return bound
     if meta.get("resourceVersion") != target.get("resourceVersion"):
-        return f"{what} changed after the approval (resourceVersion)"
-    return None
+        return Bound(f"{what} changed after the approval (resourceVersion)")
+    return bound
