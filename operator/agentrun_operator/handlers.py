@@ -18,6 +18,7 @@ import kopf
 
 from agentrun_operator import checkpoint, config, contract, kube, metrics, models, notify
 from agentrun_operator.engine import Registry
+from agentrun_operator.engine.policybook import PolicyBook
 from agentrun_operator.store import RunStore
 
 log = logging.getLogger("agentrun.handlers")
@@ -71,6 +72,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             "not swept",
             e,
         )
+    # AgentPolicies as they are now, from watches: judging a call costs no API call.
+    book = PolicyBook(k)
+    book.start()
+    registry.services.policies = book
     control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
     expiries = asyncio.create_task(registry.sweeps.watch_expiries(), name="agentrun-expiries")
     sweeper = asyncio.create_task(registry.sweeps.sweep_leftovers(), name="agentrun-leftovers")
@@ -90,6 +95,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     await state.registry.close()
+    if state.registry.services.policies is not None:
+        await state.registry.services.policies.close()
     if state.registry.notifier is not None:
         await state.registry.notifier.drain()
     for task in state.background:

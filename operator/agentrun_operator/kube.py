@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import quote
@@ -483,6 +483,52 @@ class Kube:
         if not raw:
             return {}
         return json.loads(raw)
+
+    async def watch(
+        self, path: str, *, resource_version: str, timeout_seconds: int = 290
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The watch events of a collection from ``resource_version`` ({"type", "object"};
+        bookmarks included) until the server ends the watch. Raises KubeError (410: the
+        version is too old, list again; 0: the connection broke)."""
+        params = [
+            ("watch", "true"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout_seconds)),
+        ]
+        try:
+            resp = await self._api.call_api(
+                path,
+                "GET",
+                query_params=params,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=10, sock_read=timeout_seconds + 30
+                ),
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise KubeError(0, "Unreachable", f"watch {path}: {type(e).__name__}: {e}") from e
+        try:
+            if not 200 <= resp.status < 300:
+                raise _error(resp.status, resp.reason, await resp.read())
+            async for line in resp.content:
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":
+                    status = event.get("object") or {}
+                    raise KubeError(
+                        int(status.get("code") or 500),
+                        str(status.get("reason") or "Error"),
+                        str(status.get("message") or ""),
+                    )
+                yield event
+        except (aiohttp.ClientError, TimeoutError, OSError) as e:
+            raise KubeError(0, "Unreachable", f"watch {path}: {type(e).__name__}: {e}") from e
+        finally:
+            resp.release()
 
 
 _WRITES = frozenset({"POST", "PUT", "PATCH"})

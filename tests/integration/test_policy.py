@@ -14,6 +14,7 @@ anyone, a tier=batch restart runs without a person, a StatefulSet's pod is never
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from integration.test_approvals import (
     start_scaling_run,
     wait_awaiting,
 )
+
+from agentrun_operator import kube
+from agentrun_operator.engine.policybook import PolicyBook
 
 from support import (
     Kubectl,
@@ -389,3 +393,50 @@ def test_a_statefulset_pod_is_never_deleted(
     tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
     assert tool["status"] == "denied" and "no-statefulset-pod-deletes" in tool["result"]["error"]
     assert kubectl("get", "pod", "db-0", "-n", namespace, check=False).returncode == 0
+
+
+async def test_the_policy_book_follows_policies_and_namespace_labels_as_they_change(
+    cluster: Any, kubectl: Kubectl, namespace: str
+) -> None:
+    k8s = await kube.Kube.from_kubeconfig(cluster.kubeconfig("agentrun-operator"))
+    book = PolicyBook(k8s)
+    book.start()
+    cluster_policy = f"cap-{namespace}"
+    try:
+
+        async def synced() -> bool:
+            return book.synced
+
+        await async_wait_for("the policy book in sync", synced, True)
+
+        async def names() -> list[str]:
+            return [p.name for p in await book.for_namespace(namespace)]
+
+        assert await names() == []
+        assert apply_policy(kubectl, namespace, policy_doc("local", {})).returncode == 0
+        selected = {"namespaceSelector": {"matchLabels": {"book-test": namespace}}}
+        doc = policy_doc(cluster_policy, selected, "ClusterAgentPolicy")
+        assert apply_policy(kubectl, "", doc).returncode == 0
+        await async_wait_for("the new AgentPolicy", lambda: names(), ["local"])
+        kubectl("label", "namespace", namespace, f"book-test={namespace}")
+        await async_wait_for(
+            "the selected cluster policy", lambda: names(), ["local", cluster_policy]
+        )
+        assert book.synced, "no API read was needed"
+        kubectl("delete", "agentpolicy", "local", "-n", namespace)
+        await async_wait_for("the deletion", lambda: names(), [cluster_policy])
+    finally:
+        kubectl("delete", "clusteragentpolicy", cluster_policy, check=False)
+        await book.close()
+        await k8s.close()
+
+
+async def async_wait_for(what: str, read: Any, want: Any, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    last = None
+    while asyncio.get_running_loop().time() < deadline:
+        last = await read()
+        if last == want:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")

@@ -33,6 +33,9 @@ class Services:
     store: RunStore
     saver: Any  # the LangGraph checkpointer (checkpoint.RedisCheckpointSaver)
     notifier: notify.Notifier | None = None
+    # The policies as they are now, kept by watches (engine.policybook); None: read them
+    # from the API server each time.
+    policies: Any = None
     # This cluster's identity (the kube-system namespace's uid), stamped on every run's keys
     # so that the sweep never touches another cluster's runs in a shared Redis. "": no sweep.
     cluster_id: str = ""

@@ -20,9 +20,13 @@ from agentrun_operator.engine.common import RunRef, Services, audit, unavailable
 log = logging.getLogger("agentrun.judging")
 
 
-async def read_policies(k8s: kube.Kube, namespace: str) -> list[policy.Policy]:
-    """The policies that apply to runs of ``namespace`` now. Raises KubeError."""
-    bodies, labels = await k8s.policies_for(namespace)
+async def read_policies(services: Services, namespace: str) -> list[policy.Policy]:
+    """The policies that apply to runs of ``namespace`` now (from the watches' cache when it
+    is in sync, else from the API server). Raises KubeError."""
+    if services.policies is not None:
+        found: list[policy.Policy] = await services.policies.for_namespace(namespace)
+        return found
+    bodies, labels = await services.k8s.policies_for(namespace)
     return policy.applicable(bodies, labels)
 
 
@@ -93,7 +97,7 @@ class Judge:
 
     async def _policies(self) -> tuple[list[policy.Policy], str | None]:
         try:
-            return await read_policies(self._s.k8s, self._ref.namespace), None
+            return await read_policies(self._s, self._ref.namespace), None
         except kube.KubeError as e:
             if unavailable(e):
                 raise  # the API server is away: the run waits for it, and judges again
@@ -160,6 +164,9 @@ class Judge:
 
     async def _namespace_labels(self, namespace: str) -> dict[str, str]:
         try:
+            if self._s.policies is not None:
+                labels: dict[str, str] = await self._s.policies.namespace_labels(namespace)
+                return labels
             return await self._s.k8s.namespace_labels(namespace)
         except kube.KubeError as e:
             if unavailable(e):

@@ -185,7 +185,7 @@ class Registry:
         """The run's settings after defaults and its namespace's policies (a run can only
         tighten them). Raises policy.Refused, or KubeError when the policies are unreadable."""
         spec = body.get("spec") or {}
-        policies = await read_policies(self.services.k8s, body["metadata"]["namespace"])
+        policies = await read_policies(self.services, body["metadata"]["namespace"])
         tightened = policy.tighten(spec, policies, default_base_url=self.settings.model_base_url)
         tightened.spec.model.name = tightened.spec.model.name or self.settings.model_name
         tightened.spec.model.base_url = (
