@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import redis as redis_sync
+from mcp_support import MCPServers, mcp_servers
 from redis import asyncio as aioredis
 
 from agentrun_harness import sse as sse_harness
@@ -150,12 +151,22 @@ def rbac(kubectl: Kubectl) -> None:
 
 
 @pytest.fixture(scope="session")
+def mcp(cluster: ControlPlane) -> Iterator[MCPServers]:
+    """Real MCP servers (the SDK's, over real sockets) the operator may use."""
+    with mcp_servers(
+        api=cluster.server, ca_file=str(cluster.ca_file), admin_token=cluster.token("admin")
+    ) as servers:
+        yield servers
+
+
+@pytest.fixture(scope="session")
 def webhooks(
     cluster: ControlPlane,
     rbac: None,
     kubectl: Kubectl,
     script: Script,
     dead_endpoint: str,
+    mcp: MCPServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[WebhookProcess]:
     """The admission webhook server, registered for namespaces labelled for it only, so
@@ -166,7 +177,10 @@ def webhooks(
     proc = WebhookProcess(
         plane=cluster,
         workdir=tmp_path_factory.mktemp("webhooks"),
-        env={"AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}"},
+        env={
+            "AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}",
+            "AGENTRUN_MCP_URL_ALLOW": f"{mcp.allow},{dead_endpoint}",
+        },
     )
     proc.start()
     ca = base64.b64encode(cluster.ca_file.read_bytes()).decode()
@@ -214,6 +228,7 @@ def operator(
     redis_server: RedisServer,
     script: Script,
     dead_endpoint: str,
+    mcp: MCPServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     """The operator as a real process with its least-privilege identity, watching "op-*"."""
@@ -225,6 +240,8 @@ def operator(
         user="agentrun-operator",
         env={
             "AGENTRUN_MODEL_BASE_URL_ALLOW": f"{script.llm.base_url},{dead_endpoint}",
+            "AGENTRUN_MCP_URL_ALLOW": f"{mcp.allow},{dead_endpoint}",
+            "AGENTRUN_MCP_REFRESH_SECONDS": "30",
             "AGENTRUN_LLM_MAX_RETRIES": "0",
             # Only its own namespaces: other tests create AgentRuns it must not run.
             "AGENTRUN_NAMESPACES": "op-*",

@@ -81,6 +81,9 @@ class Settings(BaseModel):
         default_factory=list, alias="AGENTRUN_MODEL_BASE_URL_ALLOW"
     )
     namespaces: list[str] = Field(default_factory=list, alias="AGENTRUN_NAMESPACES")
+    # URL prefixes an MCPServer's spec.url may use; empty: no MCP server may be used.
+    mcp_url_allow: list[str] = Field(default_factory=list, alias="AGENTRUN_MCP_URL_ALLOW")
+    mcp_refresh_seconds: float = Field(default=300.0, gt=0, alias="AGENTRUN_MCP_REFRESH_SECONDS")
     max_concurrent_runs: int = Field(default=50, ge=1, alias="AGENTRUN_MAX_CONCURRENT_RUNS")
     stream_maxlen: int = Field(default=100_000, ge=100, alias="AGENTRUN_STREAM_MAXLEN")
     prices: dict[str, Price] = Field(default_factory=dict, alias="AGENTRUN_PRICES")
@@ -138,6 +141,7 @@ class Settings(BaseModel):
 
 _LIST_FIELDS = {
     "AGENTRUN_MODEL_BASE_URL_ALLOW",
+    "AGENTRUN_MCP_URL_ALLOW",
     "AGENTRUN_NAMESPACES",
     "AGENTRUN_OPERATOR_USERNAMES",
 }

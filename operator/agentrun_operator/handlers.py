@@ -16,7 +16,16 @@ from typing import Any
 
 import kopf
 
-from agentrun_operator import checkpoint, config, contract, kube, metrics, models, notify
+from agentrun_operator import (
+    checkpoint,
+    config,
+    contract,
+    kube,
+    mcpservers,
+    metrics,
+    models,
+    notify,
+)
 from agentrun_operator.engine import Registry
 from agentrun_operator.engine.policybook import PolicyBook
 from agentrun_operator.store import RunStore
@@ -33,6 +42,7 @@ class State:
     store: RunStore
     registry: Registry
     background: list[asyncio.Task[None]]
+    discovery: mcpservers.Discovery
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -88,12 +98,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
             refresh_seconds=cfg.notify_refresh_seconds,
         )
         background.append(asyncio.create_task(registry.notifier.run(), name="agentrun-notify"))
-    memo["agentrun"] = State(cfg, k, store, registry, background)
+    memo["agentrun"] = State(cfg, k, store, registry, background, mcpservers.Discovery(k, cfg))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
+    await state.discovery.close()
     await state.registry.close()
     if state.registry.services.policies is not None:
         await state.registry.services.policies.close()
@@ -127,6 +138,18 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_
 @kopf.on.field(GROUP, VERSION, "toolapprovals", field="spec.votes")
 async def voted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _state(memo).registry.decided(body)
+
+
+@kopf.on.resume(GROUP, VERSION, "mcpservers")
+@kopf.on.create(GROUP, VERSION, "mcpservers")
+@kopf.on.update(GROUP, VERSION, "mcpservers")
+async def mcpserver(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    _state(memo).discovery.ensure(body)
+
+
+@kopf.on.delete(GROUP, VERSION, "mcpservers", optional=True)
+async def mcpserver_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _state(memo).discovery.forget(body)
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

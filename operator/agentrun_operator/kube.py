@@ -117,6 +117,16 @@ TOOLAPPROVALS = ResourceType(
     namespaced=True,
     preferred=True,
 )
+MCPSERVERS = ResourceType(
+    group=models.GROUP,
+    version=models.VERSION,
+    kind="MCPServer",
+    plural="mcpservers",
+    singular="mcpserver",
+    short_names=("mcp",),
+    namespaced=True,
+    preferred=True,
+)
 AGENTPOLICIES = ResourceType(
     group=models.GROUP,
     version=models.VERSION,
@@ -271,6 +281,34 @@ class Kube:
         )
         st = review.get("status") or {}
         return bool(st.get("allowed")), str(st.get("reason") or "")
+
+    async def patch_mcpserver_status(
+        self, *, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any]:
+        """JSON merge patch of an MCPServer's ``status``."""
+        result: dict[str, Any] = await self.request(
+            "PATCH",
+            MCPSERVERS.path(namespace=namespace, name=name, subresource="status"),
+            body={"status": status},
+            content_type=_CONTENT_TYPES["merge"],
+        )
+        return result
+
+    async def service_account_token(
+        self, *, namespace: str, name: str, audiences: list[str], seconds: int = 600
+    ) -> str:
+        """A TokenRequest token of a service account (the operator needs ``create`` on
+        ``serviceaccounts/token``). Empty ``audiences``: the API server's own. Never log it."""
+        spec: dict[str, Any] = {"expirationSeconds": seconds}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        answer = await self.request(
+            "POST",
+            f"/api/v1/namespaces/{_segment(namespace, 'namespace')}/serviceaccounts/"
+            f"{_segment(name, 'name')}/token",
+            body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec},
+        )
+        return str((answer.get("status") or {}).get("token") or "")
 
     async def policies_for(self, namespace: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
         """The AgentPolicies of ``namespace`` and every ClusterAgentPolicy (each with its

@@ -898,3 +898,140 @@ class RuleMatch(_Model):
         max_length=MAX_RULES,
         description="Approver lists of the matching rules; each vote must match every one.",
     )
+
+
+# -- MCPServer: a Model Context Protocol tool server runs may use --------------------------
+
+MCP_SERVER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+HEADER_NAME_PATTERN = r"^[A-Za-z0-9-]{1,128}$"
+MAX_MCP_TOOLS = 500
+
+
+class MCPHeader(_Model):
+    """An HTTP header sent to the server, its value from a Secret."""
+
+    name: str = Field(pattern=HEADER_NAME_PATTERN, description="The header's name, e.g. X-Api-Key.")
+    secret_key_ref: SecretKeyRef = Field(
+        description="The Secret key holding its value, read as the run's service account "
+        "(as discoveryServiceAccountName when no run is involved)."
+    )
+
+
+class MCPServerSpec(_Model):
+    """A Model Context Protocol server whose tools runs of this namespace may use (named in
+    spec.tools as mcp:<server>/<tool> or mcp:<server>/*), behind agentrun's approvals,
+    stream and stop. Written by the agentrun-mcp-admin role only: it decides where a run's
+    token goes."""
+
+    url: str = Field(
+        max_length=2048,
+        pattern=r"^https?://[^\s]+$",
+        description="The server's endpoint, e.g. http://prometheus-mcp.monitoring:8080/mcp. "
+        "Must match the operator's allow-list (AGENTRUN_MCP_URL_ALLOW).",
+    )
+    transport: Literal["streamable-http", "sse"] = Field(
+        default="streamable-http",
+        description="streamable-http (the current MCP transport) or sse (the older HTTP+SSE).",
+    )
+    auth: Literal["none", "serviceAccountToken"] = Field(
+        default="none",
+        description="none, or serviceAccountToken: each call carries a short-lived token of "
+        "the run's service account (TokenRequest, 10 minutes), so a Kubernetes-aware server "
+        "acts with exactly the run's rights. Never logged or checkpointed.",
+    )
+    audiences: list[str] = Field(
+        default_factory=list,
+        max_length=10,
+        json_schema_extra=_SET,
+        description="Audiences of the serviceAccountToken. Empty: the API server's own, so "
+        "the server can pass the token on to Kubernetes.",
+    )
+    headers: list[MCPHeader] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Headers sent with every request, their values from Secrets.",
+    )
+    discovery_service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="The service account whose identity lists the tools when no run is "
+        "involved (its token and header Secrets). Empty: the namespace's 'default'.",
+    )
+    tools: list[ToolPattern] = Field(
+        default_factory=lambda: ["*"],
+        max_length=200,
+        json_schema_extra=_SET,
+        description="Which of the server's tools runs may use: names or patterns with '*'. "
+        "Default: all.",
+    )
+    approval: dict[str, Literal["required", "never"]] = Field(
+        default_factory=dict,
+        description="Per tool (name or pattern): 'required' or 'never', overriding the "
+        "server's hints. Default: a tool annotated readOnlyHint runs freely, any other "
+        "waits for approval (AgentPolicies may tighten either).",
+    )
+    timeout: str = Field(
+        default="60s",
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description="How long one tool call may take, as a duration like '2m'.",
+    )
+
+
+class MCPToolAnnotations(_Model):
+    """The hints the server gives about a tool (MCP tool annotations)."""
+
+    title: str | None = Field(default=None, max_length=256, description="A human title.")
+    read_only_hint: bool | None = Field(default=None, description="It changes nothing.")
+    destructive_hint: bool | None = Field(default=None, description="It may destroy data.")
+    idempotent_hint: bool | None = Field(default=None, description="Repeating it is harmless.")
+    open_world_hint: bool | None = Field(
+        default=None, description="It reaches beyond the server's own domain."
+    )
+
+
+class MCPTool(_Model):
+    """One tool the server offers."""
+
+    name: str = Field(max_length=128, description="Its name on the server.")
+    description: str = Field(default="", max_length=4096, description="What it does.")
+    annotations: MCPToolAnnotations = Field(
+        default_factory=MCPToolAnnotations, description="The server's hints."
+    )
+    input_schema: dict[str, Any] = Field(
+        default_factory=dict,
+        json_schema_extra=_FREE_FORM,
+        description="The JSON Schema of its arguments.",
+    )
+    schema_hash: str = Field(
+        max_length=80, description="sha256 of its input schema: runs pin it at first sight."
+    )
+
+
+class MCPServerStatus(_Model):
+    """What the operator found at the server."""
+
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+        description="Ready: the server answered and listed its tools.",
+    )
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="The spec generation the status reflects."
+    )
+    tools: list[MCPTool] = Field(
+        default_factory=list,
+        max_length=MAX_MCP_TOOLS,
+        description="The tools runs may use (the server's, filtered by spec.tools).",
+    )
+    tool_count: int | None = Field(default=None, ge=0, description="How many tools there are.")
+    server_name: str | None = Field(
+        default=None, max_length=256, description="The name and version the server reports."
+    )
+    last_error: str | None = Field(
+        default=None, max_length=4096, description="The last failure to reach or list it."
+    )
+    refreshed_at: datetime | None = Field(
+        default=None, description="When the tools were last listed."
+    )

@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from agentrun_operator import approvals, config, kube, models, policy
+from agentrun_operator import approvals, config, kube, mcpservers, models, policy
 
 log = logging.getLogger("agentrun.webhooks")
 
@@ -139,6 +139,16 @@ class Webhooks:
             return None  # a spec the schema refuses: the API server says why, naming the field
         return None
 
+    async def validate_mcpserver(
+        self, req: dict[str, Any]
+    ) -> tuple[str | None, list[dict[str, Any]]]:
+        """An MCPServer must point where the operator allows: its writer decides where run
+        tokens go."""
+        if req["operation"] not in ("CREATE", "UPDATE"):
+            return None, []
+        url = str(((req.get("object") or {}).get("spec") or {}).get("url") or "")
+        return mcpservers.url_refusal(url, self.settings.mcp_url_allow), []
+
     async def validate_policy(self, req: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
         """An AgentPolicy or ClusterAgentPolicy is admitted only when every rule compiles."""
         if req["operation"] not in ("CREATE", "UPDATE"):
@@ -248,6 +258,7 @@ def app(hooks: Webhooks, *, lifespan: Any = None) -> Starlette:
             Route("/mutate/agentruns", _endpoint(hooks.mutate_agentrun), methods=["POST"]),
             Route("/validate/agentruns", _endpoint(hooks.validate_agentrun), methods=["POST"]),
             Route("/validate/agentpolicies", _endpoint(hooks.validate_policy), methods=["POST"]),
+            Route("/validate/mcpservers", _endpoint(hooks.validate_mcpserver), methods=["POST"]),
             Route(
                 "/validate/clusteragentpolicies",
                 _endpoint(hooks.validate_policy),
@@ -319,9 +330,11 @@ def configurations(
             hook("AgentRun", "agentruns", ["UPDATE"], "Ignore", "-update", mode),
         ]
 
-    # A policy is admitted only when its rules compile: never waved through either.
+    # A policy is admitted only when its rules compile, an MCPServer only when its URL is
+    # allowed: never waved through either.
     policies = [
         hook("AgentPolicy", "agentpolicies", ["CREATE", "UPDATE"], "Fail", "", "validate"),
+        hook("MCPServer", "mcpservers", ["CREATE", "UPDATE"], "Fail", "", "validate"),
         hook(
             "ClusterAgentPolicy",
             "clusteragentpolicies",

@@ -110,7 +110,7 @@ def test_pods_get_no_service_links_and_every_port_names_its_protocol(helm: Helm)
 
 def test_the_chart_clusterroles_carry_the_release_labels(helm: Helm) -> None:
     roles = [d for d in render(helm) if d["kind"] == "ClusterRole"]
-    assert len(roles) == 8  # seven of manifests/rbac.yaml and agentrun-agent-view
+    assert len(roles) == 9  # eight of manifests/rbac.yaml and agentrun-agent-view
     for role in roles:
         assert role["metadata"]["labels"]["app.kubernetes.io/instance"] == "t", role
 

@@ -58,6 +58,15 @@ def selector(*requirements: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def mcpserver(**spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": "bad-mcp"},
+        "spec": {"url": "http://mcp.example/mcp", **spec},
+    }
+
+
 def without_goal() -> dict[str, Any]:
     doc = agentrun()
     del doc["spec"]["goal"]
@@ -162,6 +171,42 @@ BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
         toolapproval(votes=[{"username": "a", "decision": "Approved", "at": "yesterday"}]),
         "spec.votes.at",
     ),
+    ("mcp server without url", mcpserver(url=None), "spec.url"),
+    ("mcp server url not http", mcpserver(url="ftp://x/mcp"), "spec.url"),
+    ("unknown mcp transport", mcpserver(transport="stdio"), "spec.transport"),
+    ("unknown mcp auth", mcpserver(auth="oauth"), "spec.auth"),
+    ("duplicate audience", mcpserver(audiences=["a", "a"]), "spec.audiences"),
+    (
+        "21 headers",
+        mcpserver(
+            headers=[
+                {"name": f"h{i}", "secretKeyRef": {"name": "s", "key": "k"}} for i in range(21)
+            ]
+        ),
+        "spec.headers",
+    ),
+    (
+        "header name with a space",
+        mcpserver(headers=[{"name": "X Key", "secretKeyRef": {"name": "s", "key": "k"}}]),
+        "spec.headers.name",
+    ),
+    ("header without secret", mcpserver(headers=[{"name": "X-Key"}]), "spec.headers.secretKeyRef"),
+    (
+        "header secret without key",
+        mcpserver(headers=[{"name": "X-Key", "secretKeyRef": {"name": "s"}}]),
+        "spec.headers.secretKeyRef.key",
+    ),
+    (
+        "header secret without name",
+        mcpserver(headers=[{"name": "X-Key", "secretKeyRef": {"key": "k"}}]),
+        "spec.headers.secretKeyRef.name",
+    ),
+    (
+        "invalid discovery account",
+        mcpserver(discoveryServiceAccountName="Not_A_Name"),
+        "spec.discoveryServiceAccountName",
+    ),
+    ("days in mcp timeout", mcpserver(timeout="1d"), "spec.timeout"),
     ("asking rule without policy", toolapproval(rule={"name": "r"}), "spec.rule.policy"),
     ("asking rule without name", toolapproval(rule={"policy": "p"}), "spec.rule.name"),
     (
@@ -283,7 +328,9 @@ def test_invalid_manifests_are_rejected_naming_the_field(
     # (1.20 leaves the index out: spec.votes.decision.)
     path = r"(\[\d+\])?\.".join(re.escape(part) for part in field.split("."))
     assert re.search(path + r"(\[\d+\])?[: ]", proc.stderr), proc.stderr
-    listed = kubectl("get", "agentruns,toolapprovals,agentpolicies", "-n", namespace, "-o", "name")
+    listed = kubectl(
+        "get", "agentruns,toolapprovals,agentpolicies,mcpservers", "-n", namespace, "-o", "name"
+    )
     assert listed.stdout.strip() == "", "nothing may be stored after a rejection"
     stored = kubectl("get", "clusteragentpolicy", "bad-policy", check=False)
     assert stored.returncode != 0, "nothing may be stored after a rejection"
@@ -427,7 +474,13 @@ def test_printer_columns_show_in_kubectl_get(kubectl: Kubectl, namespace: str) -
 def test_every_kind_is_in_the_agentrun_all_category(kubectl: Kubectl, namespace: str) -> None:
     discovery = json.loads(kubectl("get", "--raw", "/apis/agentrun.dev/v1alpha1").stdout)
     kinds = {r["kind"]: r for r in discovery["resources"] if "/" not in r["name"]}
-    assert set(kinds) == {"AgentRun", "ToolApproval", "AgentPolicy", "ClusterAgentPolicy"}
+    assert set(kinds) == {
+        "AgentRun",
+        "ToolApproval",
+        "AgentPolicy",
+        "ClusterAgentPolicy",
+        "MCPServer",
+    }
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(agentrun("both")))
     kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(toolapproval()))
     listed = kubectl("get", "agentrun-all", "-n", namespace, "-o", "name").stdout.split()
@@ -440,6 +493,7 @@ def test_every_kind_is_in_the_agentrun_all_category(kubectl: Kubectl, namespace:
         ("ToolApproval", "ta", True),
         ("AgentPolicy", "ap", True),
         ("ClusterAgentPolicy", "cap", False),
+        ("MCPServer", "mcp", True),
     ):
         assert kinds[kind]["categories"] == ["agentrun-all"]
         assert kinds[kind]["shortNames"] == [short]

@@ -66,6 +66,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: AGENTRUN_MODEL_BASE_URL_ALLOW
   value: {{ join "," . | quote }}
 {{- end }}
+{{- with .Values.mcp.urlAllow }}
+- name: AGENTRUN_MCP_URL_ALLOW
+  value: {{ join "," . | quote }}
+{{- end }}
 {{- end -}}
 
 {{/* The webhooks of agentrun_operator.webhooks.configurations(); a test keeps them equal. */}}
@@ -76,8 +80,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $svc := printf "%s-webhooks" (include "agentrun.fullname" $root) -}}
 {{- $hooks := list (list "toolapprovals" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "agentruns" "-create" (list "CREATE") "Fail" "Namespaced") (list "agentruns" "-update" (list "UPDATE") "Ignore" "Namespaced") -}}
 {{- if eq $mode "validate" -}}
-{{- /* Policies are admitted only when every CEL rule compiles. */ -}}
-{{- $hooks = concat $hooks (list (list "agentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "clusteragentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Cluster")) -}}
+{{- /* Policies are admitted only when every CEL rule compiles; MCPServers only when their URL is allowed. */ -}}
+{{- $hooks = concat $hooks (list (list "agentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "mcpservers" "" (list "CREATE" "UPDATE") "Fail" "Namespaced") (list "clusteragentpolicies" "" (list "CREATE" "UPDATE") "Fail" "Cluster")) -}}
 {{- end -}}
 {{- range $h := $hooks }}
 - name: {{ printf "%s-%s%s.agentrun.dev" $mode (index $h 0) (index $h 1) }}

@@ -1,0 +1,219 @@
+"""MCPServers on real parts: MCP servers written with the official SDK (tests/mcp_support.py,
+over real sockets), the admission webhook server, and the operator process discovering
+their tools with the official client.
+
+Covers: a URL outside the operator's allow-list refused at admission; agentrun-editor cannot
+write MCPServers, agentrun-mcp-admin can; discovery over streamable HTTP and HTTP+SSE
+(status Ready, tools with annotations and schema hashes, spec.tools filtering, the printer
+columns); tools/list_changed followed; an unreachable server (Ready False, lastError, an
+Event); auth: serviceAccountToken (the server sees the discovery account, checked by
+TokenReview); header values from a Secret read as the discovery account.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+from mcp_support import API_KEY, MCPServers
+
+from agentrun_operator import mcpclient
+
+from support import Kubectl, OperatorProcess, bind_roles, wait_for
+
+
+@pytest.fixture
+def namespace(op_namespace: str, kubectl: Kubectl) -> str:
+    bind_roles(kubectl, op_namespace, [("creator", "agentrun-editor")])
+    kubectl(
+        "create",
+        "rolebinding",
+        "madmin",
+        "-n",
+        op_namespace,
+        "--clusterrole=agentrun-mcp-admin",
+        "--user=madmin",
+    )
+
+    def may() -> bool:
+        found = kubectl(
+            "--as=madmin",
+            "auth",
+            "can-i",
+            "create",
+            "mcpservers.agentrun.dev",
+            "-n",
+            op_namespace,
+            check=False,
+        )
+        return found.stdout.strip() == "yes"
+
+    wait_for("the MCP admin binding", may)
+    return op_namespace
+
+
+@pytest.fixture(autouse=True)
+def _dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -> Any:
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"--- operator log ---\n{operator.log_tail(80)}")
+
+
+def server_doc(name: str, url: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": name},
+        "spec": {"url": url, **spec},
+    }
+
+
+def create(kubectl: Kubectl, namespace: str, doc: dict[str, Any], *flags: str) -> Any:
+    return kubectl(*flags, "apply", "-n", namespace, "-f", "-", input=json.dumps(doc), check=False)
+
+
+def status_of(kubectl: Kubectl, namespace: str, name: str) -> dict[str, Any]:
+    proc = kubectl("get", "mcpserver", name, "-n", namespace, "-o", "json")
+    return dict(json.loads(proc.stdout).get("status") or {})
+
+
+def wait_ready(kubectl: Kubectl, namespace: str, name: str, ready: str = "True") -> dict[str, Any]:
+    def reached() -> dict[str, Any] | None:
+        st = status_of(kubectl, namespace, name)
+        found = [c for c in st.get("conditions") or [] if c.get("type") == "Ready"]
+        return st if found and found[0]["status"] == ready else None
+
+    st = wait_for(f"MCPServer {name} Ready={ready}", reached, timeout=30)
+    assert isinstance(st, dict)
+    return st
+
+
+def test_an_mcp_server_outside_the_allow_list_is_refused_at_admission(
+    kubectl: Kubectl, namespace: str
+) -> None:
+    proc = create(kubectl, namespace, server_doc("elsewhere", "https://mcp.example.com/mcp"))
+    assert proc.returncode != 0
+    assert "spec.url https://mcp.example.com/mcp is not in the operator's allow-list" in proc.stderr
+
+
+def test_editors_cannot_write_mcp_servers_and_mcp_admins_can(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    doc = server_doc("tools", mcp.open.url)
+    proc = create(kubectl.as_user("creator"), namespace, doc)
+    assert proc.returncode != 0 and "forbidden" in proc.stderr.lower(), proc.stderr
+    assert kubectl.as_user("creator")("get", "mcpservers", "-n", namespace).returncode == 0
+    proc = create(kubectl, namespace, doc, "--as=madmin")
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("transport", ["streamable-http", "sse"])
+def test_the_operator_lists_the_tools_with_their_hints_and_schema_hashes(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, transport: str
+) -> None:
+    url = mcp.open.url if transport == "streamable-http" else mcp.sse.url
+    doc = server_doc("tools", url, transport=transport, tools=["get_pod", "delete_pod", "sl*"])
+    assert create(kubectl, namespace, doc).returncode == 0
+    st = wait_ready(kubectl, namespace, "tools")
+    tools = {t["name"]: t for t in st["tools"]}
+    assert sorted(tools) == ["delete_pod", "get_pod", "slow"], "spec.tools filters them"
+    assert st["toolCount"] == 3 and st["observedGeneration"] == 1
+    assert st["serverName"].startswith("test-tools")
+    assert tools["get_pod"]["annotations"] == {"title": "Get a pod", "readOnlyHint": True}
+    assert tools["delete_pod"]["annotations"]["destructiveHint"] is True
+    schema = tools["get_pod"]["inputSchema"]
+    assert schema["required"] == ["namespace", "name"]
+    assert tools["get_pod"]["schemaHash"] == mcpclient.schema_hash(schema)
+    assert tools["get_pod"]["description"] == "Describe a pod."
+    columns = kubectl("get", "mcp", "-n", namespace).stdout
+    assert "READY" in columns and "True" in columns and url in columns
+
+
+def test_a_tool_added_at_runtime_shows_after_list_changed(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    assert create(kubectl, namespace, server_doc("growing", mcp.open.url)).returncode == 0
+    st = wait_ready(kubectl, namespace, "growing")
+    before = {t["name"] for t in st["tools"]}
+    added = f"tool_{namespace.replace('-', '_')}"
+
+    async def add() -> None:
+        ep = mcpclient.Endpoint(url=mcp.open.url)
+        result = await mcpclient.call_tool(ep, "add_tool", {"name": added})
+        assert not result.is_error, result
+
+    asyncio.run(add())
+
+    def grew() -> bool:
+        return added in {t["name"] for t in status_of(kubectl, namespace, "growing")["tools"]}
+
+    # Well within the refresh period (30 s here): the notification, not a poll.
+    wait_for("the added tool in status", grew, timeout=10)
+    assert before < {t["name"] for t in status_of(kubectl, namespace, "growing")["tools"]}
+
+
+def test_an_unreachable_server_is_not_ready_and_says_why(
+    kubectl: Kubectl, namespace: str, dead_endpoint: str
+) -> None:
+    assert create(kubectl, namespace, server_doc("gone", dead_endpoint)).returncode == 0
+    st = wait_ready(kubectl, namespace, "gone", ready="False")
+    assert "unreachable" in st["lastError"] and dead_endpoint in st["lastError"]
+    events = kubectl("get", "events", "-n", namespace, "-o", "json").stdout
+    assert "MCPServerUnreachable" in events
+
+
+def test_a_service_account_token_reaches_the_server_as_the_discovery_account(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    kubectl("create", "serviceaccount", "mcp-discovery", "-n", namespace)
+    doc = server_doc(
+        "k8s-aware",
+        mcp.token.url,
+        auth="serviceAccountToken",
+        discoveryServiceAccountName="mcp-discovery",
+    )
+    assert create(kubectl, namespace, doc).returncode == 0
+    st = wait_ready(kubectl, namespace, "k8s-aware")
+    assert [t["name"] for t in st["tools"]] == ["whoami"]
+    # Without a token the same server refuses, and the status says so.
+    doc = server_doc("tokenless", mcp.token.url)
+    assert create(kubectl, namespace, doc).returncode == 0
+    st = wait_ready(kubectl, namespace, "tokenless", ready="False")
+    assert "refused the credentials" in st["lastError"], st
+
+
+def test_header_values_come_from_a_secret_read_as_the_discovery_account(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    kubectl(
+        "create",
+        "secret",
+        "generic",
+        "mcp-key",
+        "-n",
+        namespace,
+        f"--from-literal=key={API_KEY}",
+    )
+    headers = [{"name": "X-Api-Key", "secretKeyRef": {"name": "mcp-key", "key": "key"}}]
+    doc = server_doc("keyed", mcp.keyed.url, headers=headers)
+    assert create(kubectl, namespace, doc).returncode == 0
+    # The namespace's default account may not read the Secret yet: refused, and said so.
+    st = wait_ready(kubectl, namespace, "keyed", ready="False")
+    assert "cannot build the request identity" in st["lastError"], st
+    assert API_KEY not in json.dumps(st)
+    kubectl("create", "role", "read-key", "-n", namespace, "--verb=get", "--resource=secrets")
+    kubectl(
+        "create",
+        "rolebinding",
+        "read-key",
+        "-n",
+        namespace,
+        "--role=read-key",
+        f"--serviceaccount={namespace}:default",
+    )
+    st = wait_ready(kubectl, namespace, "keyed", ready="True")
+    assert st["toolCount"] >= 5
+    assert API_KEY not in json.dumps(st)
