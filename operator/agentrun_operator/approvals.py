@@ -42,7 +42,7 @@ def deeper_than(value: Any, most: int) -> list[str] | None:
     return None
 
 
-OPERATOR_WRITTEN = ("runName", "callId", "tool", "arguments", "reason", "rule")
+OPERATOR_WRITTEN = ("runName", "callId", "tool", "server", "arguments", "reason", "rule")
 MAX_COMMENT = 2048  # spec.comment and a vote's comment (models.ToolApprovalSpec)
 
 
@@ -74,6 +74,7 @@ def toolapproval_body(
     reason: str,
     rule: Mapping[str, Any] | None = None,
     again: bool = False,
+    server: str | None = None,
 ) -> dict[str, Any]:
     """A ToolApproval; ``again``: the second one of a call whose first went Stale (NAME-2)."""
     suffix = contract.REASK_SUFFIX if again else ""
@@ -104,6 +105,7 @@ def toolapproval_body(
             # custom resource as null and refuses it.
             **({"reason": reason[:16384]} if reason else {}),
             **({"rule": dict(rule)} if rule else {}),
+            **({"server": server} if server else {}),
         },
     }
 

@@ -282,6 +282,17 @@ class Kube:
         st = review.get("status") or {}
         return bool(st.get("allowed")), str(st.get("reason") or "")
 
+    async def get_mcpserver(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            found: dict[str, Any] = await self.request(
+                "GET", MCPSERVERS.path(namespace=namespace, name=name)
+            )
+        except KubeError as e:
+            if e.status == 404:
+                return None
+            raise
+        return found
+
     async def patch_mcpserver_status(
         self, *, namespace: str, name: str, status: dict[str, Any]
     ) -> dict[str, Any]:

@@ -52,6 +52,14 @@ MUTATING_TOOLS: tuple[ToolName, ...] = (
     "k8s_apply",
 )
 ALL_TOOLS: tuple[ToolName, ...] = READ_ONLY_TOOLS + MUTATING_TOOLS
+MCP_PREFIX = "mcp:"
+# A built-in tool, or a tool of an MCPServer of the run's namespace: mcp:<server>/<tool>,
+# or mcp:<server>/* for all the tools the MCPServer offers.
+TOOL_REF_PATTERN = (
+    r"^(" + "|".join(ALL_TOOLS) + r"|mcp:[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/"
+    r"([A-Za-z0-9_.-]{1,128}|\*))$"
+)
+ToolRef = Annotated[str, Field(pattern=TOOL_REF_PATTERN, max_length=200)]
 
 RunPhase = Literal["Pending", "Running", "AwaitingApproval", "Succeeded", "Failed", "Stopped"]
 FINISHED_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed", "Stopped"})
@@ -66,6 +74,7 @@ DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a
 CALL_ID_PATTERN = r"^c-[0-9a-f]{12}$"
 MAX_RUN_NAME = 63
 MAX_POLICIES = 100
+MAX_MCP_TOOLS = 500
 MAX_RESULT_BYTES = 4096
 
 
@@ -175,9 +184,9 @@ class Approvers(_Model):
 class ApprovalPolicy(_Model):
     """Which tool calls wait for a human, who decides, and what happens on timeout."""
 
-    required: list[ToolName] = Field(
+    required: list[ToolRef] = Field(
         default=list(MUTATING_TOOLS),
-        max_length=len(ALL_TOOLS),
+        max_length=200,
         # No default in the CRD: the API server would write it into the stored spec, and a
         # run that leaves the list unset lets AgentPolicy allow rules waive it.
         json_schema_extra={**_SET, NO_CRD_DEFAULT: True},
@@ -256,12 +265,15 @@ class RunSettings(_Model):
         default_factory=ModelSpec,
         description="The LLM endpoint and model. Fields left out take operator defaults.",
     )
-    tools: list[ToolName] = Field(
+    tools: list[ToolRef] = Field(
         default=list(READ_ONLY_TOOLS),
-        max_length=len(ALL_TOOLS),
+        max_length=200,
         json_schema_extra=_SET,
-        description="Tools the agent may call. Default: the read-only set (k8s_get, "
-        "k8s_list, k8s_describe, k8s_logs, k8s_events).",
+        description="Tools the agent may call: built-in ones (k8s_get, k8s_list, "
+        "k8s_describe, k8s_logs, k8s_events, k8s_scale, k8s_rollout_restart, "
+        "k8s_delete_pod, k8s_patch, k8s_apply) and MCP tools of an MCPServer of this "
+        "namespace (mcp:<server>/<tool>, or mcp:<server>/* for all it offers). Default: "
+        "the read-only built-in set.",
     )
     approval: ApprovalPolicy = Field(
         default_factory=ApprovalPolicy,
@@ -304,9 +316,9 @@ class EffectiveApproval(ApprovalPolicy):
         description="Whether the run's spec listed approval.required itself (then policy "
         "allow rules cannot waive it); false: the default list, which allow rules may waive.",
     )
-    always_required: list[ToolName] = Field(
+    always_required: list[ToolRef] = Field(
         default_factory=list,
-        max_length=len(ALL_TOOLS),
+        max_length=MAX_MCP_TOOLS,
         json_schema_extra=_SET,
         description="Tools a policy always gates (tools.requireApproval): no allow rule "
         "waives them.",
@@ -332,6 +344,12 @@ class EffectiveSettings(RunSettings):
         default_factory=list,
         max_length=MAX_POLICIES,
         description="The AgentPolicies and ClusterAgentPolicies applied (names, generations).",
+    )
+    mcp_tools: list[PinnedMCPTool] = Field(
+        default_factory=list,
+        max_length=MAX_MCP_TOOLS,
+        description="The MCP tools the run may call, as their servers offered them when the "
+        "run was first seen (a tool whose schema changed since is not offered).",
     )
 
     service_account_name: str | None = Field(
@@ -364,6 +382,14 @@ def effective_approval(body: Mapping[str, Any]) -> EffectiveApproval:
     if isinstance(effective, Mapping):
         return EffectiveApproval.model_validate(effective.get("approval") or {})
     return EffectiveApproval.model_validate(((body.get("spec") or {}).get("approval")) or {})
+
+
+def effective_mcp_tools(body: Mapping[str, Any]) -> list[PinnedMCPTool]:
+    """The MCP tools pinned in status.effective when the run was first seen."""
+    effective = (body.get("status") or {}).get("effective")
+    if not isinstance(effective, Mapping):
+        return []
+    return [PinnedMCPTool.model_validate(t) for t in effective.get("mcpTools") or []]
 
 
 def effective_settings(spec: AgentRunSpec, *, generation: int | None) -> dict[str, Any]:
@@ -550,7 +576,16 @@ class ToolApprovalSpec(_Model):
         pattern=CALL_ID_PATTERN,
         description="Operator-minted id of the call ('c-' and 12 hex characters).",
     )
-    tool: ToolName = Field(description="The tool the agent wants to call.")
+    tool: str = Field(
+        pattern=r"^[a-zA-Z0-9_-]{1,64}$",
+        description="The tool the agent wants to call: a built-in one (k8s_scale...) or an "
+        "MCP tool as the model sees it (<server>__<tool>).",
+    )
+    server: str | None = Field(
+        default=None,
+        max_length=63,
+        description="For an MCP tool: the MCPServer (in the run's namespace) it belongs to.",
+    )
     arguments: dict[str, Any] = Field(
         default_factory=dict,
         json_schema_extra=_FREE_FORM,
@@ -904,7 +939,25 @@ class RuleMatch(_Model):
 
 MCP_SERVER_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 HEADER_NAME_PATTERN = r"^[A-Za-z0-9-]{1,128}$"
-MAX_MCP_TOOLS = 500
+
+
+class PinnedMCPTool(_Model):
+    """An MCP tool a run may call, pinned when the run was first seen."""
+
+    server: str = Field(max_length=63, description="The MCPServer (in the run's namespace).")
+    name: str = Field(max_length=128, description="The tool's name on the server.")
+    function: str = Field(
+        max_length=64, description="The function name the model sees: <server>__<tool>."
+    )
+    schema_hash: str = Field(max_length=80, description="sha256 of its input schema.")
+    read_only: bool = Field(default=False, description="The server says it changes nothing.")
+    approval: Literal["required", "never"] | None = Field(
+        default=None, description="The MCPServer's spec.approval for it, if any."
+    )
+
+    @property
+    def ref(self) -> str:
+        return f"{MCP_PREFIX}{self.server}/{self.name}"
 
 
 class MCPHeader(_Model):

@@ -200,6 +200,7 @@ class Tightened:
     policies: list[models.PolicyRef]
     always: list[str] = field(default_factory=list)
     clamped: list[str] = field(default_factory=list)
+    mcp_tools: list[models.PinnedMCPTool] = field(default_factory=list)
 
     def effective(self, *, generation: int | None) -> dict[str, Any]:
         """status.effective: the tightened settings and what shaped them."""
@@ -215,6 +216,10 @@ class Tightened:
             fixed["policies"] = [
                 p.model_dump(by_alias=True, exclude_none=True) for p in self.policies
             ]
+        if self.mcp_tools:
+            fixed["mcpTools"] = [
+                t.model_dump(by_alias=True, exclude_none=True) for t in self.mcp_tools
+            ]
         return fixed
 
 
@@ -223,6 +228,7 @@ def tighten(
     policies: list[Policy],
     *,
     default_base_url: str | None = None,
+    mcp_tools: list[models.PinnedMCPTool] | None = None,
 ) -> Tightened:
     """A run's settings after its namespace's policies. Raises Refused for what a policy
     forbids (a tool, a model endpoint, a service account, approvers nobody could match);
@@ -235,6 +241,7 @@ def tighten(
         required_by_run=required_by_run,
         policy_approvers=[],
         policies=[p.ref() for p in policies],
+        mcp_tools=list(mcp_tools or []),
     )
     for p in policies:
         _forbidden(spec, p, default_base_url)
@@ -310,20 +317,14 @@ def _clamp(out: Tightened, p: Policy) -> None:
     theirs = pol.approval.approvers
     if theirs is not None and (theirs.users or theirs.groups):
         out.policy_approvers.append(theirs)
-    gated = [
-        t
-        for t in models.ALL_TOOLS
-        if tool_matches(t, pol.tools.require_approval) and t not in approval.required
-    ]
-    for t in gated:
-        if t in spec.tools:
+    # Built-in tools, and the MCP tools the run was given (mcp:<server>/<tool>).
+    known = [*models.ALL_TOOLS, *(t.ref for t in out.mcp_tools)]
+    always = [t for t in known if tool_matches(t, pol.tools.require_approval)]
+    for t in always:
+        if t not in approval.required and (t in spec.tools or t.startswith(models.MCP_PREFIX)):
             said(f"spec.approval.required (+{t})", "not gated", "gated")
-    approval.required = [*approval.required, *gated]
-    out.always += [
-        t
-        for t in models.ALL_TOOLS
-        if tool_matches(t, pol.tools.require_approval) and t not in out.always
-    ]
+    approval.required = [*approval.required, *(t for t in always if t not in approval.required)]
+    out.always += [t for t in always if t not in out.always]
     limits, caps = spec.limits, pol.limits
     if caps.max_steps is not None and limits.max_steps > caps.max_steps:
         said("spec.limits.maxSteps", limits.max_steps, caps.max_steps)
@@ -495,14 +496,22 @@ def gated(
     tool: str,
     verdict: Verdict,
     approval: models.EffectiveApproval,
+    *,
+    default: bool | None = None,
 ) -> bool:
     """Whether a call waits for people: a require rule always; an allow rule waives the
-    default list (never a list the run wrote, nor a tool a policy always gates); otherwise
-    the run's effective list decides."""
-    if verdict.action == "require":
+    default (never a list the run wrote, nor a tool a policy always gates); otherwise the
+    default decides. For built-in tools the default is the run's effective approval.required
+    list; for an MCP tool (``default`` given: not read-only and not waived by its MCPServer)
+    it is that, and a run's own list adds to it."""
+    if verdict.action == "require" or tool in approval.always_required:
         return True
+    if default is not None:
+        if tool in approval.required and approval.required_by_run:
+            return True
+        return False if verdict.action == "allow" else default
     if tool not in approval.required:
         return False
     if verdict.action == "allow" and not approval.required_by_run:
-        return tool in approval.always_required
+        return False
     return True

@@ -69,6 +69,7 @@ class Verdict(TypedDict, total=False):
     denied: dict[str, str]  # a policy rule denied it ({by, comment}): nobody asked
     preview: dict[str, Any]  # what it would change (models.Preview, as JSON)
     rule: dict[str, Any]  # the policy rule that asked for people (models.RuleMatch)
+    server: str  # an MCP tool's MCPServer
 
 
 class RunState(TypedDict, total=False):
@@ -243,7 +244,7 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
         def item(c: dict[str, Any]) -> dict[str, Any]:
             found = {"callId": c["call_id"], "tool": c["name"], "arguments": c["args"]}
             verdict = verdicts.get(c["call_id"]) or {}
-            for key in ("preview", "rule"):
+            for key in ("preview", "rule", "server"):
                 if verdict.get(key):
                     found[key] = verdict[key]
             return found

@@ -14,14 +14,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import pytest
+import redis as redis_sync
 from mcp_support import API_KEY, MCPServers
 
 from agentrun_operator import mcpclient
 
-from support import Kubectl, OperatorProcess, bind_roles, wait_for
+from support import (
+    Kubectl,
+    OperatorProcess,
+    Script,
+    bind_roles,
+    create_run,
+    marker,
+    stream,
+    wait_event,
+    wait_for,
+    wait_phase,
+)
 
 
 @pytest.fixture
@@ -217,3 +230,171 @@ def test_header_values_come_from_a_secret_read_as_the_discovery_account(
     st = wait_ready(kubectl, namespace, "keyed", ready="True")
     assert st["toolCount"] >= 5
     assert API_KEY not in json.dumps(st)
+
+
+# -- runs using MCP tools ------------------------------------------------------------------
+
+
+def ready_server(kubectl: Kubectl, namespace: str, name: str, url: str, **spec: Any) -> None:
+    assert create(kubectl, namespace, server_doc(name, url, **spec)).returncode == 0
+    wait_ready(kubectl, namespace, name)
+
+
+def calling(script: Script, name: str, *calls: dict[str, Any]) -> str:
+    return script.add(
+        marker(name), [{"text": "plan"}, {"tool_calls": list(calls)}, {"text": "done"}]
+    )
+
+
+def tool_events(r: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
+    return [e["data"] for e in stream(r, uid) if e["type"] == "tool"]
+
+
+def test_a_read_only_mcp_tool_runs_freely_and_a_destructive_one_waits_for_approval(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
+    ready_server(kubectl, namespace, "tools", mcp.open.url)
+    goal = calling(
+        script,
+        "mcp-run",
+        {"name": "tools__get_pod", "arguments": {"namespace": namespace, "name": "web"}},
+        {"name": "tools__delete_pod", "arguments": {"namespace": namespace, "name": "web"}},
+    )
+    uid = create_run(kubectl, namespace, "mcp-run", goal=goal, tools=["mcp:tools/*"])
+    st = wait_phase(kubectl, namespace, "mcp-run", "AwaitingApproval", "Failed", "Succeeded")
+    assert st["phase"] == "AwaitingApproval", st
+    pinned = {t["function"]: t for t in st["effective"]["mcpTools"]}
+    assert pinned["tools__get_pod"]["readOnly"] is True
+    assert pinned["tools__delete_pod"]["schemaHash"].startswith("sha256:")
+    approvals = json.loads(
+        kubectl("get", "ta", "-n", namespace, "-l", "agentrun.dev/run=mcp-run", "-o", "json").stdout
+    )["items"]
+    assert [a["spec"]["tool"] for a in approvals] == ["tools__delete_pod"]
+    assert approvals[0]["spec"]["server"] == "tools"
+    # The turn's calls run together once people have decided; nothing ran yet.
+    assert ("delete_pod", {"namespace": namespace, "name": "web"}) not in mcp.record.calls
+    name = approvals[0]["metadata"]["name"]
+    proc = kubectl.as_user("approver")(
+        "patch",
+        "ta",
+        name,
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"decision":"Approved"}}',
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert wait_phase(kubectl, namespace, "mcp-run", "Succeeded", "Failed")["phase"] == "Succeeded"
+    assert ("delete_pod", {"namespace": namespace, "name": "web"}) in mcp.record.calls
+    assert ("get_pod", {"namespace": namespace, "name": "web"}) in mcp.record.calls
+    done = {e["name"]: e for e in tool_events(r, uid) if e["status"] == "succeeded"}
+    assert done["tools__get_pod"]["server"] == "tools"
+    assert done["tools__get_pod"]["result"] == [f"pod {namespace}/web is Running"]
+    assert done["tools__delete_pod"]["result"] == [f"deleted pod {namespace}/web"]
+
+
+def test_bad_mcp_arguments_fail_naming_the_argument_and_nobody_is_asked(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url)
+    goal = calling(script, "mcp-bad", {"name": "tools__delete_pod", "arguments": {"namespace": 3}})
+    uid = create_run(kubectl, namespace, "mcp-bad", goal=goal, tools=["mcp:tools/delete_pod"])
+    assert wait_phase(kubectl, namespace, "mcp-bad", "Succeeded", "Failed")["phase"] == "Succeeded"
+    [failed] = [e for e in tool_events(r, uid) if e["status"] != "started"]
+    assert failed["status"] == "failed", failed
+    error = failed["result"]["error"]
+    assert error.startswith("tools__delete_pod: argument") or "'name' is a required" in error, error
+    assert kubectl("get", "ta", "-n", namespace, "-o", "name").stdout.strip() == ""
+
+
+def test_results_summarise_images_and_errors_come_back_as_tool_errors(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url)
+    goal = calling(
+        script,
+        "mcp-media",
+        {"name": "tools__media", "arguments": {}},
+        {"name": "tools__fail", "arguments": {"reason": "quota exceeded"}},
+    )
+    uid = create_run(kubectl, namespace, "mcp-media", goal=goal, tools=["mcp:tools/*"])
+    assert (
+        wait_phase(kubectl, namespace, "mcp-media", "Succeeded", "Failed")["phase"] == "Succeeded"
+    )
+    done = {e["name"]: e for e in tool_events(r, uid) if e["status"] != "started"}
+    text, image, resource = done["tools__media"]["result"]
+    assert text == "a picture"
+    assert image == {"type": "image", "mimeType": "image/png", "bytes": 1008}
+    assert resource == {
+        "type": "resource",
+        "uri": "k8s://team/pod/web",
+        "mimeType": "text/yaml",
+        "text": "kind: Pod",
+    }
+    assert done["tools__fail"]["status"] == "failed"
+    assert "quota exceeded" in done["tools__fail"]["result"]["error"]
+
+
+def test_a_run_naming_a_tool_its_server_does_not_offer_fails_at_once(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url, tools=["get_pod"])
+    create_run(kubectl, namespace, "missing", goal="g", tools=["mcp:tools/delete_pod"])
+    st = wait_phase(kubectl, namespace, "missing", "Failed", "Succeeded")
+    assert st["phase"] == "Failed"
+    assert "offers no tool delete_pod (it offers: get_pod)" in st["message"], st
+    create_run(kubectl, namespace, "nowhere", goal="g", tools=["mcp:absent/*"])
+    st = wait_phase(kubectl, namespace, "nowhere", "Failed", "Succeeded")
+    assert f"MCPServer {namespace}/absent does not exist" in st["message"], st
+
+
+def test_stop_during_a_slow_mcp_call_cancels_it_on_the_server_at_once(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url)
+    tag = f"stop-{namespace}"
+    goal = calling(
+        script,
+        "mcp-slow",
+        {"name": "tools__slow", "arguments": {"steps": 600, "delay": 0.05, "tag": tag}},
+    )
+    uid = create_run(kubectl, namespace, "slow", goal=goal, tools=["mcp:tools/slow"])
+    progress = wait_event(
+        r,
+        uid,
+        "a progress event",
+        lambda e: e["type"] == "tool" and e["data"]["status"] == "progress",
+    )
+    assert progress["data"]["server"] == "tools" and progress["data"]["result"]["total"] == 600
+    stopped_at = time.monotonic()
+    kubectl("patch", "ar", "slow", "-n", namespace, "--type=merge", "-p", '{"spec":{"stop":true}}')
+    wait_for("the server to see the cancellation", lambda: tag in mcp.record.cancelled, timeout=5)
+    seen = mcp.record.cancelled[tag] - stopped_at
+    assert seen < 1.0, f"the server saw the cancellation {seen:.2f}s after the stop"
+    st = wait_phase(kubectl, namespace, "slow", "Stopped", "Failed", "Succeeded", timeout=10)
+    assert st["phase"] == "Stopped"
+    took = time.monotonic() - stopped_at
+    assert took < 2.0, f"Stopped {took:.2f}s after the stop"
+    cancelled = [e for e in tool_events(r, uid) if e["status"] == "cancelled"]
+    assert len(cancelled) == 1 and cancelled[0]["server"] == "tools", tool_events(r, uid)
+
+
+def test_a_kubernetes_aware_server_sees_the_runs_own_service_account(
+    kubectl: Kubectl,
+    namespace: str,
+    mcp: MCPServers,
+    script: Script,
+    r: redis_sync.Redis,
+    agent_sa: str,
+) -> None:
+    ready_server(kubectl, namespace, "k8s", mcp.token.url, auth="serviceAccountToken")
+    goal = calling(script, "mcp-who", {"name": "k8s__whoami", "arguments": {}})
+    uid = create_run(
+        kubectl, namespace, "who", goal=goal, tools=["mcp:k8s/whoami"], serviceAccountName=agent_sa
+    )
+    assert wait_phase(kubectl, namespace, "who", "Succeeded", "Failed")["phase"] == "Succeeded"
+    done = [e for e in tool_events(r, uid) if e["status"] == "succeeded"]
+    assert done[0]["result"] == [f"system:serviceaccount:{namespace}:{agent_sa}"], done

@@ -9,6 +9,7 @@ service account).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import json
@@ -25,11 +26,15 @@ from agentrun_operator import metrics as prom
 from agentrun_operator.engine.common import RunFailed, RunRef, short
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
 from agentrun_operator.engine.judging import Judge
+from agentrun_operator.engine.mcptools import Toolset
 from agentrun_operator.store import RunStore
 
 
 def argument_error(name: str, arguments: dict[str, Any]) -> str | None:
-    """What makes a call's arguments unable to ever run (as the model sees it), or None."""
+    """What makes a built-in call's arguments unable to ever run (as the model sees it), or
+    None (also for an MCP tool: ``RunDeps`` checks those against the tool's schema)."""
+    if name not in tools.TOOLS:
+        return None
     try:
         tools.parse_arguments(name, arguments)
     except tools.ArgumentError as e:
@@ -128,17 +133,22 @@ class RunDeps:
         k8s: kube.Kube,
         store: RunStore,
         judge: Judge,
+        mcp: Toolset | None = None,
     ) -> None:
         self.goal = spec.goal
         self.namespace = ref.namespace
         self.max_steps = spec.limits.max_steps
-        self.tools: Sequence[str] = list(spec.tools)
+        self._mcp = mcp if mcp is not None else Toolset({})
+        builtin = [t for t in spec.tools if t in models.ALL_TOOLS]
+        # What the model may call: the built-in tools and the MCP tools as functions.
+        self.tools: Sequence[str] = [*builtin, *self._mcp.offered]
         self.required: frozenset[str] = frozenset(spec.approval.required)
         self._ref = ref
         self._spec = spec
         self._settings = settings
         self._chat = chat
-        self._chat_tools = chat.bind_tools(tools.openai_tools(self.tools)) if self.tools else chat
+        specs = [*tools.openai_tools(builtin), *self._mcp.specs()]
+        self._chat_tools = chat.bind_tools(specs) if specs else chat
         self._model_name = model_name
         self._emitter = emitter
         self._status = statusw
@@ -157,6 +167,8 @@ class RunDeps:
         return "c-" + secrets.token_hex(6)
 
     def argument_error(self, name: str, arguments: dict[str, Any]) -> str | None:
+        if self._mcp.has(name):
+            return self._mcp.argument_error(name, arguments)
         return argument_error(name, arguments)
 
     async def workflow_event(self, state: str, *, node: str, step: int) -> None:
@@ -348,6 +360,8 @@ class RunDeps:
                     resource_version=bound.resource_version,
                     fresh=fresh,
                 )
+        if self._mcp.has(name):
+            return await self._mcp_call(call_id, name, arguments, shown, record, started)
         outcome: tools.ToolOutcome | None = None
         if record.get("state") == "started" and name in models.MUTATING_TOOLS:
             # We crashed after starting this call: did it land? Ask the object, not memory.
@@ -370,6 +384,73 @@ class RunDeps:
                 max_bytes=self._settings.tool_result_max_bytes,
             )
         return await self._report(call_id, name, shown, outcome, started)
+
+    async def _mcp_call(
+        self,
+        call_id: str,
+        name: str,
+        arguments: dict[str, Any],
+        shown: dict[str, Any],
+        record: dict[str, Any],
+        started: float,
+    ) -> str:
+        """An MCP tool call, as the run's service account: progress in the stream; a stop
+        cancels it on the server; after a crash a call that may change something is never
+        repeated."""
+        pinned = self._mcp.offered[name].pinned
+        server = pinned.server
+        if record.get("state") == "started" and not pinned.read_only:
+            unknown = tools.ToolOutcome(
+                "unknown",
+                None,
+                f"{name}: the operator restarted during this call and cannot tell whether it "
+                "took effect on the MCP server; it is not repeated: check before calling it "
+                "again",
+            )
+            return await self._report(call_id, name, shown, unknown, started, server=server)
+        await self._emitter.tool(
+            call_id=call_id,
+            name=name,
+            arguments=shown,
+            status="started",
+            record={"state": "started"},
+            server=server,
+        )
+
+        async def progress(data: dict[str, Any]) -> None:
+            await self._emitter.tool(
+                call_id=call_id,
+                name=name,
+                arguments=shown,
+                status="progress",
+                result=data,
+                duration_ms=int((time.monotonic() - started) * 1000),
+                server=server,
+            )
+
+        try:
+            outcome = await self._mcp.call(
+                name,
+                arguments,
+                k8s=self._k8s,
+                settings=self._settings,
+                namespace=self.namespace,
+                account=self._spec.service_account_name or "default",
+                on_progress=progress,
+                max_bytes=self._settings.tool_result_max_bytes,
+            )
+        except asyncio.CancelledError:
+            # Stopped mid-call: the client told the server (notifications/cancelled) and
+            # closed the connection. Say so, once, whatever else is being cancelled.
+            cancelled = tools.ToolOutcome(
+                "cancelled", None, f"{name}: the run was stopped during this call"
+            )
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(
+                    self._report(call_id, name, shown, cancelled, started, server=server)
+                )
+            raise
+        return await self._report(call_id, name, shown, outcome, started, server=server)
 
     async def _landed_before(
         self, name: str, arguments: dict[str, Any], call_id: str
@@ -398,6 +479,8 @@ class RunDeps:
         shown: dict[str, Any],
         outcome: tools.ToolOutcome,
         started: float,
+        *,
+        server: str | None = None,
     ) -> str:
         """A call's outcome as its ``tool`` event and call record, in one step (so a resumed
         run reports it once); the content the model sees."""
@@ -413,6 +496,7 @@ class RunDeps:
             result=result,
             duration_ms=int((time.monotonic() - started) * 1000),
             record={"state": "done", "content": content},
+            server=server,
         )
         self._status.progress(usage=self.usage.as_status())
         return content

@@ -224,16 +224,19 @@ class Emitter:
         result: Any = None,
         duration_ms: int | None = None,
         record: dict[str, Any] | None = None,
+        server: str | None = None,
     ) -> None:
         """A tool call's progress; ``record`` (the call's exactly-once record) is stored in
         the same atomic step. ``arguments`` are what people may see (Secret values
-        redacted)."""
+        redacted). ``server``: the MCPServer of an MCP tool."""
         data: dict[str, Any] = {
             "callId": call_id,
             "name": name,
             "arguments": arguments,
             "status": status,
         }
+        if server is not None:
+            data["server"] = server
         if status != "started":
             data["result"] = result
             data["durationMs"] = duration_ms or 0

@@ -20,6 +20,7 @@ from typing import Any
 from langchain_core.runnables import RunnableConfig
 
 from agentrun_operator import events, kube, llm, models, workflow
+from agentrun_operator.engine import mcptools
 from agentrun_operator.engine.binding import RunDeps, check_price, resolve_model
 from agentrun_operator.engine.common import (
     WAITING,
@@ -255,6 +256,9 @@ class Runner:
                 timeout=self._s.settings.llm_timeout_seconds,
                 max_retries=self._s.settings.llm_max_retries,
             )
+            toolset, withdrawn = await mcptools.Toolset.load(
+                self._s.k8s, ref.namespace, models.effective_mcp_tools(body)
+            )
             deps = RunDeps(
                 ref=ref,
                 spec=spec,
@@ -273,7 +277,9 @@ class Runner:
                     spec,
                     models.effective_approval(body),
                     str(st.get("createdBy") or ""),
+                    toolset,
                 ),
+                mcp=toolset,
             )
             graph = workflow.build(deps, checkpointer=self._s.saver)
             snapshot = await graph.aget_state(config_)
@@ -291,6 +297,8 @@ class Runner:
             for code, message in sorted((await store.notes(ref.uid)).items()):
                 await emitter.fault(message, code=code, fatal=False)
                 await store.forget_note(ref.uid, code)
+            for problem in withdrawn:
+                await emitter.fault(problem, code="MCPToolWithdrawn", fatal=False)
             if statusw.current.get("phase") != "Running" or is_waiting(statusw.current):
                 await statusw.phase(
                     "Running",

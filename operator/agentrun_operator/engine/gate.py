@@ -169,6 +169,7 @@ class Gate:
                         reason=reason,
                         rule=item.get("rule"),
                         again=again,
+                        server=item.get("server"),
                     ),
                 )
             if not (ta.get("status") or {}).get("state"):

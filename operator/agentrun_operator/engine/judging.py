@@ -16,6 +16,7 @@ from typing import Any
 
 from agentrun_operator import kube, models, policy, tools, workflow
 from agentrun_operator.engine.common import RunRef, Services, audit, unavailable
+from agentrun_operator.engine.mcptools import Toolset
 
 log = logging.getLogger("agentrun.judging")
 
@@ -79,12 +80,14 @@ class Judge:
         spec: models.AgentRunSpec,
         approval: models.EffectiveApproval,
         created_by: str,
+        mcp: Toolset | None = None,
     ) -> None:
         self._s = services
         self._ref = ref
         self._spec = spec
         self._approval = approval
         self._created_by = created_by
+        self._mcp = mcp if mcp is not None else Toolset({})
 
     async def calls(self, calls: list[dict[str, Any]]) -> dict[str, workflow.Verdict]:
         policies, unreadable = await self._policies()
@@ -113,6 +116,8 @@ class Judge:
         now: dt.datetime,
     ) -> workflow.Verdict:
         name, args, call_id = call["name"], call["args"], call["call_id"]
+        # Rules and policies see an MCP call as mcp:<server>/<tool> (target: null).
+        tool = self._mcp.ref(name) if self._mcp.has(name) else name
         try:
             preview = await dry_run(self._s.k8s, self._ref, self._spec, name, args, call_id)
         except tools.PreviewRefused as e:
@@ -129,7 +134,7 @@ class Judge:
             if where not in labels:
                 labels[where] = await self._namespace_labels(where)
             ctx = policy.context(
-                tool=name,
+                tool=tool,
                 args=args,
                 run={
                     "namespace": self._ref.namespace,
@@ -144,6 +149,8 @@ class Judge:
             )
             verdict = policy.judge(policies, ctx)
         out: workflow.Verdict = {}
+        if self._mcp.has(name):
+            out["server"] = self._mcp.offered[name].pinned.server
         if preview is not None:
             out["preview"] = preview.model_dump(by_alias=True, exclude_none=True, mode="json")
         if verdict.matched:
@@ -157,10 +164,21 @@ class Judge:
                 "comment": rule.message or "denied by policy",
             }
             return out
-        out["gated"] = policy.gated(name, verdict, self._approval)
+        out["gated"] = self._gated(name, tool, verdict)
         if out["gated"] and verdict.action == "require" and verdict.rule is not None:
             out["rule"] = verdict.rule.model_dump(by_alias=True, exclude_none=True)
         return out
+
+    def _gated(self, name: str, tool: str, verdict: policy.Verdict) -> bool:
+        if not self._mcp.has(name):
+            return policy.gated(tool, verdict, self._approval)
+        pinned = self._mcp.offered[name].pinned
+        if pinned.approval == "required":
+            return True  # the MCPServer's admin says so: no allow rule waives it
+        # Default: a tool its server calls read-only runs freely, any other waits, unless
+        # the MCPServer says never.
+        default = not pinned.read_only and pinned.approval != "never"
+        return policy.gated(tool, verdict, self._approval, default=default)
 
     async def _namespace_labels(self, namespace: str) -> dict[str, str]:
         try:

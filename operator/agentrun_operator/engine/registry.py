@@ -19,6 +19,7 @@ from typing import Any
 
 from agentrun_operator import config, contract, kube, models, notify, policy
 from agentrun_operator import metrics as prom
+from agentrun_operator.engine import mcptools
 from agentrun_operator.engine.common import RunRef, Services, annotation, audit, unavailable
 from agentrun_operator.engine.emitter import StatusWriter
 from agentrun_operator.engine.execution import Runner, Slot
@@ -147,6 +148,11 @@ class Registry:
                 ref, st, by=None, phase="Failed", reason="PolicyForbids", message=str(e)
             )
             return None
+        except mcptools.Unavailable as e:
+            await self.ends.without_task(
+                ref, st, by=None, phase="Failed", reason="MCPToolUnavailable", message=str(e)
+            )
+            return None
         except kube.KubeError as e:
             if unavailable(e):
                 raise  # the API server is away: kopf tries again
@@ -156,9 +162,9 @@ class Registry:
                 by=None,
                 phase="Failed",
                 reason="PolicyUnreadable",
-                message=f"the AgentPolicies of namespace {ref.namespace} could not be read "
-                f"({e}); the run cannot start without them: check the operator's RBAC "
-                "(get, list on agentpolicies and clusteragentpolicies)",
+                message=f"the AgentPolicies or MCPServers of namespace {ref.namespace} could "
+                f"not be read ({e}); the run cannot start without them: check the operator's "
+                "RBAC (get, list on agentpolicies, clusteragentpolicies and mcpservers)",
             )
             return None
         fixed = {
@@ -183,10 +189,17 @@ class Registry:
 
     async def _tightened(self, body: Mapping[str, Any]) -> policy.Tightened:
         """The run's settings after defaults and its namespace's policies (a run can only
-        tighten them). Raises policy.Refused, or KubeError when the policies are unreadable."""
+        tighten them), with the MCP tools it names pinned. Raises policy.Refused,
+        mcptools.Unavailable, or KubeError when the policies or MCPServers are unreadable."""
         spec = body.get("spec") or {}
-        policies = await read_policies(self.services, body["metadata"]["namespace"])
-        tightened = policy.tighten(spec, policies, default_base_url=self.settings.model_base_url)
+        namespace = body["metadata"]["namespace"]
+        policies = await read_policies(self.services, namespace)
+        # The MCP tools it names, as their servers offer them now (pinned from here on).
+        refs = [str(t) for t in spec.get("tools") or []]
+        pinned = await mcptools.pin(self.services.k8s, namespace, refs)
+        tightened = policy.tighten(
+            spec, policies, default_base_url=self.settings.model_base_url, mcp_tools=pinned
+        )
         tightened.spec.model.name = tightened.spec.model.name or self.settings.model_name
         tightened.spec.model.base_url = (
             tightened.spec.model.base_url or self.settings.model_base_url

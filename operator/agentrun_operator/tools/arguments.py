@@ -27,7 +27,7 @@ from pydantic.alias_generators import to_camel
 
 from agentrun_operator import approvals
 
-Status = Literal["succeeded", "failed", "unknown"]
+Status = Literal["succeeded", "failed", "unknown", "cancelled"]
 
 
 @dataclass
