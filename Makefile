@@ -88,11 +88,17 @@ controlplane: ## Build (once, cached by version) the Kubernetes binaries the tes
 	@scripts/build-controlplane.sh >/dev/null
 
 .PHONY: test
-test: deps-test lint check-crds controlplane ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
+# The reference MCP server the MCP tests run, from the committed lock (npm ci).
+MCP_NODE := tests/mcp/node_modules/.package-lock.json
+$(MCP_NODE): tests/mcp/package-lock.json
+	@echo "[make] npm ci: the reference MCP server for the MCP tests (tests/mcp/package-lock.json)"
+	npm ci --prefix tests/mcp --no-audit --no-fund --loglevel=error
+
+test: deps-test lint check-crds controlplane $(MCP_NODE) ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
 	TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-oldest
-test-oldest: deps-oldest install ## The unit and integration tests on the oldest supported Kubernetes (1.20)
+test-oldest: deps-oldest install $(MCP_NODE) ## The unit and integration tests on the oldest supported Kubernetes (1.20)
 	$(MAKE) --no-print-directory controlplane K8S_VERSION=1.20
 	K8S_VERSION=1.20 TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
@@ -171,5 +177,5 @@ e2e-oldest: deps-e2e deps-build-oldest install ## The e2e tests on a Kubernetes 
 ##@ Cleanup
 .PHONY: clean
 clean: demo-down cluster-down ## Remove .venv, .work and caches (not the cached Kubernetes build)
-	rm -rf $(VENV) .work dist .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .work dist .mypy_cache .ruff_cache .pytest_cache tests/mcp/node_modules
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -4,13 +4,15 @@
 # Usage: scripts/install-deps.sh PURPOSE...     (quiet when nothing is missing)
 #   python  a Python that can make a virtualenv (python3-venv where the interpreter lacks it)
 #   demo    `make demo`: Redis, curl, and a Go >= 1.24 to build Kubernetes 1.34
-#   test    `make test`: the demo's, plus NGINX and Chromium (proxy and web UI tests)
+#   test    `make test`: the demo's, plus NGINX and Chromium (proxy and web UI tests) and
+#           Node.js with npm (the reference MCP server)
 #   oldest  `make test-oldest`: etcd and what builds Kubernetes 1.20 from Debian's source
 #   e2e     `make e2e`: a real node (containerd, runc, CNI, iptables, conntrack, etcd) and
 #           the image build (buildah, debootstrap, a C compiler for the static pause binary)
 #   all     everything above (CI)
 # and the parts those are made of, for the scripts that need only one: base, build-oldest
-# (Kubernetes 1.20 from Debian's source), pause, node, image.
+# (Kubernetes 1.20 from Debian's source), pause, node, image, node-js. (A Node.js that
+# brings its own npm, as NodeSource's does, is kept: Debian's npm package would conflict.)
 #
 # Only missing packages are installed, with one `apt-get install`, after saying what and
 # why. On a machine without apt it names the packages to install and exits 1. It never
@@ -42,6 +44,8 @@ declare -A WHY=(
   [buildah]="builds the agentrun image without a Docker daemon"
   [debootstrap]="builds the image's Debian base"
   [ca-certificates]="HTTPS to the package registries"
+  [nodejs]="runs the reference MCP server (@modelcontextprotocol/server-everything) in the MCP tests"
+  [npm]="installs the MCP tests' Node packages from tests/mcp/package-lock.json (npm ci)"
 )
 
 want=()
@@ -52,10 +56,11 @@ purpose() {
     python) ;;
     base) add ca-certificates curl redis-server ;;
     demo) purpose base; need_go=1 ;;
-    test) purpose demo; add nginx chromium ;;
+    test) purpose demo; add nginx chromium; purpose node-js ;;
+    node-js) add nodejs; command -v npm >/dev/null || add npm ;;
     build-oldest) add golang-go rsync dpkg-dev golang-github-modern-go-reflect2-dev ;;
     pause) add gcc libc6-dev ;;
-    oldest) purpose base; purpose build-oldest; add etcd-server nginx chromium ;;
+    oldest) purpose base; purpose build-oldest; add etcd-server nginx chromium; purpose node-js ;;
     node) add etcd-server containerd runc containernetworking-plugins iptables conntrack ;;
     image) add buildah debootstrap ;;
     e2e) purpose demo; purpose node; purpose pause; purpose image ;;

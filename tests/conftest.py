@@ -151,10 +151,14 @@ def rbac(kubectl: Kubectl) -> None:
 
 
 @pytest.fixture(scope="session")
-def mcp(cluster: ControlPlane) -> Iterator[MCPServers]:
-    """Real MCP servers (the SDK's, over real sockets) the operator may use."""
+def mcp(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MCPServers]:
+    """Real MCP servers the operator may use: the SDK's (in this process, over real
+    sockets) and the reference server-everything (npm)."""
     with mcp_servers(
-        api=cluster.server, ca_file=str(cluster.ca_file), admin_token=cluster.token("admin")
+        api=cluster.server,
+        ca_file=str(cluster.ca_file),
+        admin_token=cluster.token("admin"),
+        workdir=tmp_path_factory.mktemp("mcp"),
     ) as servers:
         yield servers
 

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import mcp.types as types
@@ -226,14 +229,16 @@ class MCPServers:
     sse: Served
     token: Served
     keyed: Served
+    everything: Served
 
     @property
     def allow(self) -> str:
-        return ",".join(s.base for s in (self.open, self.sse, self.token, self.keyed))
+        served = (self.open, self.sse, self.token, self.keyed, self.everything)
+        return ",".join(s.base for s in served)
 
 
 @contextmanager
-def mcp_servers(*, api: str, ca_file: str, admin_token: str) -> Iterator[MCPServers]:
+def mcp_servers(*, api: str, ca_file: str, admin_token: str, workdir: Path) -> Iterator[MCPServers]:
     record = Record()
     plain = tool_server("test-tools", record)
     over_sse = tool_server("test-tools-sse", record)
@@ -244,5 +249,58 @@ def mcp_servers(*, api: str, ca_file: str, admin_token: str) -> Iterator[MCPServ
         serve(over_sse.sse_app(), "/sse") as s_sse,
         serve(token_server(verifier, record).streamable_http_app(), "/mcp") as s_token,
         serve(_RequireKey(keyed.streamable_http_app()), "/mcp") as s_keyed,
+        everything_server(workdir) as s_everything,
     ):
-        yield MCPServers(record=record, open=s_open, sse=s_sse, token=s_token, keyed=s_keyed)
+        yield MCPServers(
+            record=record,
+            open=s_open,
+            sse=s_sse,
+            token=s_token,
+            keyed=s_keyed,
+            everything=s_everything,
+        )
+
+
+EVERYTHING = Path(__file__).resolve().parent / "mcp" / "node_modules" / "@modelcontextprotocol"
+EVERYTHING_MAIN = EVERYTHING / "server-everything" / "dist" / "index.js"
+
+
+@contextmanager
+def everything_server(workdir: Path) -> Iterator[Served]:
+    """The reference server @modelcontextprotocol/server-everything (npm, from the committed
+    tests/mcp/package-lock.json), over streamable HTTP, as its own Node.js process."""
+    if not EVERYTHING_MAIN.exists():
+        raise RuntimeError(
+            f"{EVERYTHING_MAIN} is missing: run `make test` (it runs npm ci --prefix tests/mcp)"
+        )
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    log = (workdir / "server-everything.log").open("w")
+    proc = subprocess.Popen(
+        ["node", str(EVERYTHING_MAIN), "streamableHttp"],
+        env={**os.environ, "PORT": str(port)},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"server-everything did not listen on {port}: "
+                    f"{(workdir / 'server-everything.log').read_text()[-2000:]}"
+                )
+            time.sleep(0.05)
+        yield Served(url=f"http://127.0.0.1:{port}/mcp", base=f"http://127.0.0.1:{port}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -398,3 +398,52 @@ def test_a_kubernetes_aware_server_sees_the_runs_own_service_account(
     assert wait_phase(kubectl, namespace, "who", "Succeeded", "Failed")["phase"] == "Succeeded"
     done = [e for e in tool_events(r, uid) if e["status"] == "succeeded"]
     assert done[0]["result"] == [f"system:serviceaccount:{namespace}:{agent_sa}"], done
+
+
+# -- the reference server (@modelcontextprotocol/server-everything, npm) -------------------
+
+
+def test_the_reference_server_its_annotations_progress_and_content_kinds(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    ready_server(kubectl, namespace, "everything", mcp.everything.url)
+    tools = {t["name"]: t for t in status_of(kubectl, namespace, "everything")["tools"]}
+    long_op = tools["trigger-long-running-operation"]
+    assert long_op["annotations"]["readOnlyHint"] is True
+    assert long_op["annotations"]["idempotentHint"] is True
+    assert "duration" in long_op["inputSchema"]["properties"]
+    goal = calling(
+        script,
+        "everything",
+        {
+            "name": "everything__trigger-long-running-operation",
+            "arguments": {"duration": 1, "steps": 4},
+        },
+        {"name": "everything__get-tiny-image", "arguments": {}},
+        {"name": "everything__echo", "arguments": {"message": "hello"}},
+    )
+    uid = create_run(
+        kubectl,
+        namespace,
+        "everything",
+        goal=goal,
+        tools=[
+            "mcp:everything/trigger-long-running-operation",
+            "mcp:everything/get-tiny-image",
+            "mcp:everything/echo",
+        ],
+    )
+    st = wait_phase(kubectl, namespace, "everything", "Succeeded", "Failed", timeout=60)
+    assert st["phase"] == "Succeeded", st
+    events = tool_events(r, uid)
+    progress = [e["result"] for e in events if e["status"] == "progress"]
+    assert progress and progress[-1] == {"progress": 4, "total": 4}, progress
+    done = {e["name"]: e for e in events if e["status"] == "succeeded"}
+    assert (
+        "Long running operation completed"
+        in done["everything__trigger-long-running-operation"]["result"][0]
+    )
+    image = [p for p in done["everything__get-tiny-image"]["result"] if isinstance(p, dict)]
+    assert image and image[0]["type"] == "image" and image[0]["mimeType"] == "image/png"
+    assert image[0]["bytes"] > 0
+    assert done["everything__echo"]["result"] == ["Echo: hello"]
