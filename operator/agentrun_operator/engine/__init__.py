@@ -12,6 +12,9 @@
   changed after an approval) and AwaitingApproval;
 - ``binding``: the run's model and tools (``RunDeps`` for the workflow), budgets,
   exactly-once tool calls;
+- ``mcptools``: a run's MCP tools (pinned at first sight, offered as functions, arguments
+  checked against their schema, called as the run);
+- ``policybook``: the AgentPolicies and namespace labels as they are now, from watches;
 - ``emitter``: the run's events (typed payloads) and status writes;
 - ``finishing``: how runs end, with a task or without one;
 - ``sweeps``: clocks (approval expiries, TTL) and the keys of runs that are gone;
