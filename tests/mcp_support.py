@@ -90,6 +90,14 @@ def tool_server(name: str, record: Record, **kwargs: Any) -> MCPServer:
             raise
         return f"counted to {steps}"
 
+    @server.tool(annotations=destructive)
+    async def drain(node: str, seconds: float, ctx: Context) -> str:
+        """Drain a node, slowly (it changes something: never repeated after a crash)."""
+        record.calls.append(("drain", {"node": node}))
+        record.started[f"drain-{node}"] = time.monotonic()
+        await asyncio.sleep(seconds)
+        return f"drained {node}"
+
     @server.tool(annotations=read_only)
     async def fail(reason: str) -> str:
         """Fail with a reason."""

@@ -447,3 +447,28 @@ def test_the_reference_server_its_annotations_progress_and_content_kinds(
     assert image and image[0]["type"] == "image" and image[0]["mimeType"] == "image/png"
     assert image[0]["bytes"] > 0
     assert done["everything__echo"]["result"] == ["Echo: hello"]
+
+
+def test_after_a_crash_a_changing_mcp_call_is_reported_unknown_never_repeated(
+    kubectl: Kubectl,
+    namespace: str,
+    mcp: MCPServers,
+    script: Script,
+    r: redis_sync.Redis,
+    operator: OperatorProcess,
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url, approval={"drain": "never"})
+    node = f"node-{namespace}"
+    goal = calling(
+        script, "mcp-crash", {"name": "tools__drain", "arguments": {"node": node, "seconds": 30}}
+    )
+    uid = create_run(kubectl, namespace, "crash", goal=goal, tools=["mcp:tools/drain"])
+    wait_for("the drain to start on the server", lambda: f"drain-{node}" in mcp.record.started)
+    operator.kill()
+    operator.start()
+    st = wait_phase(kubectl, namespace, "crash", "Succeeded", "Failed", timeout=60)
+    assert st["phase"] == "Succeeded", st
+    outcomes = [e for e in tool_events(r, uid) if e["status"] not in ("started", "progress")]
+    assert [e["status"] for e in outcomes] == ["unknown"], outcomes
+    assert "not repeated" in outcomes[0]["result"]["error"]
+    assert mcp.record.calls.count(("drain", {"node": node})) == 1, "it ran once"
