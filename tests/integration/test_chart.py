@@ -351,3 +351,51 @@ def test_the_dashboard_graphs_metrics_the_operator_exports(helm: Helm) -> None:
     assert used and used <= {re.sub(r"_total$", "", n) for n in exported}, used - exported
     monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_the_operators_egress_policy_lists_the_mcp_servers_only_when_asked(helm: Helm) -> None:
+    assert not [d for d in render(helm) if d["metadata"]["name"].endswith("-operator-egress")]
+    mcp_peer = {
+        "to": [
+            {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                "podSelector": {"matchLabels": {"app": "prom-mcp"}},
+            }
+        ],
+        "ports": [{"port": 8080, "protocol": "TCP"}],
+    }
+    api = {
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+        "ports": [{"port": 443, "protocol": "TCP"}],
+    }
+    args = [
+        "template",
+        "t",
+        str(CHART),
+        "--namespace",
+        "agentrun-system",
+        "--set",
+        "networkPolicy.operatorEgress.enabled=true",
+        "--set-json",
+        f"mcp.egress=[{json.dumps(mcp_peer)}]",
+        "--set-json",
+        f"networkPolicy.operatorEgress.apiServer=[{json.dumps(api)}]",
+    ]
+    docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
+    [policy] = [d for d in docs if d["metadata"]["name"] == "t-agentrun-operator-egress"]
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    egress = policy["spec"]["egress"]
+    assert egress[0]["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert egress[1]["ports"] == [{"port": 6379, "protocol": "TCP"}]
+    assert egress[2:] == [api, mcp_peer]
+    # A peer of the wrong shape is refused by the chart's schema, naming the field.
+    bad = helm(
+        "template",
+        "t",
+        str(CHART),
+        "--set-json",
+        'mcp.egress=[{"to": [{"cidr": "10.0.0.0/8"}]}]',
+        check=False,
+    )
+    assert bad.returncode != 0 and "/mcp/egress/0/to/0" in bad.stderr, bad.stderr
