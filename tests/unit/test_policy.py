@@ -444,3 +444,34 @@ def test_example_baseline_clamps_and_refuses() -> None:
         20,
         200000,
     )
+
+
+def test_policies_see_mcp_tools_as_mcp_refs() -> None:
+    p = _policy(
+        {
+            "tools": {
+                "allowed": ["k8s_get", "mcp:prom/*", "mcp:*/read_*"],
+                "requireApproval": ["mcp:*/delete_*"],
+            }
+        }
+    )
+    pinned = [
+        models.PinnedMCPTool(server="tools", name=n, function=f"tools__{n}", schema_hash="h")
+        for n in ("read_pod", "delete_pod")
+    ]
+    t = policy.tighten(
+        {"goal": "g", "tools": ["k8s_get", "mcp:prom/*", "mcp:tools/read_pod"]},
+        [p],
+        mcp_tools=pinned,
+    )
+    assert t.always == ["mcp:tools/delete_pod"]
+    assert "mcp:tools/delete_pod" in t.spec.approval.required
+    with pytest.raises(policy.Refused, match="mcp:tools/delete_pod is not allowed"):
+        policy.tighten({"goal": "g", "tools": ["mcp:tools/delete_pod"]}, [p])
+    approval = models.EffectiveApproval(required_by_run=False, always_required=t.always)
+    # An MCP tool's default (not read-only: gated) is waived by an allow rule, never a
+    # policy's always-gated list.
+    assert policy.gated("mcp:tools/x", policy.Verdict(None), approval, default=True)
+    assert not policy.gated("mcp:tools/x", policy.Verdict("allow"), approval, default=True)
+    assert not policy.gated("mcp:tools/x", policy.Verdict(None), approval, default=False)
+    assert policy.gated("mcp:tools/delete_pod", policy.Verdict("allow"), approval, default=False)
