@@ -38,6 +38,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 API_KEY = "s3cret-key"
+SECRET_B64 = "aHVudGVyMi10b3Atc2VjcmV0"  # base64 of "hunter2-top-secret"
 
 
 @dataclass
@@ -97,6 +98,14 @@ def tool_server(name: str, record: Record, **kwargs: Any) -> MCPServer:
         record.started[f"drain-{node}"] = time.monotonic()
         await asyncio.sleep(seconds)
         return f"drained {node}"
+
+    @server.tool(annotations=read_only)
+    async def get_secret(name: str) -> str:
+        """A Secret, as YAML (as a Kubernetes MCP server answers)."""
+        return (
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: " + name + "\n"
+            "data:\n  password: " + SECRET_B64 + "\n"
+        )
 
     @server.tool(annotations=read_only)
     async def fail(reason: str) -> str:

@@ -438,10 +438,19 @@ def service_account_to_check(operation: str, obj: Mapping[str, Any]) -> str | No
     return str(name) if name and name != "default" else None
 
 
-def service_account_refusal(*, user: User, namespace: str, name: str, reason: str) -> str:
+def service_account_refusal(
+    *,
+    user: User,
+    namespace: str,
+    name: str,
+    reason: str,
+    field: str = "spec.serviceAccountName",
+    kind: str = "run",
+) -> str:
+    doing = "run agents as" if kind == "run" else "have MCP servers reached as"
     return (
-        f"{user.username} may not run agents as service account {namespace}/{name}: creating "
-        f"a run with spec.serviceAccountName needs verb 'use' on resource "
+        f"{user.username} may not {doing} service account {namespace}/{name}: creating a "
+        f"{kind} with {field} needs verb 'use' on resource "
         f"'serviceaccounts.{models.GROUP}' (name {name}) in namespace {namespace}; ask an "
         f"admin to bind the agentrun-sa-user ClusterRole there"
         + (f" (authorizer: {reason})" if reason else "")

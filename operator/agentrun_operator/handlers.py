@@ -147,9 +147,11 @@ async def mcpserver(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     _state(memo).discovery.ensure(body)
 
 
-@kopf.on.delete(GROUP, VERSION, "mcpservers", optional=True)
-async def mcpserver_gone(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _state(memo).discovery.forget(body)
+@kopf.on.event(GROUP, VERSION, "mcpservers")
+async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    # Deleted (no finalizer, so no delete handler runs): stop following it.
+    if event.get("type") == "DELETED":
+        await _state(memo).discovery.forget(event.get("object") or {})
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)

@@ -54,6 +54,12 @@ class _Denied(Exception):
     pass
 
 
+class _FromCallback(Exception):
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 async def _raise_on_denied(response: httpx2.Response) -> None:
     # The streamable-HTTP client turns a 401 into a bare "-32603 internal error"; read it here.
     if response.status_code in (401, 403):
@@ -99,6 +105,17 @@ def failure(exc: BaseException, ep: Endpoint) -> MCPFailure:
             return MCPFailure(f"MCP server {ep.url}: no answer within {ep.timeout:g}s")
     first = leaves[0] if leaves else exc
     return MCPFailure(f"MCP server {ep.url}: {type(first).__name__}: {first}")
+
+
+def _cancelled(e: BaseException) -> bool:
+    """Whether a failure is really a cancellation (a stop, a shutdown): the SDK's task groups
+    may wrap it in an ExceptionGroup, and it must never become a tool failure."""
+    if isinstance(e, asyncio.CancelledError):
+        return True
+    if isinstance(e, BaseExceptionGroup) and e.subgroup(asyncio.CancelledError) is not None:
+        return True
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 MessageHandler = MessageHandlerFnT
@@ -174,8 +191,8 @@ async def list_tools(ep: Endpoint) -> tuple[str, list[models.MCPTool]]:
         async with session(ep) as (s, init):
             return server_name(init), await tools_of(s)
     except (Exception, BaseExceptionGroup) as e:
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        if _cancelled(e):
+            raise asyncio.CancelledError() from e
         raise failure(e, ep) from None
 
 
@@ -189,6 +206,12 @@ async def follow(
     (then return: the caller reconnects with fresh credentials). Raises MCPFailure."""
     changed = asyncio.Event()
 
+    async def tell(name: str, tools: list[models.MCPTool]) -> None:
+        try:
+            await on_tools(name, tools)
+        except Exception as e:  # the caller's own failure (its status write), not the server's
+            raise _FromCallback(e) from e
+
     async def on_message(message: Any) -> None:
         if isinstance(message, mcp_types.ToolListChangedNotification):
             changed.set()
@@ -196,17 +219,20 @@ async def follow(
     try:
         async with session(ep, on_message=on_message) as (s, init):
             name = server_name(init)
-            await on_tools(name, await tools_of(s))
+            await tell(name, await tools_of(s))
             deadline = asyncio.get_running_loop().time() + lifetime
             while (left := deadline - asyncio.get_running_loop().time()) > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=left)
                 if changed.is_set():
                     changed.clear()
-                    await on_tools(name, await tools_of(s))
+                    await tell(name, await tools_of(s))
     except (Exception, BaseExceptionGroup) as e:
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        if _cancelled(e):
+            raise asyncio.CancelledError() from e
+        for leaf in _flat(e):
+            if isinstance(leaf, _FromCallback):
+                raise leaf.error from None
         raise failure(e, ep) from None
 
 
@@ -253,8 +279,8 @@ async def call_tool(
         async with session(ep) as (s, _):
             result = await s.call_tool(name, dict(arguments), progress_callback=on_progress)
     except (Exception, BaseExceptionGroup) as e:
-        if isinstance(e, asyncio.CancelledError):
-            raise
+        if _cancelled(e):
+            raise asyncio.CancelledError() from e
         raise failure(e, ep) from None
     return CallResult(
         is_error=bool(result.is_error),

@@ -104,7 +104,7 @@ class Discovery:
         self._followers[uid] = (generation, task)
 
     async def forget(self, body: Mapping[str, Any]) -> None:
-        found = self._followers.pop(str(body["metadata"]["uid"]), None)
+        found = self._followers.pop(str((body.get("metadata") or {}).get("uid")), None)
         if found is not None:
             found[1].cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -166,7 +166,7 @@ class Discovery:
                 if e.message != said:
                     said = e.message
                     log.warning("MCPServer %s/%s: %s", namespace, name, e.message)
-                    with contextlib.suppress(kube.KubeError):
+                    try:
                         conditions = await self._write(
                             namespace,
                             name,
@@ -177,6 +177,9 @@ class Discovery:
                             message=e.message,
                             extra={"lastError": e.message[:4096]},
                         )
+                    except kube.KubeError as w:
+                        if w.status == 404:
+                            return  # the MCPServer is gone: so is its follower
                     await self._k8s.post_event(
                         involved={**body, "kind": "MCPServer"},
                         type="Warning",
@@ -186,6 +189,8 @@ class Discovery:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)
             except kube.KubeError as e:
+                if e.status == 404:
+                    return  # the MCPServer is gone: so is its follower
                 log.warning("MCPServer %s/%s: status not written: %s", namespace, name, e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 60.0)

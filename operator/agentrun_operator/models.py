@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 from pydantic.alias_generators import to_camel
 from pydantic.config import JsonDict
 
@@ -315,6 +315,13 @@ class EffectiveApproval(ApprovalPolicy):
         default=True,
         description="Whether the run's spec listed approval.required itself (then policy "
         "allow rules cannot waive it); false: the default list, which allow rules may waive.",
+    )
+    waivable: list[ToolRef] = Field(
+        default_factory=list,
+        max_length=MAX_MCP_TOOLS,
+        json_schema_extra=_SET,
+        description="The part of required that AgentPolicy allow rules may waive: the "
+        "default list, never what the run listed itself.",
     )
     always_required: list[ToolRef] = Field(
         default_factory=list,
@@ -654,9 +661,23 @@ class PreviewChange(_Model):
     )
 
 
+MAX_RULE_CHANGES = 1000
+
+
 class Preview(_Model):
     """What the call would change, from a server-side dry run (dryRun=All) as the run's
     service account, computed before anyone is asked."""
+
+    # Every changed field (up to MAX_RULE_CHANGES), for the policy rules: people see the
+    # first MAX_PREVIEW_CHANGES; the rules must see what lies beyond them too. Never stored.
+    _every_change: list[PreviewChange] | None = PrivateAttr(default=None)
+
+    def every_change(self) -> list[PreviewChange]:
+        return self._every_change if self._every_change is not None else self.changes
+
+    def with_every_change(self, changes: list[PreviewChange]) -> Preview:
+        self._every_change = changes[:MAX_RULE_CHANGES]
+        return self
 
     summary: str = Field(
         max_length=300, description="One line for people, e.g. 'spec.replicas 1→3'."

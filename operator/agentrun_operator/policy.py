@@ -199,6 +199,7 @@ class Tightened:
     policy_approvers: list[models.Approvers]
     policies: list[models.PolicyRef]
     always: list[str] = field(default_factory=list)
+    waivable: list[str] = field(default_factory=list)
     clamped: list[str] = field(default_factory=list)
     mcp_tools: list[models.PinnedMCPTool] = field(default_factory=list)
 
@@ -208,6 +209,8 @@ class Tightened:
         fixed["approval"]["requiredByRun"] = self.required_by_run
         if self.always:
             fixed["approval"]["alwaysRequired"] = list(self.always)
+        if self.waivable:
+            fixed["approval"]["waivable"] = list(self.waivable)
         if self.policy_approvers:
             fixed["approval"]["policyApprovers"] = [
                 a.model_dump(by_alias=True) for a in self.policy_approvers
@@ -245,6 +248,23 @@ def tighten(
     )
     for p in policies:
         _forbidden(spec, p, default_base_url)
+    approval = spec.approval
+    if not required_by_run:
+        # The default list: where the namespace's policies say so, allow rules waive it.
+        out.waivable = list(approval.required)
+    elif policies:
+        # A list the run wrote only adds to what the policies decide (the default list,
+        # less what allow rules waive); what it names itself is never waived.
+        own = list(approval.required)
+        added: list[str] = [t for t in models.MUTATING_TOOLS if not tool_matches(t, own)]
+        for t in added:
+            if t in spec.tools:
+                out.clamped.append(
+                    f"spec.approval.required (+{t}) not gated → gated unless a policy rule "
+                    "allows it (a run's list only adds to its namespace's policies)"
+                )
+        approval.required = [*own, *added]
+        out.waivable = added
     for p in policies:
         _clamp(out, p)
     return out
@@ -402,11 +422,20 @@ def context(
             "approximate": preview.approximate,
             "changes": [
                 {"path": c.path, "before": c.before or "", "after": c.after or ""}
-                for c in preview.changes
+                for c in preview.every_change()
             ],
+            # More changed than rules can be shown (or the preview came from a checkpoint
+            # that lists only what people see): judge() then asks a person, whatever the
+            # rules say.
+            "changesTruncated": len(preview.every_change())
+            < len(preview.changes) + preview.more_changes,
         }
     shown = dict(args)
-    if len(json.dumps(shown, default=str)) > MAX_ARGS_BYTES:
+    try:
+        too_big = len(json.dumps(shown, default=str)) > MAX_ARGS_BYTES
+    except (RecursionError, ValueError):
+        too_big = True  # nested beyond what can be judged: hidden, so a rule reading it requires
+    if too_big:
         shown = {}
     return {
         "tool": tool,
@@ -424,6 +453,8 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return str(value)  # beyond CEL's int: text, never an error that repeats the arguments
     if value is None or isinstance(value, bool | int | float | str):
         return value
     return str(value)
@@ -451,6 +482,20 @@ def judge(policies: list[Policy], ctx: Mapping[str, Any]) -> Verdict:
     requires: list[models.RuleMatch] = []
     allows: list[models.RuleMatch] = []
     matched: list[str] = []
+    target = ctx.get("target")
+    if (
+        isinstance(target, Mapping)
+        and target.get("changesTruncated")
+        and any(p.spec.rules for p in policies)
+    ):
+        requires.append(
+            models.RuleMatch(
+                policy="agentrun",
+                name="changes-truncated",
+                message="the call changes more fields than the preview lists, so the rules "
+                "could not see them all; a person decides",
+            )
+        )
     for p in policies:
         for rule in p.spec.rules:
             try:
@@ -499,19 +544,19 @@ def gated(
     *,
     default: bool | None = None,
 ) -> bool:
-    """Whether a call waits for people: a require rule always; an allow rule waives the
-    default (never a list the run wrote, nor a tool a policy always gates); otherwise the
-    default decides. For built-in tools the default is the run's effective approval.required
-    list; for an MCP tool (``default`` given: not read-only and not waived by its MCPServer)
-    it is that, and a run's own list adds to it."""
-    if verdict.action == "require" or tool in approval.always_required:
+    """Whether a call waits for people: a require rule, or a tool a policy always gates,
+    always; an allow rule waives only the waivable part of the run's list (the default,
+    never what the run listed itself). For built-in tools that list is the default; for an
+    MCP tool (``default`` given: not read-only and not waived by its MCPServer) the
+    default is ``default``, and the run's own list adds to it."""
+    if verdict.action == "require" or tool_matches(tool, approval.always_required):
         return True
+    listed = tool_matches(tool, approval.required)
+    waivable = tool_matches(tool, approval.waivable)
     if default is not None:
-        if tool in approval.required and approval.required_by_run:
+        if listed and not waivable:
             return True
         return False if verdict.action == "allow" else default
-    if tool not in approval.required:
+    if not listed:
         return False
-    if verdict.action == "allow" and not approval.required_by_run:
-        return False
-    return True
+    return not (verdict.action == "allow" and waivable)

@@ -146,8 +146,16 @@ class Webhooks:
         tokens go."""
         if req["operation"] not in ("CREATE", "UPDATE"):
             return None, []
-        url = str(((req.get("object") or {}).get("spec") or {}).get("url") or "")
-        return mcpservers.url_refusal(url, self.settings.mcp_url_allow), []
+        spec = (req.get("object") or {}).get("spec") or {}
+        refusal = mcpservers.url_refusal(str(spec.get("url") or ""), self.settings.mcp_url_allow)
+        account = spec.get("discoveryServiceAccountName")
+        old = ((req.get("oldObject") or {}).get("spec") or {}).get("discoveryServiceAccountName")
+        if refusal is None and account and account != "default" and account != old:
+            # Its tokens and Secrets are used for discovery: naming it is using it.
+            refusal = await self._may_use(
+                req, str(account), field="spec.discoveryServiceAccountName", kind="MCPServer"
+            )
+        return refusal, []
 
     async def validate_policy(self, req: dict[str, Any]) -> tuple[str | None, list[dict[str, Any]]]:
         """An AgentPolicy or ClusterAgentPolicy is admitted only when every rule compiles."""
@@ -161,7 +169,14 @@ class Webhooks:
         name = (obj.get("metadata") or {}).get("name") or ""
         return f"{kind} {name}: " + "; ".join(problems), []
 
-    async def _may_use(self, req: dict[str, Any], account: str) -> str | None:
+    async def _may_use(
+        self,
+        req: dict[str, Any],
+        account: str,
+        *,
+        field: str = "spec.serviceAccountName",
+        kind: str = "run",
+    ) -> str | None:
         """A SubjectAccessReview for the requester: may they use this service account?"""
         info = req.get("userInfo") or {}
         user = approvals.User.of(info)
@@ -180,7 +195,7 @@ class Webhooks:
         if allowed:
             return None
         return approvals.service_account_refusal(
-            user=user, namespace=namespace, name=account, reason=reason
+            user=user, namespace=namespace, name=account, reason=reason, field=field, kind=kind
         )
 
 

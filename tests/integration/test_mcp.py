@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
-from mcp_support import API_KEY, MCPServers
+from mcp_support import API_KEY, SECRET_B64, MCPServers
 
 from agentrun_operator import mcpclient
 
@@ -472,3 +472,39 @@ def test_after_a_crash_a_changing_mcp_call_is_reported_unknown_never_repeated(
     assert [e["status"] for e in outcomes] == ["unknown"], outcomes
     assert "not repeated" in outcomes[0]["result"]["error"]
     assert mcp.record.calls.count(("drain", {"node": node})) == 1, "it ran once"
+
+
+def test_secret_data_in_mcp_results_and_arguments_never_reaches_the_stream(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers, script: Script, r: redis_sync.Redis
+) -> None:
+    ready_server(kubectl, namespace, "tools", mcp.open.url)
+    manifest = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": "x"},
+        "data": {"k": SECRET_B64},
+    }
+    goal = calling(
+        script,
+        "mcp-secret",
+        {"name": "tools__get_secret", "arguments": {"name": "db"}},
+        # An argument carrying a Secret manifest as text (the result does not echo it).
+        {"name": "tools__slow", "arguments": {"steps": 1, "delay": 0, "tag": json.dumps(manifest)}},
+    )
+    uid = create_run(kubectl, namespace, "secret", goal=goal, tools=["mcp:tools/*"])
+    assert wait_phase(kubectl, namespace, "secret", "Succeeded", "Failed")["phase"] == "Succeeded"
+    raw = json.dumps(stream(r, uid))
+    assert SECRET_B64 not in raw, "a Secret's data reached the stream"
+    done = {e["name"]: e for e in tool_events(r, uid) if e["status"] == "succeeded"}
+    assert "password" in done["tools__get_secret"]["result"][0], "the key stays visible"
+
+
+def test_naming_a_discovery_account_needs_the_right_to_use_it(
+    kubectl: Kubectl, namespace: str, mcp: MCPServers
+) -> None:
+    kubectl("create", "serviceaccount", "powerful", "-n", namespace)
+    doc = server_doc("borrowed", mcp.token.url, discoveryServiceAccountName="powerful")
+    proc = create(kubectl, namespace, doc, "--as=madmin")
+    assert proc.returncode != 0
+    assert "madmin may not have MCP servers reached as service account" in proc.stderr, proc.stderr
+    assert "spec.discoveryServiceAccountName" in proc.stderr and "agentrun-sa-user" in proc.stderr

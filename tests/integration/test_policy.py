@@ -440,3 +440,31 @@ async def async_wait_for(what: str, read: Any, want: Any, timeout: float = 10) -
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def test_a_call_asked_again_is_judged_again_on_what_it_would_change_now(
+    kubectl: Kubectl, namespace: str, agent_sa: str, r: redis_sync.Redis, script: Script
+) -> None:
+    freeze = {
+        "rules": [
+            {
+                "name": "frozen",
+                "when": "target != null && 'frozen' in target.labels",
+                "action": "deny",
+                "message": "frozen for the release",
+            }
+        ]
+    }
+    assert apply_policy(kubectl, namespace, policy_doc("freeze", freeze)).returncode == 0
+    uid = start_scaling_run(kubectl, namespace, agent_sa, scale_script(script, "rejudge"))
+    [name] = wait_awaiting(kubectl, namespace, "scale")
+    # After the preview: someone scales it (so the approval goes Stale) and freezes it.
+    kubectl("scale", "deployment", "web", "--replicas=2", "-n", namespace)
+    kubectl("label", "deployment", "web", "frozen=yes", "-n", namespace)
+    assert decide(kubectl, namespace, name, "approver", "Approved").returncode == 0
+    assert wait_phase(kubectl, namespace, "scale", "Succeeded", "Failed")["phase"] == "Succeeded"
+    names = [a["metadata"]["name"] for a in approvals_of(kubectl, namespace, "scale")]
+    assert names == [name], "the deny rule answered: nobody was asked again"
+    tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
+    assert tool["status"] == "denied" and "(rule frozen)" in tool["result"]["error"], tool
+    assert replicas(kubectl, namespace)["spec"]["replicas"] == 2

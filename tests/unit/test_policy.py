@@ -193,15 +193,36 @@ def test_rules_see_the_preview_target_and_the_time() -> None:
 def test_gating_allow_waives_only_the_default_list() -> None:
     allow = policy.Verdict("allow")
     none = policy.Verdict(None)
-    default = models.EffectiveApproval(required_by_run=False)
+    default = models.EffectiveApproval(waivable=list(models.MUTATING_TOOLS))
     written = models.EffectiveApproval(required_by_run=True)
-    always = models.EffectiveApproval(required_by_run=False, always_required=["k8s_scale"])
+    always = models.EffectiveApproval(
+        waivable=list(models.MUTATING_TOOLS), always_required=["k8s_scale"]
+    )
     assert policy.gated("k8s_scale", none, default)
     assert not policy.gated("k8s_scale", allow, default)
     assert policy.gated("k8s_scale", allow, written)
     assert policy.gated("k8s_scale", allow, always)
     assert not policy.gated("k8s_get", none, default)
     assert policy.gated("k8s_get", policy.Verdict("require"), default)
+
+
+def test_a_runs_own_list_only_adds_to_what_the_policies_decide() -> None:
+    p = _policy({"rules": [{"name": "ok", "when": "true", "action": "allow"}]})
+    t = policy.tighten({"goal": "g", "tools": ["k8s_scale"], "approval": {"required": []}}, [p])
+    assert sorted(t.spec.approval.required) == sorted(models.MUTATING_TOOLS)
+    assert t.waivable == list(models.MUTATING_TOOLS)
+    assert any("(+k8s_scale)" in c for c in t.clamped), t.clamped
+    t = policy.tighten({"goal": "g", "approval": {"required": ["k8s_scale", "mcp:tools/*"]}}, [p])
+    approval = models.EffectiveApproval.model_validate(t.effective(generation=1)["approval"])
+    assert "k8s_scale" not in approval.waivable and "k8s_patch" in approval.waivable
+    assert policy.gated("k8s_scale", policy.Verdict("allow"), approval), "the run listed it"
+    assert not policy.gated("k8s_patch", policy.Verdict("allow"), approval)
+    # A pattern in the run's list gates every tool it matches, whatever the server says.
+    assert policy.gated("mcp:tools/read", policy.Verdict("allow"), approval, default=False)
+    # Without policies, the run's list is the list (as before policies existed).
+    assert (
+        policy.tighten({"goal": "g", "approval": {"required": []}}, []).spec.approval.required == []
+    )
 
 
 # -- static settings: a run can only tighten -------------------------------------------------
@@ -225,7 +246,8 @@ def test_tighten_clamps_what_a_run_asks_too_little_of_and_says_so() -> None:
     a, lim = t.spec.approval, t.spec.limits
     assert (a.min_approvals, a.allow_self_approval, a.timeout) == (2, False, "30m")
     assert (lim.max_steps, lim.max_tokens, lim.max_cost_usd, lim.timeout) == (10, 5000, 1.5, "15m")
-    assert a.required == ["k8s_patch"] and t.always == ["k8s_patch"] and t.required_by_run
+    assert sorted(a.required) == sorted(models.MUTATING_TOOLS), "a run's [] only adds"
+    assert t.always == ["k8s_patch"] and t.required_by_run
     assert len(t.clamped) == 8, t.clamped
     assert "spec.approval.minApprovals 1 → 2 (AgentPolicy team/guard)" in t.clamped
     fixed = t.effective(generation=1)
@@ -468,10 +490,54 @@ def test_policies_see_mcp_tools_as_mcp_refs() -> None:
     assert "mcp:tools/delete_pod" in t.spec.approval.required
     with pytest.raises(policy.Refused, match="mcp:tools/delete_pod is not allowed"):
         policy.tighten({"goal": "g", "tools": ["mcp:tools/delete_pod"]}, [p])
-    approval = models.EffectiveApproval(required_by_run=False, always_required=t.always)
+    approval = models.EffectiveApproval(always_required=t.always)
     # An MCP tool's default (not read-only: gated) is waived by an allow rule, never a
     # policy's always-gated list.
     assert policy.gated("mcp:tools/x", policy.Verdict(None), approval, default=True)
     assert not policy.gated("mcp:tools/x", policy.Verdict("allow"), approval, default=True)
     assert not policy.gated("mcp:tools/x", policy.Verdict(None), approval, default=False)
     assert policy.gated("mcp:tools/delete_pod", policy.Verdict("allow"), approval, default=False)
+
+
+def test_rules_see_every_change_and_a_person_decides_when_they_cannot() -> None:
+    p = example("scale-needs-sre-leads")
+    noise = [
+        models.PreviewChange(path=f"metadata.annotations.a{i:02}", after='"x"') for i in range(24)
+    ]
+    changes = [*noise, models.PreviewChange(path="spec.replicas", before="2", after="50")]
+    shown, hidden = changes[: models.MAX_PREVIEW_CHANGES], changes[models.MAX_PREVIEW_CHANGES :]
+
+    def preview() -> models.Preview:
+        return models.Preview(
+            summary="s",
+            operation="update",
+            changes=shown,
+            more_changes=len(hidden),
+            target=models.PreviewTarget(api_version="apps/v1", kind="Deployment", name="web"),
+        )
+
+    full = policy.judge(
+        [p], _ctx("k8s_patch", {"kind": "Deployment"}, preview=preview().with_every_change(changes))
+    )
+    assert full.action == "require" and full.rule is not None and full.rule.name == "big-scale"
+    assert full.rule.min_approvals == 2, "spec.replicas beyond the 20 people see still counts"
+    # From a checkpoint only the listed changes are known: a person decides.
+    partial = policy.judge([p], _ctx("k8s_patch", {"kind": "Deployment"}, preview=preview()))
+    assert partial.action == "require" and partial.rule is not None
+    assert partial.rule.name == "changes-truncated"
+
+
+def test_arguments_too_deep_or_too_big_for_cel_are_hidden_not_a_crash() -> None:
+    p = _policy({"rules": [{"name": "r", "when": "args.x == 1", "action": "allow"}]})
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(2000):
+        node["x"] = {}
+        node = node["x"]
+    assert policy.judge([p], _ctx(args=deep)).action == "require"
+    # Beyond CEL's int: given as text, so the rule errors (a person decides) and the error
+    # never repeats the arguments (they may hold anything).
+    greater = _policy({"rules": [{"name": "r", "when": "args.x > 1", "action": "allow"}]})
+    huge = policy.judge([greater], _ctx(args={"x": 2**70, "secret": "hunter2"}))
+    assert huge.action == "require" and huge.rule is not None
+    assert "hunter2" not in huge.rule.message and str(2**70) not in huge.rule.message

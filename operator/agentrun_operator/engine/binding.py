@@ -275,7 +275,11 @@ class RunDeps:
         if record.get("state") == "done":
             return str(record["content"])  # already executed and reported once
         # What people see of the call (stream, call record): Secret values redacted.
-        shown = tools.redacted_arguments(name, arguments)
+        shown = (
+            tools.redact_deep(arguments)
+            if self._mcp.has(name)
+            else tools.redacted_arguments(name, arguments)
+        )
         started = time.monotonic()
         if decision is None:
             # Arguments that can never run: no person was asked (the gate skips such calls)
@@ -311,15 +315,23 @@ class RunDeps:
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
             return content
+        if self._mcp.has(name):
+            return await self._mcp_call(call_id, name, arguments, shown, record, started)
+        outcome: tools.ToolOutcome | None = None
+        crashed = record.get("state") == "started" and name in models.MUTATING_TOOLS
+        if crashed:
+            # We crashed after starting this call: did it land? Ask the object, not memory.
+            outcome = await self._landed_before(name, arguments, call_id)
         runner: kube.ServiceAccountKube = self._kube
         if (
-            decision is not None
+            outcome is None
+            and decision is not None
             and decision.get("decision") == "approved"
             and decision.get("target")
-            and record.get("state") != "started"
         ):
-            # Bound to what people approved: if the object changed since, nothing runs;
-            # else the write goes only to the version just read.
+            # Bound to what people approved (also when a crash interrupted it before it
+            # landed): if the object changed since, nothing runs; else the write goes only
+            # to the version just read.
             check = functools.partial(
                 tools.check_bound,
                 self._kube,
@@ -360,13 +372,8 @@ class RunDeps:
                     resource_version=bound.resource_version,
                     fresh=fresh,
                 )
-        if self._mcp.has(name):
-            return await self._mcp_call(call_id, name, arguments, shown, record, started)
-        outcome: tools.ToolOutcome | None = None
-        if record.get("state") == "started" and name in models.MUTATING_TOOLS:
-            # We crashed after starting this call: did it land? Ask the object, not memory.
-            outcome = await self._landed_before(name, arguments, call_id)
-        else:
+
+        if not crashed:
             await self._emitter.tool(
                 call_id=call_id,
                 name=name,

@@ -27,7 +27,7 @@ from agentrun_operator import metrics as prom
 from agentrun_operator.engine.binding import argument_error, mark_stale
 from agentrun_operator.engine.common import RunRef, Services, audit, is_waiting
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
-from agentrun_operator.engine.judging import changed, dry_run
+from agentrun_operator.engine.judging import changed, dry_run, rejudge
 
 log = logging.getLogger("agentrun.gate")
 
@@ -78,11 +78,8 @@ class Gate:
         interrupts: Any,
         emitter: Emitter,
         statusw: StatusWriter,
-        *,
-        asked_again: bool = False,
     ) -> GateOutcome:
-        """Create or read the run's ToolApprovals; the resume command once all are settled.
-        (``asked_again``: this pass follows one that found an approval Stale.)"""
+        """Create or read the run's ToolApprovals; the resume command once all are settled."""
         items: list[dict[str, Any]] = []
         reason = ""
         for intr in interrupts:
@@ -104,7 +101,11 @@ class Gate:
             invalid = argument_error(item["tool"], item.get("arguments") or {})
             # Shown to people (ToolApproval, events, notifications) with Secret values
             # redacted; the call itself runs with the checkpoint's own arguments.
-            shown = tools.redacted_arguments(item["tool"], item.get("arguments") or {})
+            shown = (
+                tools.redact_deep(item.get("arguments") or {})
+                if item.get("server")
+                else tools.redacted_arguments(item["tool"], item.get("arguments") or {})
+            )
             if invalid is not None and (
                 ta is None
                 or approvals.settle(
@@ -119,43 +120,83 @@ class Gate:
                 if ta is not None and (ta.get("status") or {}).get("state") in (None, "Pending"):
                     await self.cancel(ref, emitter, ta, f"its arguments can never run: {invalid}")
                 continue
+            outcome = await self._one(ref, spec, item, ta, shown, reason, emitter, statusw, now)
+            if isinstance(outcome, tuple):
+                waiting.append(outcome)
+                continue
+            decisions[call_id] = outcome
+            if outcome.get("decision") == "expired" and policy.on_timeout == "stop":
+                expired_stop = True
+        if expired_stop:
+            return GateOutcome(stop=True)
+        if waiting:
+            await self._awaiting(ref, [n for n, _ in waiting], emitter, statusw)
+            expiries = [e for _, e in waiting if e is not None]
+            return GateOutcome(expires=min(expiries) if expiries else None)
+        await self._s.store.people_answered(ref.uid)
+        return GateOutcome(resume=Command(resume=decisions))
+
+    async def _one(
+        self,
+        ref: RunRef,
+        spec: models.AgentRunSpec,
+        item: dict[str, Any],
+        ta: dict[str, Any] | None,
+        shown: dict[str, Any],
+        reason: str,
+        emitter: Emitter,
+        statusw: StatusWriter,
+        now: dt.datetime,
+    ) -> workflow.Decision | tuple[str, dt.datetime | None]:
+        """One call's decision, or (approval name, deadline) while people have not decided.
+        An approval whose object changed after people approved it is Stale: the call is
+        asked again once (NAME-2, a fresh preview, the rules judged again on it)."""
+        call_id, policy = item["callId"], spec.approval
+        for _ in range(3):  # the first approval, a Stale one found now, and NAME-2
             state = (ta.get("status") or {}).get("state") if ta is not None else None
             if state == "Cancelled":
                 # Cancelled while its call still waits (its dry run was refused after the
                 # approval was created): nobody can decide it any more, so the call fails.
-                decisions[call_id] = {
+                return {
                     "decision": "refused",
                     "by": "agentrun",
                     "comment": str((ta or {}).get("status", {}).get("message") or "")
                     or f"{item['tool']}: the approval was cancelled",
                 }
-                continue
-            if state == "Stale" and ta is not None:
-                # Approved, but its object changed before the call ran (found so after a
-                # restart): asked once more, else the call fails.
-                if ta["metadata"]["name"].endswith(contract.REASK_SUFFIX):
-                    decisions[call_id] = _twice_stale(item["tool"], ta)
-                    continue
             again = state == "Stale"
+            if again and ta is not None and ta["metadata"]["name"].endswith(contract.REASK_SUFFIX):
+                return _twice_stale(item["tool"], ta)
             preview: models.Preview | None = None
             if item.get("preview") and not again:
                 preview = models.Preview.model_validate(item["preview"])  # judged before
             elif ta is None or not state or again:
-                # A call paused before calls were judged: what would it change? A call the
-                # API server refuses fails as the tool error it is, and nobody is asked.
+                # Asked again, or a call paused before calls were judged: what would it
+                # change? A call the API server refuses fails as the tool error it is, and
+                # nobody is asked.
                 try:
                     preview = await dry_run(
                         self._s.k8s, ref, spec, item["tool"], item.get("arguments") or {}, call_id
                     )
                 except tools.PreviewRefused as e:
-                    if ta is not None:
+                    if ta is not None and not again:
                         await self.cancel(ref, emitter, ta, e.message)
-                    decisions[call_id] = {
-                        "decision": "refused",
-                        "by": "the API server",
-                        "comment": e.message,
+                    return {"decision": "refused", "by": "the API server", "comment": e.message}
+            if again:
+                # The rules, as the policies are now, on what it would change now.
+                verdict = await rejudge(
+                    self._s, ref, spec, str(statusw.current.get("createdBy") or ""), item, preview
+                )
+                if verdict.action == "deny" and verdict.rule is not None:
+                    return {
+                        "decision": "denied",
+                        "by": f"{verdict.rule.policy} (rule {verdict.rule.name})",
+                        "comment": verdict.rule.message or "denied by policy",
                     }
-                    continue
+                rule = verdict.rule if verdict.action == "require" else None
+                item = {
+                    **item,
+                    "rule": rule.model_dump(by_alias=True, exclude_none=True) if rule else None,
+                }
             if ta is None or again:
                 ta = await self._s.k8s.create_toolapproval(
                     namespace=ref.namespace,
@@ -179,13 +220,11 @@ class Gate:
             )
             if settled is None:
                 await self._count(ref, spec, ta)
-                expires = approvals.parse_time((ta.get("status") or {}).get("expiresAt"))
-                waiting.append((ta["metadata"]["name"], expires))
-                continue
+                return ta["metadata"]["name"], approvals.parse_time(
+                    (ta.get("status") or {}).get("expiresAt")
+                )
             if (ta.get("status") or {}).get("state") != _STATE[settled.outcome]:
                 await self._report(ref, spec, ta, item["tool"], shown, settled, emitter, now)
-            if settled.outcome == "expired" and policy.on_timeout == "stop":
-                expired_stop = True
             decision: workflow.Decision = {
                 "decision": settled.outcome,
                 "by": settled.by,
@@ -193,40 +232,26 @@ class Gate:
                 "approval": ta["metadata"]["name"],
             }
             target = ((ta.get("status") or {}).get("preview") or {}).get("target")
-            if settled.outcome == "approved" and isinstance(target, dict):
-                decision["target"] = target
-                why = await changed(self._s.k8s, ref, spec, item, target)
-                if why is not None:
-                    # Bound to what people saw: the object changed since, so nothing runs on
-                    # this approval. The run asks again (once) with a fresh preview.
-                    await mark_stale(
-                        self._s.k8s,
-                        emitter,
-                        namespace=ref.namespace,
-                        approval=ta["metadata"]["name"],
-                        call_id=call_id,
-                        tool=item["tool"],
-                        shown=shown,
-                        why=why,
-                    )
-                    if ta["metadata"]["name"].endswith(contract.REASK_SUFFIX):
-                        decisions[call_id] = _twice_stale(item["tool"], ta, why)
-                        continue
-                    if not asked_again:
-                        return await self.settle(
-                            ref, spec, interrupts, emitter, statusw, asked_again=True
-                        )
-                    decisions[call_id] = _twice_stale(item["tool"], ta, why)
-                    continue
-            decisions[call_id] = decision
-        if expired_stop:
-            return GateOutcome(stop=True)
-        if waiting:
-            await self._awaiting(ref, [n for n, _ in waiting], emitter, statusw)
-            expiries = [e for _, e in waiting if e is not None]
-            return GateOutcome(expires=min(expiries) if expiries else None)
-        await self._s.store.people_answered(ref.uid)
-        return GateOutcome(resume=Command(resume=decisions))
+            if settled.outcome != "approved" or not isinstance(target, dict):
+                return decision
+            decision["target"] = target
+            why = await changed(self._s.k8s, ref, spec, item, target)
+            if why is None:
+                return decision
+            # Bound to what people saw: the object changed since, so nothing runs on this
+            # approval. It is Stale; the loop asks again (once) with a fresh preview.
+            await mark_stale(
+                self._s.k8s,
+                emitter,
+                namespace=ref.namespace,
+                approval=ta["metadata"]["name"],
+                call_id=call_id,
+                tool=item["tool"],
+                shown=shown,
+                why=why,
+            )
+            ta = {**ta, "status": {**(ta.get("status") or {}), "state": "Stale", "message": why}}
+        raise AssertionError("unreachable: an approval is asked at most twice")
 
     async def _open(
         self,

@@ -70,6 +70,56 @@ async def changed(
     )
 
 
+async def rejudge(
+    services: Services,
+    ref: RunRef,
+    spec: models.AgentRunSpec,
+    created_by: str,
+    item: Mapping[str, Any],
+    preview: models.Preview | None,
+) -> policy.Verdict:
+    """The rules, as the policies are now, on a call asked again with a fresh preview (its
+    approval went Stale). Unreadable policies count as require."""
+    try:
+        policies = await read_policies(services, ref.namespace)
+    except kube.KubeError as e:
+        if unavailable(e):
+            raise
+        return policy.Verdict(
+            "require",
+            models.RuleMatch(
+                policy="AgentPolicy",
+                name="unreadable",
+                message=f"the AgentPolicies could not be read ({e}); a person decides",
+            ),
+        )
+    if not any(p.spec.rules for p in policies):
+        return policy.Verdict()
+    name, args = str(item["tool"]), dict(item.get("arguments") or {})
+    target_ns = preview.target.namespace if preview and preview.target else None
+    where = str(target_ns or args.get("namespace") or ref.namespace)
+    labels = (
+        await services.policies.namespace_labels(where)
+        if services.policies is not None
+        else await services.k8s.namespace_labels(where)
+    )
+    ctx = policy.context(
+        tool=name,
+        args=tools.redacted_arguments(name, args),
+        run={
+            "namespace": ref.namespace,
+            "name": ref.name,
+            "createdBy": created_by,
+            "serviceAccount": spec.service_account_name or "default",
+        },
+        preview=preview,
+        namespace=where,
+        namespace_labels=labels,
+        now=dt.datetime.now(dt.UTC),
+    )
+    return policy.judge(policies, ctx)
+
+
 class Judge:
     """Judges the calls of one run (``RunDeps.judge`` delegates here)."""
 
@@ -130,12 +180,18 @@ class Judge:
                 models.RuleMatch(policy="AgentPolicy", name="unreadable", message=unreadable),
             )
         elif policies and any(p.spec.rules for p in policies):
-            where = str(args.get("namespace") or self._ref.namespace)
+            # Where the call acts: the dry run's object (a manifest names its own), else
+            # its arguments, else the run's namespace.
+            target_ns = preview.target.namespace if preview and preview.target else None
+            where = str(target_ns or args.get("namespace") or self._ref.namespace)
             if where not in labels:
                 labels[where] = await self._namespace_labels(where)
             ctx = policy.context(
                 tool=tool,
-                args=args,
+                # Secret values redacted: rules never see them, nor can an error repeat them.
+                args=tools.redacted_arguments(name, args)
+                if not self._mcp.has(name)
+                else tools.redact_deep(args),
                 run={
                     "namespace": self._ref.namespace,
                     "name": self._ref.name,

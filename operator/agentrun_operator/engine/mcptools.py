@@ -18,7 +18,7 @@ from typing import Any
 
 import jsonschema
 
-from agentrun_operator import config, kube, mcpclient, mcpservers, models, policy, tools
+from agentrun_operator import approvals, config, kube, mcpclient, mcpservers, models, policy, tools
 
 PROGRESS_EVERY = 0.25  # seconds between two progress events of one call (coalesced)
 
@@ -170,6 +170,12 @@ class Toolset:
     def argument_error(self, function: str, arguments: dict[str, Any]) -> str | None:
         """What makes a call's arguments invalid for the tool's input schema (naming the
         argument), or None."""
+        deep = approvals.deeper_than(arguments, approvals.MAX_ARGUMENT_NESTING)
+        if deep is not None:
+            return (
+                f"{function}: arguments are nested deeper than "
+                f"{approvals.MAX_ARGUMENT_NESTING} levels (at {'.'.join(deep[:8])}...)"
+            )
         schema = self.offered[function].tool.input_schema
         try:
             validator = jsonschema.validators.validator_for(schema)(schema)
@@ -220,10 +226,10 @@ class Toolset:
             return tools.ToolOutcome("failed", None, f"{function}: {e.message}")
         # A Kubernetes-aware server may answer with objects: Secret data is redacted in
         # them as in the built-in tools' results.
-        shown: Any = tools.redact(result.content)
+        shown: Any = tools.redact_deep(result.content)
         if result.structured is not None and not result.content:
-            shown = tools.redact(result.structured)
+            shown = tools.redact_deep(result.structured)
         if result.is_error:
-            text = " ".join(str(c) for c in result.content) or "the tool failed"
+            text = " ".join(str(c) for c in tools.redact_deep(result.content)) or "the tool failed"
             return tools.ToolOutcome("failed", None, f"{function}: {text[:max_bytes]}")
         return tools.ToolOutcome("succeeded", tools.cap(shown, max_bytes), None)

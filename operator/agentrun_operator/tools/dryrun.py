@@ -242,7 +242,7 @@ def _update(
         more_changes=len(changed) - len(shown),
         operation=operation,
         approximate=approximate,
-    )
+    ).with_every_change(changed)
 
 
 def _comparable(obj: dict[str, Any] | None) -> dict[str, Any]:
@@ -360,13 +360,18 @@ async def check_bound(
     write is bound to the version just read (its uid and resourceVersion)."""
     try:
         args = parse_arguments(name, arguments)
-        rt, target_name, ns = await _target(kube, args, namespace)
-    except (ArgumentError, kubeapi.KubeError):
-        return Bound()  # the call itself reports it
+    except ArgumentError:
+        return Bound()  # the call itself fails on them: nothing runs
     try:
+        rt, target_name, ns = await _target(kube, args, namespace)
         now = await _get(kube, rt, target_name, ns, tool=name)
-    except PreviewRefused:
-        return Bound()  # cannot read it now: the call itself will say why
+    except kubeapi.KubeError as e:
+        if e.transient:
+            raise  # the API server is away: the run waits for it, and checks again
+        return Bound(f"its object could not be checked against the approval ({e.message})")
+    except PreviewRefused as e:
+        # Fail closed: what cannot be compared with what people approved does not run.
+        return Bound(f"its object could not be checked against the approval ({e.message})")
     meta = (now or {}).get("metadata") or {}
     what = f"{rt.kind} {ns}/{target_name}" if rt.namespaced else f"{rt.kind} {target_name}"
     path = rt.path(namespace=ns, name=target_name)

@@ -68,6 +68,41 @@ def redact(value: Any) -> Any:
     return out
 
 
+def redact_text(text: str) -> str:
+    """A text that may carry Kubernetes objects as JSON or YAML (an MCP server's answer, an
+    argument) with the data of every Secret in it redacted; text that holds a Secret but
+    cannot be read is withheld whole."""
+    if "secret" not in text.lower():
+        return text
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        pass
+    else:
+        shown = redact(doc)
+        return text if shown == doc else json.dumps(shown)
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError:
+        return REDACTED if "data" in text or "stringData" in text else text
+    shown_docs = [redact(d) for d in docs]
+    if shown_docs == docs:
+        return text
+    return yaml.safe_dump_all(shown_docs, sort_keys=False)
+
+
+def redact_deep(value: Any) -> Any:
+    """``redact`` that also reads the strings inside ``value`` (MCP results and arguments
+    are free-form: a Secret may come as an object or as YAML text)."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [redact_deep(v) for v in value]
+    if isinstance(value, dict):
+        return redact({k: redact_deep(v) for k, v in value.items()})
+    return value
+
+
 def redacted_arguments(name: str, arguments: dict[str, Any]) -> dict[str, Any]:
     """A call's arguments fit for the event stream: Secret data the model wrote into a
     k8s_apply manifest or a k8s_patch of a Secret is redacted."""
