@@ -121,7 +121,8 @@ BAD_MANIFESTS: list[tuple[str, dict[str, Any], str]] = [
     ("name over 63 characters", agentrun(name="r" * 64), "metadata.name"),
     ("bad call id", toolapproval(callId="call_1"), "spec.callId"),
     ("unknown decision", toolapproval(decision="Maybe"), "spec.decision"),
-    ("unknown approval tool", toolapproval(tool="bash"), "spec.tool"),
+    ("approval tool not a function name", toolapproval(tool="rm -rf"), "spec.tool"),
+    ("approval server name too long", toolapproval(server="s" * 64), "spec.server"),
     ("arguments not an object", toolapproval(arguments="rm -rf"), "spec.arguments"),
     ("empty model name", agentrun(model={"name": ""}), "spec.model.name"),
     (

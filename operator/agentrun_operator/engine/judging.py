@@ -80,44 +80,11 @@ async def rejudge(
 ) -> policy.Verdict:
     """The rules, as the policies are now, on a call asked again with a fresh preview (its
     approval went Stale). Unreadable policies count as require."""
-    try:
-        policies = await read_policies(services, ref.namespace)
-    except kube.KubeError as e:
-        if unavailable(e):
-            raise
-        return policy.Verdict(
-            "require",
-            models.RuleMatch(
-                policy="AgentPolicy",
-                name="unreadable",
-                message=f"the AgentPolicies could not be read ({e}); a person decides",
-            ),
-        )
-    if not any(p.spec.rules for p in policies):
-        return policy.Verdict()
-    name, args = str(item["tool"]), dict(item.get("arguments") or {})
-    target_ns = preview.target.namespace if preview and preview.target else None
-    where = str(target_ns or args.get("namespace") or ref.namespace)
-    labels = (
-        await services.policies.namespace_labels(where)
-        if services.policies is not None
-        else await services.k8s.namespace_labels(where)
-    )
-    ctx = policy.context(
-        tool=name,
-        args=tools.redacted_arguments(name, args),
-        run={
-            "namespace": ref.namespace,
-            "name": ref.name,
-            "createdBy": created_by,
-            "serviceAccount": spec.service_account_name or "default",
-        },
-        preview=preview,
-        namespace=where,
-        namespace_labels=labels,
-        now=dt.datetime.now(dt.UTC),
-    )
-    return policy.judge(policies, ctx)
+    judge = Judge(services, ref, spec, models.EffectiveApproval(), created_by)
+    policies, unreadable = await judge.policies()
+    args = dict(item.get("arguments") or {})
+    now = dt.datetime.now(dt.UTC)
+    return await judge.verdict(str(item["tool"]), args, preview, policies, unreadable, {}, now)
 
 
 class Judge:
@@ -140,7 +107,7 @@ class Judge:
         self._mcp = mcp if mcp is not None else Toolset({})
 
     async def calls(self, calls: list[dict[str, Any]]) -> dict[str, workflow.Verdict]:
-        policies, unreadable = await self._policies()
+        policies, unreadable = await self.policies()
         labels: dict[str, dict[str, str]] = {}
         now = dt.datetime.now(dt.UTC)
         verdicts: dict[str, workflow.Verdict] = {}
@@ -148,7 +115,8 @@ class Judge:
             verdicts[call["call_id"]] = await self._one(call, policies, unreadable, labels, now)
         return verdicts
 
-    async def _policies(self) -> tuple[list[policy.Policy], str | None]:
+    async def policies(self) -> tuple[list[policy.Policy], str | None]:
+        """The policies now, or why they could not be read (then every call requires)."""
         try:
             return await read_policies(self._s, self._ref.namespace), None
         except kube.KubeError as e:
@@ -173,37 +141,7 @@ class Judge:
         except tools.PreviewRefused as e:
             audit("call-refused", run=self._ref.key, call=call_id, tool=name, why=e.message)
             return {"refused": e.message}
-        verdict = policy.Verdict()
-        if unreadable is not None:
-            verdict = policy.Verdict(
-                "require",
-                models.RuleMatch(policy="AgentPolicy", name="unreadable", message=unreadable),
-            )
-        elif policies and any(p.spec.rules for p in policies):
-            # Where the call acts: the dry run's object (a manifest names its own), else
-            # its arguments, else the run's namespace.
-            target_ns = preview.target.namespace if preview and preview.target else None
-            where = str(target_ns or args.get("namespace") or self._ref.namespace)
-            if where not in labels:
-                labels[where] = await self._namespace_labels(where)
-            ctx = policy.context(
-                tool=tool,
-                # Secret values redacted: rules never see them, nor can an error repeat them.
-                args=tools.redacted_arguments(name, args)
-                if not self._mcp.has(name)
-                else tools.redact_deep(args),
-                run={
-                    "namespace": self._ref.namespace,
-                    "name": self._ref.name,
-                    "createdBy": self._created_by,
-                    "serviceAccount": self._spec.service_account_name or "default",
-                },
-                preview=preview,
-                namespace=where,
-                namespace_labels=labels[where],
-                now=now,
-            )
-            verdict = policy.judge(policies, ctx)
+        verdict = await self.verdict(name, args, preview, policies, unreadable, labels, now)
         out: workflow.Verdict = {}
         if self._mcp.has(name):
             out["server"] = self._mcp.offered[name].pinned.server
@@ -235,6 +173,51 @@ class Judge:
         # the MCPServer says never.
         default = not pinned.read_only and pinned.approval != "never"
         return policy.gated(tool, verdict, self._approval, default=default)
+
+    async def verdict(
+        self,
+        name: str,
+        args: dict[str, Any],
+        preview: models.Preview | None,
+        policies: list[policy.Policy],
+        unreadable: str | None,
+        labels: dict[str, dict[str, str]],
+        now: dt.datetime,
+    ) -> policy.Verdict:
+        """What the rules say about one call (``labels``: namespace labels read so far)."""
+        if unreadable is not None:
+            return policy.Verdict(
+                "require",
+                models.RuleMatch(policy="AgentPolicy", name="unreadable", message=unreadable),
+            )
+        if not any(p.spec.rules for p in policies):
+            return policy.Verdict()
+        # Rules and policies see an MCP call as mcp:<server>/<tool> (target: null).
+        tool = self._mcp.ref(name) if self._mcp.has(name) else name
+        # Where the call acts: the dry run's object (a manifest names its own), else its
+        # arguments, else the run's namespace.
+        target_ns = preview.target.namespace if preview and preview.target else None
+        where = str(target_ns or args.get("namespace") or self._ref.namespace)
+        if where not in labels:
+            labels[where] = await self._namespace_labels(where)
+        ctx = policy.context(
+            tool=tool,
+            # Secret values redacted: rules never see them, nor can an error repeat them.
+            args=tools.redacted_arguments(name, args)
+            if not self._mcp.has(name)
+            else tools.redact_deep(args),
+            run={
+                "namespace": self._ref.namespace,
+                "name": self._ref.name,
+                "createdBy": self._created_by,
+                "serviceAccount": self._spec.service_account_name or "default",
+            },
+            preview=preview,
+            namespace=where,
+            namespace_labels=labels[where],
+            now=now,
+        )
+        return policy.judge(policies, ctx)
 
     async def _namespace_labels(self, namespace: str) -> dict[str, str]:
         try:
