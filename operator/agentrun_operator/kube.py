@@ -848,6 +848,9 @@ class BoundKube(ServiceAccountKube):
         self._uid = uid
         self._rv = resource_version
         self._fresh = fresh
+        # Set when the API server refused a bound write because the object really changed
+        # after the check (not a status write): the approval no longer holds.
+        self.changed = False
 
     async def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         if method != "PATCH" or path != self._path:
@@ -859,7 +862,12 @@ class BoundKube(ServiceAccountKube):
             # appeared meanwhile (AlreadyExists).
             query = {k: v for k, v in (kwargs.get("query") or {}).items() if k != "force"}
             collection = path.rsplit("/", 1)[0]
-            return await super()._call("POST", collection, body=kwargs.get("body"), query=query)
+            try:
+                return await super()._call("POST", collection, body=kwargs.get("body"), query=query)
+            except KubeError as e:
+                if e.status == 409:
+                    self.changed = True  # AlreadyExists: it appeared after the approval
+                raise
         for attempt in range(3):
             try:
                 return await super()._call(method, path, **{**kwargs, "body": self._bind(kwargs)})
@@ -868,8 +876,11 @@ class BoundKube(ServiceAccountKube):
                 if (e.status != 409 and not (json_patch and e.status == 422)) or attempt == 2:
                     raise
                 newer = await self._fresh()
-                if newer is None or newer == self._rv:
-                    raise  # it changed (or the patch itself failed): the refusal stands
+                if newer is None:
+                    self.changed = True
+                    raise  # it changed since people approved it: the refusal stands
+                if newer == self._rv:
+                    raise  # not a precondition: the patch itself failed
                 self._rv = newer  # only its status moved: the same version people approved
         raise AssertionError("unreachable")
 

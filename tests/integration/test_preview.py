@@ -187,6 +187,9 @@ async def test_a_dry_run_the_api_server_refuses_is_refused_naming_why(
 # -- bound execution: the write goes only to the version people approved -------------------
 
 
+RUNNERS: list[kubeapi.BoundKube] = []  # the last bound_call's runner is RUNNERS[-1]
+
+
 async def bound_call(
     agent: kubeapi.ServiceAccountKube,
     tool: str,
@@ -215,6 +218,7 @@ async def bound_call(
     runner = agent.bound(
         path=bound.path, uid=bound.uid, resource_version=bound.resource_version, fresh=fresh
     )
+    RUNNERS.append(runner)
     if between is not None:
         done = between()
         if inspect.isawaitable(done):
@@ -254,6 +258,7 @@ async def test_a_bound_write_is_refused_when_the_object_changes_after_the_check(
     assert outcome.status == "failed" and outcome.error is not None
     assert "409" in outcome.error or "modified" in outcome.error, outcome.error
     assert get(kubectl, namespace, "cm", "cfg")["data"] == {"a": "1", "b": "x"}, "it did not land"
+    assert RUNNERS[-1].changed, "the refusal says the object changed (the approval is Stale)"
     # A JSON patch is bound too (test operations ahead of it).
     p = await preview(
         agent,
@@ -309,6 +314,7 @@ async def test_status_churn_between_check_and_write_does_not_refuse_it(
     )
     assert outcome.status == "succeeded", outcome.error
     assert get(kubectl, namespace, "deploy", "web")["spec"]["replicas"] == 3
+    assert not RUNNERS[-1].changed, "a status write is not a change"
 
 
 async def test_an_approved_create_never_overwrites_an_object_that_appeared_meanwhile(
@@ -325,6 +331,7 @@ async def test_an_approved_create_never_overwrites_an_object_that_appeared_meanw
     )
     assert outcome.status == "failed" and "already exists" in (outcome.error or ""), outcome
     assert get(kubectl, namespace, "cm", "new")["data"] == {"theirs": "x"}
+    assert RUNNERS[-1].changed, "AlreadyExists: it changed after the approval"
     p = await preview(agent, "k8s_apply", namespace, manifest=configmap("newer", a="1"))
     assert p.target is not None
     outcome = await bound_call(

@@ -390,6 +390,26 @@ class RunDeps:
                 call_id=call_id,
                 max_bytes=self._settings.tool_result_max_bytes,
             )
+            if isinstance(runner, kube.BoundKube) and runner.changed and decision is not None:
+                # The object changed in the moment between the check and the write: the API
+                # server refused the write, and the approval no longer holds.
+                why = "its object changed just before the write (the API server refused it)"
+                await mark_stale(
+                    self._k8s,
+                    self._emitter,
+                    namespace=self.namespace,
+                    approval=decision.get("approval") or "",
+                    call_id=call_id,
+                    tool=name,
+                    shown=shown,
+                    why=why,
+                )
+                outcome = tools.ToolOutcome(
+                    "failed",
+                    None,
+                    f"{name}: nothing ran: {why}, so the approval no longer holds (it is "
+                    "Stale); look at the object again and call the tool again if still needed",
+                )
         return await self._report(call_id, name, shown, outcome, started)
 
     async def _mcp_call(
