@@ -37,6 +37,8 @@ from mcp.server.mcpserver import Context, Image, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from agentrun_harness.controlplane import free_port
+
 API_KEY = "s3cret-key"
 SECRET_B64 = "aHVudGVyMi10b3Atc2VjcmV0"  # base64 of "hunter2-top-secret"
 
@@ -290,10 +292,7 @@ def everything_server(workdir: Path) -> Iterator[Served]:
         raise RuntimeError(
             f"{EVERYTHING_MAIN} is missing: run `make test` (it runs npm ci --prefix tests/mcp)"
         )
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     log = (workdir / "server-everything.log").open("w")
     proc = subprocess.Popen(
         ["node", str(EVERYTHING_MAIN), "streamableHttp"],

@@ -342,23 +342,7 @@ class RunDeps:
             )
             bound = await check()
             if bound.why is not None:
-                await mark_stale(
-                    self._k8s,
-                    self._emitter,
-                    namespace=self.namespace,
-                    approval=decision.get("approval") or "",
-                    call_id=call_id,
-                    tool=name,
-                    shown=shown,
-                    why=bound.why,
-                )
-                failed = tools.ToolOutcome(
-                    "failed",
-                    None,
-                    f"{name}: nothing ran: {bound.why}, so the approval no longer holds (it "
-                    "is Stale); look at the object again and call the tool again if still "
-                    "needed",
-                )
+                failed = await self._stale(call_id, name, shown, decision, bound.why)
                 return await self._report(call_id, name, shown, failed, started)
             if bound.path is not None:
 
@@ -394,23 +378,35 @@ class RunDeps:
                 # The object changed in the moment between the check and the write: the API
                 # server refused the write, and the approval no longer holds.
                 why = "its object changed just before the write (the API server refused it)"
-                await mark_stale(
-                    self._k8s,
-                    self._emitter,
-                    namespace=self.namespace,
-                    approval=decision.get("approval") or "",
-                    call_id=call_id,
-                    tool=name,
-                    shown=shown,
-                    why=why,
-                )
-                outcome = tools.ToolOutcome(
-                    "failed",
-                    None,
-                    f"{name}: nothing ran: {why}, so the approval no longer holds (it is "
-                    "Stale); look at the object again and call the tool again if still needed",
-                )
+                outcome = await self._stale(call_id, name, shown, decision, why)
         return await self._report(call_id, name, shown, outcome, started)
+
+    async def _stale(
+        self,
+        call_id: str,
+        name: str,
+        shown: dict[str, Any],
+        decision: workflow.Decision,
+        why: str,
+    ) -> tools.ToolOutcome:
+        """The approval no longer holds (its object changed): it is Stale, nothing ran, and
+        the agent is told."""
+        await mark_stale(
+            self._k8s,
+            self._emitter,
+            namespace=self.namespace,
+            approval=decision.get("approval") or "",
+            call_id=call_id,
+            tool=name,
+            shown=shown,
+            why=why,
+        )
+        return tools.ToolOutcome(
+            "failed",
+            None,
+            f"{name}: nothing ran: {why}, so the approval no longer holds (it is Stale); look "
+            "at the object again and call the tool again if still needed",
+        )
 
     async def _mcp_call(
         self,
