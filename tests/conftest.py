@@ -259,6 +259,17 @@ def operator(
 
 
 @pytest.fixture
+def operator_log_on_failure(
+    request: pytest.FixtureRequest, operator: OperatorProcess
+) -> Iterator[None]:
+    """Print the operator's log tail when the test using it fails."""
+    yield
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"--- operator log ---\n{operator.log_tail(80)}")
+
+
+@pytest.fixture
 def op_namespace(kubectl: Kubectl, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace the test operator watches and the webhooks judge."""
     for name in fresh_namespace(kubectl, request, "op-"):

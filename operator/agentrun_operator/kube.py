@@ -226,10 +226,12 @@ class Kube:
 
     # -- the operator's own calls ----------------------------------------------------------
     async def get_agentrun(self, *, namespace: str, name: str) -> dict[str, Any] | None:
+        return await self._get_or_none(AGENTRUNS.path(namespace=namespace, name=name))
+
+    async def _get_or_none(self, path: str) -> dict[str, Any] | None:
+        """The object at ``path``, or None when it does not exist."""
         try:
-            found: dict[str, Any] = await self.request(
-                "GET", AGENTRUNS.path(namespace=namespace, name=name)
-            )
+            found: dict[str, Any] = await self.request("GET", path)
         except KubeError as e:
             if e.status == 404:
                 return None
@@ -283,15 +285,7 @@ class Kube:
         return bool(st.get("allowed")), str(st.get("reason") or "")
 
     async def get_mcpserver(self, *, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = await self.request(
-                "GET", MCPSERVERS.path(namespace=namespace, name=name)
-            )
-        except KubeError as e:
-            if e.status == 404:
-                return None
-            raise
-        return found
+        return await self._get_or_none(MCPSERVERS.path(namespace=namespace, name=name))
 
     async def patch_mcpserver_status(
         self, *, namespace: str, name: str, status: dict[str, Any]
@@ -391,15 +385,7 @@ class Kube:
         return list(found.get("items") or [])
 
     async def get_toolapproval(self, *, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            found: dict[str, Any] = await self.request(
-                "GET", TOOLAPPROVALS.path(namespace=namespace, name=name)
-            )
-        except KubeError as e:
-            if e.status == 404:
-                return None
-            raise
-        return found
+        return await self._get_or_none(TOOLAPPROVALS.path(namespace=namespace, name=name))
 
     async def patch_toolapproval_status(
         self, *, namespace: str, name: str, status: dict[str, Any]

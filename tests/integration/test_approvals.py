@@ -54,12 +54,7 @@ def namespace(op_namespace: str, kubectl: Kubectl) -> str:
     return op_namespace
 
 
-@pytest.fixture(autouse=True)
-def _dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -> Any:
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"--- operator log ---\n{operator.log_tail(80)}")
+pytestmark = pytest.mark.usefixtures("operator_log_on_failure")
 
 
 def scale_script(

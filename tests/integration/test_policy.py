@@ -36,7 +36,6 @@ from agentrun_operator.engine.policybook import PolicyBook
 
 from support import (
     Kubectl,
-    OperatorProcess,
     Script,
     bind_roles,
     create_run,
@@ -98,12 +97,7 @@ def impersonate(user: str, *groups: str) -> tuple[str, ...]:
     return (f"--as={user}", *(f"--as-group={g}" for g in groups))
 
 
-@pytest.fixture(autouse=True)
-def _dump_on_failure(request: pytest.FixtureRequest, operator: OperatorProcess) -> Any:
-    yield
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"--- operator log ---\n{operator.log_tail(80)}")
+pytestmark = pytest.mark.usefixtures("operator_log_on_failure")
 
 
 def apply_policy(kubectl: Kubectl, namespace: str, doc: dict[str, Any], *flags: str) -> Any:
