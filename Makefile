@@ -94,6 +94,12 @@ $(MCP_NODE): tests/mcp/package-lock.json
 	@echo "[make] npm ci: the reference MCP server for the MCP tests (tests/mcp/package-lock.json)"
 	npm ci --prefix tests/mcp --no-audit --no-fund --loglevel=error
 
+# The Kubernetes MCP server the e2e tests run in a pod (a static binary from npm).
+KMS_NODE := tests/e2e/kubernetes-mcp-server/node_modules/.package-lock.json
+$(KMS_NODE): tests/e2e/kubernetes-mcp-server/package-lock.json
+	@echo "[make] npm ci: kubernetes-mcp-server for the e2e tests (tests/e2e/kubernetes-mcp-server/package-lock.json)"
+	npm ci --prefix tests/e2e/kubernetes-mcp-server --no-audit --no-fund --loglevel=error
+
 test: deps-test lint check-crds controlplane $(MCP_NODE) ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
 	TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
@@ -163,7 +169,7 @@ E2E_CLUSTER ?= local
 NODE_K8S_VERSION ?= 1.34
 export NODE_K8S_VERSION
 .PHONY: e2e
-e2e: deps-e2e install ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
+e2e: deps-e2e install $(KMS_NODE) ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
 ifeq ($(E2E_CLUSTER),local)
 	@scripts/cluster-up.sh >/dev/null
 endif

@@ -63,7 +63,7 @@ purpose() {
     oldest) purpose base; purpose build-oldest; add etcd-server nginx chromium; purpose node-js ;;
     node) add etcd-server containerd runc containernetworking-plugins iptables conntrack ;;
     image) add buildah debootstrap ;;
-    e2e) purpose demo; purpose node; purpose pause; purpose image ;;
+    e2e) purpose demo; purpose node; purpose pause; purpose image; purpose node-js ;;
     all) purpose test; purpose oldest; purpose e2e ;;
     *) say "unknown purpose '$1' (python, demo, test, oldest, e2e, all; parts: base," \
          "build-oldest, pause, node, image)"; exit 2 ;;

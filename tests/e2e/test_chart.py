@@ -10,8 +10,11 @@ the run resumes from its checkpoint and finishes, its side-effecting tool execut
 once (counted by the Deployment's revision, on the cluster side); a viewer that follows the
 stream across the pod's replacement by Last-Event-ID sees no gap and no duplicate, and a
 reconnect from the middle replays exactly the rest; ``spec.stop`` stops a run; a finished
-run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; ``helm upgrade`` keeps
-a run going; ``helm uninstall`` leaves no orphans.
+run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; a run acts through the
+npm-distributed ``kubernetes-mcp-server`` (a pod whose own account has no rights and which
+requires a bearer token) with its own service account's token: it lists pods where it may,
+is refused by the API server where it may not, and its destructive call waits for approval;
+``helm upgrade`` keeps a run going; ``helm uninstall`` leaves no orphans.
 
 The mock LLM runs in the cluster too (the same image, ``agentrun mock-llm``); tests put
 their script through its Service. Every address is a Service name resolved by the cluster
@@ -63,6 +66,14 @@ RESTRICTED = {
     "capabilities": {"drop": ["ALL"]},
     "seccompProfile": {"type": "RuntimeDefault"},
 }
+# The npm-distributed Kubernetes MCP server, in a pod of its own namespace (see kubernetes_mcp).
+KMS_PACKAGE = ROOT / "tests" / "e2e" / "kubernetes-mcp-server"
+KMS_BINARY = (
+    KMS_PACKAGE / "node_modules" / "kubernetes-mcp-server-linux-amd64" / "bin"
+    / "kubernetes-mcp-server-linux-amd64"
+)  # fmt: skip
+KMS_NAMESPACE = "agentrun-e2e-mcp"
+KMS_URL = f"http://kubernetes-mcp-server.{KMS_NAMESPACE}.svc:8080/mcp"
 ROLES = {"approver": "agentrun-approver", "viewer": "agentrun-viewer", "creator": "agentrun-editor"}
 
 
@@ -325,6 +336,7 @@ def release(target: Target, kubectl: Kubectl, helm: Helm, images: Images) -> Ite
         "model.name=mock",
         f"operator.namespaces={{{runs}}}",
         "sse.heartbeatSeconds=2",
+        f"mcp.urlAllow={{{KMS_URL}}}",
     ]
     started = time.monotonic()
     try:
@@ -737,6 +749,221 @@ def test_stop_ends_a_run_and_a_finished_run_is_deleted_after_its_ttl(
 
     wait_for("the TTL to delete the run", gone, timeout=60, interval=0.5)
     wait_for("its Redis data to go", lambda: not release.redis.exists(key), timeout=30)
+
+
+# -- MCP: the npm-distributed kubernetes-mcp-server, acting with the run's own token -------
+
+
+@pytest.fixture(scope="module")
+def kubernetes_mcp(
+    target: Target, kubectl: Kubectl, release: Release, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """kubernetes-mcp-server in a pod of its own namespace, as a platform team would run it:
+    its service account has no rights at all, and it refuses requests without a bearer token
+    and acts with the caller's (``require_oauth``, the token passed through to the API
+    server, which is the sole judge of it). Yields its URL (on the chart's ``mcp.urlAllow``)."""
+    version = json.loads((KMS_PACKAGE / "package.json").read_text())["dependencies"]
+    image = f"agentrun.local/kubernetes-mcp-server:{next(iter(version.values()))}"
+    if target.kind == "existing":
+        image = os.environ.get("E2E_KUBERNETES_MCP_IMAGE", "")
+        if not image:
+            pytest.skip("E2E_CLUSTER=existing: set E2E_KUBERNETES_MCP_IMAGE to run the MCP test")
+    else:
+        if not KMS_BINARY.is_file():
+            pytest.fail(f"{KMS_BINARY} is missing: run `make e2e` (it runs npm ci for it)")
+        tarball = node.static_image(
+            tmp_path_factory.mktemp("kms") / "kubernetes-mcp-server.tar",
+            name=image,
+            files={"/kubernetes-mcp-server": KMS_BINARY},
+            entrypoint=["/kubernetes-mcp-server"],
+        )
+        if target.cluster is not None:
+            assert target.cluster.load_image(tarball) == [image]
+        else:
+            subprocess.run(
+                ["kind", "load", "image-archive", str(tarball), "--name", KIND_CLUSTER],
+                check=True,
+                timeout=600,
+            )
+    kubectl("delete", "namespace", KMS_NAMESPACE, "--ignore-not-found", "--timeout=120s")
+    kubectl("create", "namespace", KMS_NAMESPACE)
+    kubectl("label", "namespace", KMS_NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+    config = "\n".join(
+        [
+            'port = "8080"',
+            "require_oauth = true",
+            "skip_jwt_verification = true",  # the API server judges the token
+            'toolsets = ["core"]',
+        ]
+    )
+    server = deployment(
+        "kubernetes-mcp-server",
+        image=image,
+        pull="IfNotPresent" if target.kind == "existing" else "Never",
+        args=["--config=/etc/kubernetes-mcp-server/config.toml"],
+        port=8080,
+    )
+    pod = server["spec"]["template"]["spec"]
+    pod["serviceAccountName"] = "kubernetes-mcp-server"
+    pod["volumes"] = [{"name": "config", "configMap": {"name": "kubernetes-mcp-server"}}]
+    (container,) = pod["containers"]
+    container["securityContext"] = {**RESTRICTED, "runAsUser": 65534}
+    container["volumeMounts"] = [{"name": "config", "mountPath": "/etc/kubernetes-mcp-server"}]
+    apply(
+        kubectl,
+        KMS_NAMESPACE,
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {"name": "kubernetes-mcp-server"},
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "kubernetes-mcp-server"},
+            "data": {"config.toml": config},
+        },
+        server,
+        service("kubernetes-mcp-server", 8080, 8080),
+    )
+    kubectl(
+        "rollout", "status", "-n", KMS_NAMESPACE, "deployment/kubernetes-mcp-server",
+        "--timeout=120s", timeout=150,
+    )  # fmt: skip
+    try:
+        yield KMS_URL
+    finally:
+        kubectl("delete", "namespace", KMS_NAMESPACE, "--ignore-not-found", "--wait=false")
+
+
+@pytest.mark.skipif(
+    os.environ.get("K8S_VERSION", "").startswith("1.20"),
+    reason="the MCP story runs on the newest node only (CI time); MCP on 1.20 is in the "
+    "integration tests",
+)
+def test_a_run_acts_through_kubernetes_mcp_server_with_its_own_rights(
+    target: Target, kubectl: Kubectl, release: Release, kubernetes_mcp: str
+) -> None:
+    runs = release.runs
+    server_account = f"system:serviceaccount:{KMS_NAMESPACE}:kubernetes-mcp-server"
+    # The server's own identity may do nothing; whatever it does, it does with a run's token.
+    for verb in ("list", "delete"):
+        can = kubectl("auth", "can-i", verb, "pods", "-n", runs, f"--as={server_account}",
+                      check=False)  # fmt: skip
+        assert can.stdout.strip() == "no", f"the server's own account may {verb} pods"
+    if target.kind == "local":
+        # And it refuses a request without a bearer token.
+        host = cluster_ip(kubectl, KMS_NAMESPACE, "kubernetes-mcp-server")
+        ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        seen: list[str] = []
+
+        def refused() -> bool:
+            # kube-proxy programs a new Service's endpoints a moment after Ready: until then
+            # the address refuses connections or (seen once) reaches nothing of ours.
+            try:
+                bare = httpx.post(f"http://{host}:8080/mcp", json=ping, timeout=5)
+            except httpx.ConnectError as e:
+                seen.append(repr(e))
+                return False
+            seen.append(f"{bare.status_code} {bare.text[:200]}")
+            return bare.status_code == 401 and "Bearer token required" in bare.text
+
+        try:
+            wait_for("a request without a token to be refused", refused, timeout=30)
+        except AssertionError as e:
+            raise AssertionError(f"{e}; the last answers: {seen[-3:]}") from None
+    # The run's identity: may list and delete pods in its namespace, nothing elsewhere.
+    kubectl("create", "serviceaccount", "mcp-agent", "-n", runs)
+    kubectl("create", "role", "mcp-agent", "-n", runs, "--verb=get,list,delete",
+            "--resource=pods")  # fmt: skip
+    kubectl("create", "rolebinding", "mcp-agent", "-n", runs, "--role=mcp-agent",
+            f"--serviceaccount={runs}:mcp-agent")  # fmt: skip
+    kubectl("run", "victim", f"--image={target.pause_image}", "--restart=Never", "-n", runs)
+    # The MCPServer, written by an MCP admin (agentrun-editor cannot): "nobody" becomes one.
+    kubectl("create", "rolebinding", "mcp-admin", "-n", runs, "--clusterrole=agentrun-mcp-admin",
+            "--user=nobody")  # fmt: skip
+    doc = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": "kube"},
+        "spec": {
+            "url": kubernetes_mcp,
+            "auth": "serviceAccountToken",
+            "tools": ["pods_list_in_namespace", "pods_delete"],
+        },
+    }
+    by_editor = kubectl.as_user("creator")("create", "-n", runs, "-f", "-",
+                                           input=json.dumps(doc), check=False)  # fmt: skip
+    assert by_editor.returncode != 0 and "forbidden" in by_editor.stderr.lower(), by_editor.stderr
+    kubectl.as_user("nobody")("create", "-n", runs, "-f", "-", input=json.dumps(doc))
+
+    def ready() -> dict[str, Any] | None:
+        out = kubectl("get", "mcpserver", "kube", "-n", runs, "-o", "json")
+        st = json.loads(out.stdout).get("status") or {}
+        conds = {c["type"]: c["status"] for c in st.get("conditions") or []}
+        return st if conds.get("Ready") == "True" else None
+
+    st = wait_for("MCPServer kube to be Ready", ready, timeout=60, interval=0.5)
+    assert isinstance(st, dict)
+    listed = {t["name"]: t for t in st["tools"]}
+    assert set(listed) == {"pods_list_in_namespace", "pods_delete"}, st
+    assert listed["pods_list_in_namespace"]["annotations"]["readOnlyHint"] is True
+
+    def call(tool: str, **arguments: Any) -> dict[str, Any]:
+        return {"tool_calls": [{"name": f"kube__{tool}", "arguments": arguments}]}
+
+    release.script(
+        [
+            {
+                "match": "through mcp",
+                "replies": [
+                    {"text": "Plan: look at the pods, then remove victim."},
+                    call("pods_list_in_namespace", namespace=runs),
+                    call("pods_list_in_namespace", namespace=release.namespace),
+                    call("pods_delete", namespace=runs, name="victim"),
+                    {"text": "victim removed."},
+                ],
+            }
+        ]
+    )
+    uid = create_run(
+        kubectl, release, "via-mcp", "clean up through mcp",
+        serviceAccountName="mcp-agent", tools=["mcp:kube/*"],
+    )  # fmt: skip
+    status = wait_phase(kubectl, runs, "via-mcp", "AwaitingApproval", timeout=120)
+    pinned = {(t["function"], t.get("readOnly", False)) for t in status["effective"]["mcpTools"]}
+    assert pinned == {("kube__pods_list_in_namespace", True), ("kube__pods_delete", False)}
+    (approval,) = status["pendingApprovals"]
+    ta = json.loads(kubectl("get", "ta", approval, "-n", runs, "-o", "json").stdout)
+    assert ta["spec"]["server"] == "kube" and ta["spec"]["tool"] == "kube__pods_delete", ta
+    # Nothing has been deleted while the person is asked.
+    assert kubectl("get", "pod", "victim", "-n", runs, check=False).returncode == 0
+    kubectl.as_user("approver")(
+        "patch", "ta", approval, "-n", runs, "--type=merge",
+        "-p", '{"spec":{"decision":"Approved"}}',
+    )  # fmt: skip
+    status = wait_phase(kubectl, runs, "via-mcp", "Succeeded", "Failed", timeout=120)
+    assert status["phase"] == "Succeeded", status
+
+    def victim_deleted() -> bool:
+        out = kubectl("get", "pod", "victim", "-n", runs, "-o", "json", check=False)
+        if out.returncode != 0:
+            return "NotFound" in out.stderr
+        return bool(json.loads(out.stdout)["metadata"].get("deletionTimestamp"))
+
+    wait_for("the approved delete to reach the pod", victim_deleted, timeout=30)
+    tools = [e["data"] for e in decoded(release.redis.xrange(events.events_key(uid)))
+             if e["type"] == "tool" and e["data"]["status"] != "started"]  # fmt: skip
+    assert [(t["name"], t["server"], t["status"]) for t in tools] == [
+        ("kube__pods_list_in_namespace", "kube", "succeeded"),
+        ("kube__pods_list_in_namespace", "kube", "failed"),
+        ("kube__pods_delete", "kube", "succeeded"),
+    ], tools
+    # Listed with the run's rights: its namespace, where victim was...
+    assert "victim" in json.dumps(tools[0]["result"]), tools[0]
+    # ...and refused where the run's account is refused, by the API server itself.
+    refusal = json.dumps(tools[1]["result"])
+    assert "forbidden" in refusal and f"system:serviceaccount:{runs}:mcp-agent" in refusal, refusal
 
 
 def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm: Helm) -> None:
