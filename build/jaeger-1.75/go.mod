@@ -1,0 +1,3 @@
+module agentrun.dev/build/jaeger
+
+go 1.26.8
