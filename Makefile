@@ -87,6 +87,11 @@ controlplane: ## Build (once, cached by version) the Kubernetes binaries the tes
 	@$(DEPS) $(if $(filter 1.20%,$(K8S_VERSION)),build-oldest,demo)
 	@scripts/build-controlplane.sh >/dev/null
 
+.PHONY: jaeger
+jaeger: ## Build (once, cached by version) the Jaeger the tracing tests export to
+	@$(DEPS) demo
+	@scripts/build-jaeger.sh >/dev/null
+
 .PHONY: test
 # The reference MCP server the MCP tests run, from the committed lock (npm ci).
 MCP_NODE := tests/mcp/node_modules/.package-lock.json
@@ -100,7 +105,7 @@ $(KMS_NODE): tests/e2e/kubernetes-mcp-server/package-lock.json
 	@echo "[make] npm ci: kubernetes-mcp-server for the e2e tests (tests/e2e/kubernetes-mcp-server/package-lock.json)"
 	npm ci --prefix tests/e2e/kubernetes-mcp-server --no-audit --no-fund --loglevel=error
 
-test: deps-test lint check-crds controlplane $(MCP_NODE) ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
+test: deps-test lint check-crds controlplane jaeger $(MCP_NODE) ## Lint, CRD drift, unit and integration tests on Kubernetes $(K8S_VERSION)
 	TEST_UV=$(UV) $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 .PHONY: test-oldest

@@ -244,6 +244,12 @@ def _replace_status(kubectl: Kubectl, path: str, status: dict[str, Any]) -> None
     kubectl("replace", "--raw", f"{path}/status", "-f", "-", input=json.dumps(current))
 
 
+def set_run_status(kubectl: Kubectl, namespace: str, run: str, status: dict[str, Any]) -> None:
+    """Merge ``status`` into a run's status, as the operator writes it."""
+    path = f"/apis/agentrun.dev/v1alpha1/namespaces/{namespace}/agentruns/{run}"
+    _replace_status(kubectl, path, status)
+
+
 def fix_settings(kubectl: Kubectl, namespace: str, run: str) -> None:
     """What the operator writes when it first sees a run (status.effective, createdBy), for
     tests of the webhook and the SSE server that run no operator."""

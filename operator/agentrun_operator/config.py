@@ -30,6 +30,7 @@ KNOWN_ELSEWHERE = frozenset(
         "AGENTRUN_CACHE",
         "AGENTRUN_K8S_BIN",
         "AGENTRUN_KUBE_API",
+        "AGENTRUN_TRACE_URL",
     }
 )
 
@@ -116,6 +117,9 @@ class Settings(BaseModel):
         default=30.0, gt=0, alias="AGENTRUN_NOTIFY_REFRESH_SECONDS"
     )
     ui_url: str = Field(default="", alias="AGENTRUN_UI_URL")
+    # An OTLP HTTP collector's base URL (spans go to <it>/v1/traces); empty: the standard
+    # OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT if set, else no traces.
+    otel_endpoint: str = Field(default="", alias="AGENTRUN_OTEL_ENDPOINT")
     webhook_host: str = Field(default="0.0.0.0", alias="AGENTRUN_WEBHOOK_HOST")
     webhook_port: int = Field(default=9443, ge=1, le=65535, alias="AGENTRUN_WEBHOOK_PORT")
     webhook_cert_file: str = Field(default="", alias="AGENTRUN_WEBHOOK_CERT_FILE")
@@ -126,6 +130,16 @@ class Settings(BaseModel):
     def _http_url(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otlp_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(
+                "must be an http:// or https:// URL of an OTLP HTTP collector, e.g. "
+                "http://jaeger-collector.tracing:4318 (OTLP over gRPC is not used)"
+            )
         return value.rstrip("/")
 
     @property

@@ -98,6 +98,7 @@ async def stream_call(
     model_name: str,
     prices: dict[str, config.Price],
     budget: BudgetCheck | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> tuple[AIMessage, models.CallUsage]:
     """Stream one call, passing text to ``on_token``; return the whole message and figures.
 
@@ -108,7 +109,10 @@ async def stream_call(
     acc: AIMessageChunk | None = None
     estimated = 0
     # aclosing: a call cut short (a budget, a stop) closes its HTTP response at once.
-    stream = cast("AsyncGenerator[Any, None]", chat.astream(list(messages)))
+    # ``headers`` (a traceparent) go with this request only (the OpenAI client's
+    # extra_headers), so a model server that traces joins the run's trace.
+    extra: dict[str, Any] = {"extra_headers": dict(headers)} if headers else {}
+    stream = cast("AsyncGenerator[Any, None]", chat.astream(list(messages), **extra))
     async with contextlib.aclosing(stream) as chunks:
         async for chunk in chunks:
             if not isinstance(chunk, AIMessageChunk):

@@ -31,6 +31,13 @@ APPROVAL_WAIT = Histogram(
     buckets=_WAIT,
 )
 
+SPANS_DROPPED = Counter(
+    "agentrun_trace_spans_dropped_total",
+    "Spans not delivered to the trace collector (queue_full, export_failed).",
+    ["reason"],
+)
+SPANS_EXPORTED = Counter("agentrun_trace_spans_exported_total", "Spans the collector accepted.")
+
 
 def serve(*, host: str, port: int) -> None:
     if port:

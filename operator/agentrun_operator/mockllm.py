@@ -547,6 +547,8 @@ class MockLLM:
                 "timestamp": time.time(),
                 "rule": choice.rule,
                 "reply": choice.answered,
+                # A caller that traces sends its span (W3C Trace Context), as vLLM sees it.
+                "traceparent": request.headers.get("traceparent"),
             }
         )
         rate = (

@@ -546,6 +546,12 @@ class AgentRunStatus(_Model):
     stream_path: str | None = Field(
         default=None, description="Path of the run's SSE stream on the agentrun server."
     )
+    trace_id: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{32}$",
+        description="The run's OpenTelemetry trace id (when the operator exports traces): "
+        "one trace for the whole run, also across operator restarts.",
+    )
     result: str | None = Field(
         default=None,
         max_length=MAX_RESULT_BYTES,

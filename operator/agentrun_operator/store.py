@@ -132,6 +132,13 @@ class RunStore:
             await self.redis.hincrbyfloat(meta, "waited", max(0.0, time.time() - float(since)))
             await self.redis.hdel(meta, "awaiting_since")
 
+    async def trace_of(self, uid: str, candidate: str) -> str:
+        """The run's trace identity (``tracing.RunTrace``, serialised): ``candidate`` if
+        the run has none yet, else the one it got when it first executed."""
+        meta = events.meta_key(uid)
+        await self.redis.hsetnx(meta, "trace", candidate)
+        return _text(await self.redis.hget(meta, "trace") or candidate)
+
     async def waited_seconds(self, uid: str) -> float:
         """How long the run waited for people in total (not counted against its timeout)."""
         return float(await self.redis.hget(events.meta_key(uid), "waited") or 0)

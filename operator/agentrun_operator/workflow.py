@@ -12,7 +12,8 @@ after a crash or an ``interrupt()``), so they are free of side effects before th
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Annotated, Any, Literal, Protocol, TypedDict
 
 from langchain_core.messages import (
@@ -98,6 +99,10 @@ class Deps(Protocol):
     ) -> AIMessage: ...
 
     async def workflow_event(self, state: str, *, node: str, step: int) -> None: ...
+
+    def node_span(self, node: str) -> AbstractContextManager[None]:
+        """A trace span around one execution of a workflow node."""
+        ...
 
     async def tool_call(
         self,
@@ -301,13 +306,23 @@ def build(deps: Deps, *, checkpointer: BaseCheckpointSaver[Any] | None) -> Compi
         reply = await deps.llm([*state["messages"], prompt], node="verify", with_tools=False)
         return {"messages": [prompt, reply], "result": _text(reply)}
 
+    def traced(name: str, node: Callable[[RunState], Awaitable[RunState]]) -> Any:
+        async def run(state: RunState) -> RunState:
+            with deps.node_span(name):
+                return await node(state)
+
+        return run
+
     graph = StateGraph(RunState)
-    graph.add_node("plan", plan)
-    graph.add_node("act", act)
-    graph.add_node("judge", judge)
-    graph.add_node("gate", gate)
-    graph.add_node("tools", tools)
-    graph.add_node("verify", verify)
+    for name, node in (
+        ("plan", plan),
+        ("act", act),
+        ("judge", judge),
+        ("gate", gate),
+        ("tools", tools),
+        ("verify", verify),
+    ):
+        graph.add_node(name, traced(name, node))
     graph.add_edge(START, "plan")
     graph.add_edge("plan", "act")
     graph.add_conditional_edges("act", route_after_act, ["judge", "verify"])

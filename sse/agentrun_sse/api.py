@@ -67,8 +67,9 @@ def _run_path(request: Request) -> tuple[str, str]:
     return ns, name
 
 
-def summary(run: dict[str, Any]) -> dict[str, Any]:
-    """The few fields of an AgentRun a list shows."""
+def summary(run: dict[str, Any], *, trace_url: str = "") -> dict[str, Any]:
+    """The few fields of an AgentRun a list shows; ``trace_url``: the template of a link to
+    the run's trace (AGENTRUN_TRACE_URL)."""
     meta = run.get("metadata") or {}
     status = run.get("status") or {}
     spec = run.get("spec") or {}
@@ -87,6 +88,12 @@ def summary(run: dict[str, Any]) -> dict[str, Any]:
         "createdBy": status.get("createdBy")
         or (meta.get("annotations") or {}).get(contract.CREATED_BY),
         "streamPath": events.stream_path(ns, name),
+        "traceId": status.get("traceId"),
+        "traceURL": (
+            trace_url.replace("{traceId}", str(status["traceId"]))
+            if trace_url and status.get("traceId")
+            else None
+        ),
     }
 
 
@@ -97,7 +104,8 @@ async def list_runs(request: Request) -> Response:
     if ns is not None:
         bodies.check_path(where="query", namespace=(ns, bodies.DNS_LABEL, 63))
     answer = await ctx(request).kube.list_runs(token=who.token, namespace=ns)
-    items = [summary(r) for r in answer.get("items") or []]
+    trace_url = ctx(request).settings.trace_url
+    items = [summary(r, trace_url=trace_url) for r in answer.get("items") or []]
     items.sort(key=lambda r: str(r.get("createdAt") or ""), reverse=True)
     return JSONResponse({"items": items})
 
@@ -106,7 +114,9 @@ async def get_run(request: Request) -> Response:
     who = _caller(request)
     ns, name = _run_path(request)
     run = await ctx(request).kube.get_run(token=who.token, namespace=ns, name=name)
-    return JSONResponse({"summary": summary(run), "object": run})
+    return JSONResponse(
+        {"summary": summary(run, trace_url=ctx(request).settings.trace_url), "object": run}
+    )
 
 
 async def run_events(request: Request) -> Response:

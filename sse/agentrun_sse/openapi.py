@@ -116,6 +116,8 @@ def document() -> dict[str, Any]:
                     "usage": any_object,
                     "createdBy": {"type": ["string", "null"]},
                     "streamPath": {"type": "string"},
+                    "traceId": {"type": ["string", "null"]},
+                    "traceURL": {"type": ["string", "null"]},
                 },
             },
             "RunList": {

@@ -38,7 +38,8 @@ ENV_PORT = "AGENTRUN_SSE_PORT"
 ENV_HEARTBEAT = "AGENTRUN_HEARTBEAT_SECONDS"
 ENV_AUTH = "AGENTRUN_AUTH"
 ENV_REDIS = "AGENTRUN_REDIS_URL"
-OURS = frozenset({ENV_HOST, ENV_PORT, ENV_HEARTBEAT, ENV_AUTH, ENV_REDIS})
+ENV_TRACE_URL = "AGENTRUN_TRACE_URL"
+OURS = frozenset({ENV_HOST, ENV_PORT, ENV_HEARTBEAT, ENV_AUTH, ENV_REDIS, ENV_TRACE_URL})
 SHARED_WITH_OPERATOR = frozenset({ENV_REDIS})
 
 
@@ -79,6 +80,9 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     log_level: str = "info"
     access_log: bool = True
+    # Where a run's trace opens in the user's tracing UI: a URL with {traceId}, e.g.
+    # https://jaeger.example.com/trace/{traceId}; empty: no link.
+    trace_url: str = ""
 
 
 def _fail_on_typos(env: Mapping[str, str]) -> None:
@@ -142,6 +146,14 @@ def load(
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{ENV_REDIS}: must be a redis://, rediss:// or unix:// URL")
     kube = load_kube_target(env, kubeconfig=args.kubeconfig, with_credentials=auth == "none")
+    trace_url = env.get(ENV_TRACE_URL, "")
+    if trace_url and (
+        not trace_url.startswith(("http://", "https://")) or "{traceId}" not in trace_url
+    ):
+        raise ConfigError(
+            f"{ENV_TRACE_URL}: must be an http(s) URL containing {{traceId}}, e.g. "
+            "https://jaeger.example.com/trace/{traceId}"
+        )
     return Settings(
         host=host,
         port=port,
@@ -152,6 +164,7 @@ def load(
         viewer_queue=args.viewer_queue,
         log_level=args.log_level,
         access_log=not args.no_access_log,
+        trace_url=trace_url,
     )
 
 

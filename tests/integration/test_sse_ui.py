@@ -30,7 +30,7 @@ from agentrun_harness.controlplane import ControlPlane
 from agentrun_harness.redisserver import RedisServer
 
 from sse_support import sse_settings
-from support import Kubectl, require_tool
+from support import Kubectl, require_tool, set_run_status
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOT = Path("/tmp/agentrun-ui.png")
@@ -329,3 +329,35 @@ async def test_approve_all_pending_decides_each_call_on_its_own_in_chromium(
                 kubectl("get", "ta", f"many-{call}", "-n", namespace, "-o", "json").stdout
             )
             assert ta["spec"]["decision"] == "Approved", ta["spec"]
+
+
+async def test_a_traced_run_links_to_its_trace_in_chromium(
+    cluster: ControlPlane,
+    redis_server: RedisServer,
+    kubectl: Kubectl,
+    namespace: str,
+    redis: aioredis.Redis,
+) -> None:
+    manifest = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "AgentRun",
+        "metadata": {"name": "traced", "namespace": namespace},
+        "spec": {"goal": "traced"},
+    }
+    uid = create(kubectl, manifest)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    set_run_status(kubectl, namespace, "traced", {"phase": "Running", "traceId": trace_id})
+    op = await sse_harness.FakeOperator(redis, uid=uid, run=f"{namespace}/traced").start()
+    template = "https://jaeger.example.com/trace/{traceId}"
+    conf = sse_settings(cluster, redis_server.url, trace_url=template)
+    async with sse_harness.LiveServer(conf) as server, chromium() as page:
+        await log_in(page, server.url + "/", cluster.token("admin"))
+        await page.until("!document.getElementById('runs').hidden", what="the run list")
+        await page.js(f"location.hash = '#/runs/{namespace}/traced'")
+        link = "document.getElementById('run-trace')"
+        assert await page.js(f"{link}.hidden"), "no link before the stream names a trace"
+        await op.emit(
+            "workflow", {"state": "planning", "node": "plan", "step": 1, "traceId": trace_id}
+        )
+        await page.until(f"!{link}.hidden", what="the trace link")
+        assert await page.js(f"{link}.href") == template.replace("{traceId}", trace_id)

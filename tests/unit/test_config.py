@@ -36,6 +36,7 @@ def test_lists_and_json_are_parsed() -> None:
         ({"AGENTRUN_MAX_CONCURRENT_RUNS": "0"}, "AGENTRUN_MAX_CONCURRENT_RUNS"),
         ({"AGENTRUN_PRICES": "{not json"}, "AGENTRUN_PRICES"),
         ({"AGENTRUN_MODEL_BASE_URL": "localhost:8000"}, "AGENTRUN_MODEL_BASE_URL"),
+        ({"AGENTRUN_OTEL_ENDPOINT": "jaeger:4317"}, "AGENTRUN_OTEL_ENDPOINT"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], named: str) -> None:

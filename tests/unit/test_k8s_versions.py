@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agentrun_harness import controlplane
+from agentrun_harness import controlplane, jaeger
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,3 +30,9 @@ def test_the_version_picks_the_cache_directory(monkeypatch: pytest.MonkeyPatch) 
     assert controlplane.default_bin_dir() == Path("/c/k8s-1.20.2/bin")
     monkeypatch.delenv("K8S_VERSION")
     assert controlplane.default_bin_dir() == Path("/c/k8s-1.34.10/bin")
+
+
+def test_the_jaeger_the_tests_run_is_the_one_the_build_module_pins() -> None:
+    gomod = (ROOT / "build" / "jaeger-1.75" / "go.mod").read_text()
+    pinned = re.search(r"github\.com/jaegertracing/jaeger v(\d+\.\d+\.\d+)", gomod)
+    assert pinned and jaeger.JAEGER_VERSION == pinned.group(1)

@@ -136,6 +136,8 @@ def test_settings_flags_override_the_environment(tmp_path: Path) -> None:
         ({"AGENTRUN_AUTH": "none", "AGENTRUN_SSE_HOST": "0.0.0.0"}, [], "loopback"),
         ({}, ["--no-auth", "--host", "10.0.0.5"], "loopback"),
         ({"AGENTRUN_REDIS_URL": "http://x"}, [], "AGENTRUN_REDIS_URL"),
+        ({"AGENTRUN_TRACE_URL": "https://jaeger/trace/"}, [], "AGENTRUN_TRACE_URL"),
+        ({"AGENTRUN_TRACE_URL": "jaeger/{traceId}"}, [], "AGENTRUN_TRACE_URL"),
     ],
 )
 def test_bad_settings_stop_the_start_naming_the_variable(

@@ -3,6 +3,7 @@ the step limit, fail-closed approvals through interrupt(), and resume after an i
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Sequence
 from typing import Any
@@ -46,6 +47,10 @@ class ScriptedDeps:
 
     async def workflow_event(self, state: str, *, node: str, step: int) -> None:
         self.events.append(("workflow", state))
+
+    def node_span(self, node: str) -> contextlib.AbstractContextManager[None]:
+        self.events.append(("node", node))
+        return contextlib.nullcontext()
 
     async def tool_call(
         self,

@@ -15,13 +15,26 @@ import functools
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import openai
 from langchain_core.messages import AIMessage, BaseMessage
+from langgraph.errors import GraphBubbleUp
 
-from agentrun_operator import approvals, config, events, kube, llm, models, tools, workflow
+from agentrun_operator import (
+    approvals,
+    config,
+    events,
+    kube,
+    llm,
+    models,
+    tools,
+    tracing,
+    workflow,
+)
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine.common import RunFailed, RunRef, short
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
@@ -134,6 +147,8 @@ class RunDeps:
         store: RunStore,
         judge: Judge,
         mcp: Toolset | None = None,
+        tracer: tracing.Tracing | None = None,
+        trace: tracing.RunTrace | None = None,
     ) -> None:
         self.goal = spec.goal
         self.namespace = ref.namespace
@@ -159,6 +174,8 @@ class RunDeps:
         self._prices = settings.price_table()
         self._last_input_tokens = 0  # the previous call's prompt, for the budget estimate
         self._judge = judge
+        self._tracing = tracer if tracer is not None else tracing.Tracing(environ={})
+        self._trace = trace
 
     async def judge(self, calls: list[dict[str, Any]]) -> dict[str, workflow.Verdict]:
         return await self._judge.calls(calls)
@@ -175,6 +192,15 @@ class RunDeps:
         await self._emitter.workflow(cast(events.WorkflowState, state), node=node, step=step)
         self._status.progress(step=step)
 
+    def node_span(self, node: str) -> AbstractContextManager[None]:
+        # An interrupt (the gate asks people) and a stop end a node without it failing.
+        return self._tracing.span(
+            f"workflow {node}",
+            self._trace,
+            attributes={"agentrun.node": node, "agentrun.step": self._emitter.step},
+            benign=(GraphBubbleUp, asyncio.CancelledError),
+        )
+
     # -- the model ---------------------------------------------------------------------------
     async def llm(
         self, messages: Sequence[BaseMessage], *, node: str, with_tools: bool
@@ -184,27 +210,37 @@ class RunDeps:
         async def on_token(text: str) -> None:
             await self._emitter.token(text, node)
 
-        try:
-            message, call = await llm.stream_call(
-                chat,
-                messages,
-                on_token=on_token,
-                model_name=self._model_name,
-                prices=self._prices,
-                budget=self._budget_check(),
+        # GenAI semantic conventions: one client span per call, named "chat <model>".
+        base = urlsplit(self._base_url())
+        with self._tracing.span(
+            f"chat {self._model_name}",
+            self._trace,
+            client=True,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": "openai",
+                "gen_ai.request.model": self._model_name,
+                "server.address": base.hostname,
+                "server.port": base.port,
+                "agentrun.node": node,
+            },
+            benign=(asyncio.CancelledError,),
+        ):
+            message, call = await self._stream(chat, messages, on_token)
+            self._tracing.annotate(
+                {
+                    "gen_ai.usage.input_tokens": call.input_tokens,
+                    "gen_ai.usage.output_tokens": call.output_tokens,
+                    "gen_ai.usage.cache_read.input_tokens": call.cached_tokens,
+                    "gen_ai.response.time_to_first_chunk": (
+                        None if call.ttft_ms is None else call.ttft_ms / 1000
+                    ),
+                    "agentrun.cost_usd": call.cost_usd,
+                    "gen_ai.response.finish_reasons": [
+                        str(message.response_metadata.get("finish_reason") or "")
+                    ],
+                }
             )
-        except openai.APIStatusError as e:
-            raise RunFailed(
-                "ModelEndpointError",
-                f"model endpoint {self._base_url()} answered HTTP {e.status_code}: "
-                f"{short(e.message)}",
-            ) from e
-        except openai.APIConnectionError as e:
-            raise RunFailed(
-                "ModelEndpointUnreachable",
-                f"model endpoint {self._base_url()} unreachable: {short(str(e))}; check "
-                "spec.model.baseURL or the operator's AGENTRUN_MODEL_BASE_URL",
-            ) from e
         await self._emitter.flush()
         self.usage.add_call(call)
         self._last_input_tokens = call.input_tokens
@@ -222,6 +258,36 @@ class RunDeps:
         self._status.progress(usage=self.usage.as_status())
         self._check_budget(self.usage.total_tokens, self.usage.cost_usd, estimated=False)
         return message
+
+    async def _stream(
+        self,
+        chat: Any,
+        messages: Sequence[BaseMessage],
+        on_token: Callable[[str], Awaitable[None]],
+    ) -> tuple[AIMessage, models.CallUsage]:
+        try:
+            return await llm.stream_call(
+                chat,
+                messages,
+                on_token=on_token,
+                model_name=self._model_name,
+                prices=self._prices,
+                budget=self._budget_check(),
+                # A model server that traces joins the run's trace.
+                headers=self._tracing.headers(),
+            )
+        except openai.APIStatusError as e:
+            raise RunFailed(
+                "ModelEndpointError",
+                f"model endpoint {self._base_url()} answered HTTP {e.status_code}: "
+                f"{short(e.message)}",
+            ) from e
+        except openai.APIConnectionError as e:
+            raise RunFailed(
+                "ModelEndpointUnreachable",
+                f"model endpoint {self._base_url()} unreachable: {short(str(e))}; check "
+                "spec.model.baseURL or the operator's AGENTRUN_MODEL_BASE_URL",
+            ) from e
 
     def _budget_check(self) -> Callable[[int], None] | None:
         """A check of spec.limits.maxTokens/maxCostUSD while a call streams, or None."""
@@ -263,6 +329,35 @@ class RunDeps:
 
     # -- the tools ---------------------------------------------------------------------------
     async def tool_call(
+        self,
+        *,
+        name: str,
+        arguments: dict[str, Any],
+        call_id: str,
+        decision: workflow.Decision | None,
+        gated: bool,
+    ) -> str:
+        mcp = self._mcp.offered[name].pinned if self._mcp.has(name) else None
+        target = (decision or {}).get("target") or {}
+        with self._tracing.span(
+            f"execute_tool {name}",
+            self._trace,
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "gen_ai.tool.call.id": call_id,
+                "agentrun.tool.server": mcp.server if mcp else None,
+                "agentrun.target": _target_of(arguments, self.namespace) if not mcp else None,
+                "agentrun.target.uid": target.get("uid"),
+                "agentrun.approval": (decision or {}).get("approval"),
+            },
+            benign=(asyncio.CancelledError,),
+        ):
+            return await self._tool_call(
+                name=name, arguments=arguments, call_id=call_id, decision=decision, gated=gated
+            )
+
+    async def _tool_call(
         self,
         *,
         name: str,
@@ -314,6 +409,10 @@ class RunDeps:
                 record={"state": "done", "content": content},
             )
             prom.TOOL_CALLS.labels(name, "denied").inc()
+            self._tracing.annotate(
+                {"agentrun.tool.outcome": "denied", "gen_ai.tool.call.arguments": shown},
+                error=result["error"],
+            )
             return content
         if self._mcp.has(name):
             return await self._mcp_call(call_id, name, arguments, shown, record, started)
@@ -461,6 +560,8 @@ class RunDeps:
                 account=self._spec.service_account_name or "default",
                 on_progress=progress,
                 max_bytes=self._settings.tool_result_max_bytes,
+                # An MCP server that traces joins the run's trace (under this call's span).
+                trace_headers=self._tracing.headers(),
             )
         except asyncio.CancelledError:
             # Stopped mid-call: the client told the server (notifications/cancelled) and
@@ -509,6 +610,10 @@ class RunDeps:
         run reports it once); the content the model sees."""
         self.usage.tool_calls += 1
         prom.TOOL_CALLS.labels(name, outcome.status).inc()
+        self._tracing.annotate(
+            {"agentrun.tool.outcome": outcome.status, "gen_ai.tool.call.arguments": shown},
+            error=outcome.error if outcome.status != "succeeded" else None,
+        )
         result = outcome.result if outcome.error is None else {"error": outcome.error}
         content = json.dumps(result, default=str)
         await self._emitter.tool(
@@ -523,3 +628,11 @@ class RunDeps:
         )
         self._status.progress(usage=self.usage.as_status())
         return content
+
+
+def _target_of(arguments: dict[str, Any], namespace: str) -> str | None:
+    """The object a built-in call is about, as ``Kind namespace/name`` (for its span)."""
+    kind, name = arguments.get("kind"), arguments.get("name")
+    if not isinstance(kind, str) or not isinstance(name, str):
+        return None
+    return f"{kind} {arguments.get('namespace') or namespace}/{name}"

@@ -10,10 +10,10 @@ import datetime as dt
 import json
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from agentrun_operator import approvals, config, events, kube, models, notify
+from agentrun_operator import approvals, config, events, kube, models, notify, tracing
 from agentrun_operator import store as store_mod
 from agentrun_operator.store import RunStore
 
@@ -39,6 +39,8 @@ class Services:
     # This cluster's identity (the kube-system namespace's uid), stamped on every run's keys
     # so that the sweep never touches another cluster's runs in a shared Redis. "": no sweep.
     cluster_id: str = ""
+    # Each run as one OpenTelemetry trace (a no-op unless an endpoint is configured).
+    tracing: tracing.Tracing = field(default_factory=lambda: tracing.Tracing(environ={}))
 
     def notify(self, ref: RunRef, event: str, text: str, **fields: Any) -> None:
         if self.notifier is not None:

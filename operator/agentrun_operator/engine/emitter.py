@@ -129,6 +129,9 @@ class Emitter:
         # failure is neither lost in a background task nor the tokens with it.
         self._failed: Exception | None = None
         self.step = 0
+        # The run's trace (tracing.RunTrace) when traces are on: its id goes into every
+        # workflow event, and the engine's spans hang under its root.
+        self.trace: Any = None
 
     async def emit(
         self,
@@ -194,7 +197,10 @@ class Emitter:
     # -- the typed events (DESIGN.md, Events) ------------------------------------------------
     async def workflow(self, state: events.WorkflowState, *, node: str, step: int) -> None:
         self.step = step
-        await self.emit("workflow", {"state": state, "node": node, "step": step})
+        data: dict[str, Any] = {"state": state, "node": node, "step": step}
+        if self.trace is not None:
+            data["traceId"] = self.trace.trace_hex
+        await self.emit("workflow", data)
 
     async def fault(self, message: str, *, code: str, fatal: bool) -> None:
         await self.emit("fault", {"message": message, "code": code, "fatal": fatal})

@@ -33,7 +33,7 @@ from agentrun_operator.engine.common import (
     unavailable,
 )
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
-from agentrun_operator.engine.finishing import Ends
+from agentrun_operator.engine.finishing import Ends, attach_trace
 from agentrun_operator.engine.gate import Gate, GateOutcome
 from agentrun_operator.engine.judging import Judge
 from agentrun_operator.engine.stopping import StopControl, uncancel
@@ -212,6 +212,7 @@ class Runner:
                         reason="Stopped",
                         message=slot.stop.message,
                         stopped_by=slot.stop.by,
+                        stop_requested_ns=slot.stop.requested_ns,
                     )
                 except events.Fenced:
                     fenced = True  # a retry finishes it (see _run's start) if nobody owns it
@@ -245,6 +246,7 @@ class Runner:
             "recursion_limit": spec.limits.max_steps * 4 + 20,
         }
         has_history = await store.has_history(ref.uid)
+        run_trace = await attach_trace(self._s, ref, emitter, statusw)
         try:
             sa_kube = self._s.k8s.as_service_account(
                 namespace=ref.namespace, name=spec.service_account_name
@@ -280,6 +282,8 @@ class Runner:
                     toolset,
                 ),
                 mcp=toolset,
+                tracer=self._s.tracing,
+                trace=run_trace,
             )
             graph = workflow.build(deps, checkpointer=self._s.saver)
             snapshot = await graph.aget_state(config_)

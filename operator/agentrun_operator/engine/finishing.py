@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from agentrun_operator import events, kube, models
+from agentrun_operator import events, kube, models, tracing
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine.common import RunRef, Services, audit
 from agentrun_operator.engine.emitter import Emitter, StatusWriter
@@ -27,6 +27,22 @@ _STATES: dict[str, events.WorkflowState] = {
     "Failed": "failed",
     "Stopped": "stopped",
 }
+
+
+async def attach_trace(
+    services: Services, ref: RunRef, emitter: Emitter, statusw: StatusWriter
+) -> tracing.RunTrace | None:
+    """The run's trace when traces are on: the one it got when it first executed (kept in
+    Redis), so a resumed run, here or after a restart, continues it; its id goes to the
+    emitter (workflow events) and to ``status.traceId``."""
+    if not services.tracing.enabled:
+        return None
+    fresh = tracing.RunTrace.new().dumps()
+    run_trace = tracing.RunTrace.loads(await services.store.trace_of(ref.uid, fresh))
+    emitter.trace = run_trace
+    if statusw.current.get("traceId") != run_trace.trace_hex:
+        statusw.progress(traceId=run_trace.trace_hex)
+    return run_trace
 
 
 class Ends:
@@ -47,6 +63,7 @@ class Ends:
         result: str | None = None,
         stopped_by: str | None = None,
         usage: models.Usage | None = None,
+        stop_requested_ns: int | None = None,
     ) -> None:
         self._sweeps.forget_expiry(ref.uid)
         prom.RUNS_FINISHED.labels(ref.namespace, phase).inc()
@@ -78,7 +95,71 @@ class Ends:
             reason=phase if phase != "Failed" else reason,
             message=message,
         )
+        self._trace_end(
+            ref,
+            emitter.trace,
+            statusw,
+            phase=phase,
+            reason=reason,
+            message=message,
+            stopped_by=stopped_by,
+            stop_requested_ns=stop_requested_ns,
+        )
         await self._schedule_ttl(ref, statusw)
+
+    def _trace_end(
+        self,
+        ref: RunRef,
+        run_trace: tracing.RunTrace | None,
+        statusw: StatusWriter,
+        *,
+        phase: str,
+        reason: str,
+        message: str,
+        stopped_by: str | None,
+        stop_requested_ns: int | None,
+    ) -> None:
+        """The spans that close the run's trace: the stop (who, and how long from the request
+        to Stopped) and the run's root span, with the start it got when it first executed."""
+        if run_trace is None:
+            return
+        now = time.time_ns()
+        tracer = self._s.tracing
+        if phase == "Stopped":
+            start = stop_requested_ns or now
+            tracer.record(
+                "stop",
+                run_trace,
+                start_ns=start,
+                end_ns=now,
+                attributes={
+                    "agentrun.stopped_by": stopped_by or "",
+                    "agentrun.stop.reason": reason,
+                    "agentrun.stop.latency_ms": (now - start) / 1e6,
+                },
+            )
+        st = statusw.current
+        usage = st.get("usage") if isinstance(st.get("usage"), dict) else {}
+        attributes: dict[str, Any] = {
+            "k8s.namespace.name": ref.namespace,
+            "agentrun.run.name": ref.name,
+            "agentrun.run.uid": ref.uid,
+            "agentrun.run.created_by": st.get("createdBy"),
+            "agentrun.run.phase": phase,
+            "agentrun.run.reason": reason,
+            "agentrun.run.steps": st.get("step"),
+            "agentrun.run.stopped_by": stopped_by,
+        }
+        attributes.update({f"agentrun.usage.{k}": v for k, v in (usage or {}).items()})
+        tracer.record(
+            f"run {ref.key}",
+            run_trace,
+            start_ns=run_trace.start_ns,
+            end_ns=now,
+            attributes=attributes,
+            error=message if phase == "Failed" else None,
+            root=True,
+        )
 
     async def fail(
         self,
@@ -181,6 +262,7 @@ class Ends:
         emitter = Emitter(writer, statusw, flush_ms=0)
         emitter.step = int(st.get("step") or 0)
         try:
+            await attach_trace(self._s, ref, emitter, statusw)
             yield emitter, statusw
         finally:
             await statusw.close()
@@ -197,6 +279,7 @@ class Ends:
         reason: str = "Stopped",
     ) -> None:
         """End a run that has no task here: stopped (by ``by``), or failed with ``reason``."""
+        asked = time.time_ns()
         wait = 0.0
         if phase == "Stopped":
             # If another operator executes it, this message (or its own watch) stops it
@@ -221,4 +304,5 @@ class Ends:
                 reason=reason,
                 message=message,
                 stopped_by=by,
+                stop_requested_ns=asked,
             )

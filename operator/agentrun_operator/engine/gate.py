@@ -354,11 +354,29 @@ class Gate:
             ],
         )
         created = approvals.parse_time(ta["metadata"].get("creationTimestamp"))
+        waited = max(0.0, (now - created).total_seconds()) if created is not None else 0.0
         if created is not None:
-            prom.APPROVAL_WAIT.labels(ref.namespace, tool, settled.outcome).observe(
-                max(0.0, (now - created).total_seconds())
-            )
+            prom.APPROVAL_WAIT.labels(ref.namespace, tool, settled.outcome).observe(waited)
         approved, _ = approvals.tally(settled.voters)
+        # The wait for people as a span of the run's trace, recorded by whoever sees it end
+        # (it may have begun in an operator process that is gone), with its real start.
+        self._s.tracing.record(
+            f"approval {tool}",
+            emitter.trace,
+            start_ns=int((created or now).timestamp() * 1e9),
+            end_ns=int(now.timestamp() * 1e9),
+            attributes={
+                "agentrun.approval": name,
+                "gen_ai.tool.name": tool,
+                "gen_ai.tool.call.id": call_id,
+                "agentrun.approval.outcome": settled.outcome,
+                "agentrun.approval.decided_by": settled.by,
+                "agentrun.approval.approvals": len(approved),
+                "agentrun.approval.voters": [str(v.get("username")) for v in settled.voters],
+                "agentrun.approval.wait_seconds": waited,
+                "agentrun.approval.rule": ((ta.get("spec") or {}).get("rule") or {}).get("name"),
+            },
+        )
         await self._s.k8s.patch_toolapproval_status(
             namespace=ref.namespace,
             name=name,

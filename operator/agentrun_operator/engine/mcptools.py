@@ -10,9 +10,10 @@ Owns the mapping between a run's ``mcp:<server>/<tool>`` references, the pinned 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,6 +203,7 @@ class Toolset:
         account: str,
         on_progress: Callable[[dict[str, Any]], Awaitable[None]],
         max_bytes: int,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> tools.ToolOutcome:
         """The call, as the run's service account. Cancelling the task cancels it on the
         server (notifications/cancelled) and closes the connection."""
@@ -221,6 +223,8 @@ class Toolset:
             ep = await mcpservers.endpoint(
                 k8s, settings, namespace=namespace, spec=o.spec, account=account
             )
+            if trace_headers:
+                ep = dataclasses.replace(ep, headers={**trace_headers, **ep.headers})
             result = await mcpclient.call_tool(ep, o.tool.name, arguments, on_progress=report)
         except mcpclient.MCPFailure as e:
             return tools.ToolOutcome("failed", None, f"{function}: {e.message}")

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from agentrun_operator import config, contract, kube, models, notify, policy
+from agentrun_operator import __version__, config, contract, kube, models, notify, policy, tracing
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine import mcptools
 from agentrun_operator.engine.common import RunRef, Services, annotation, audit, unavailable
@@ -46,7 +46,12 @@ class Registry:
         notifier: notify.Notifier | None = None,
     ) -> None:
         self.services = Services(
-            settings=settings, k8s=k8s, store=store, saver=saver, notifier=notifier
+            settings=settings,
+            k8s=k8s,
+            store=store,
+            saver=saver,
+            notifier=notifier,
+            tracing=tracing.Tracing(settings.otel_endpoint, version=__version__),
         )
         self.running: dict[str, Slot] = {}
         self.queued: dict[str, RunRef] = {}
@@ -337,6 +342,7 @@ class Registry:
             for task in pending:
                 task.cancel()
             _done, pending = await asyncio.wait(pending, timeout=0.5)
+        await self.services.tracing.close()
 
     # -- the queue ---------------------------------------------------------------------------
     def _gauges(self) -> None:

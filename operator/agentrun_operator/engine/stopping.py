@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("agentrun.stop")
@@ -35,11 +36,14 @@ class StopControl:
     state: StopState = StopState.RUNNING
     by: str | None = None  # who asked (None: nobody yet; "": a stop request naming nobody)
     deleted: bool = False  # the stop is a deletion: the run goes away, nothing resumes it
+    requested_ns: int | None = None  # when the first stop request came (time.time_ns())
 
     def request(self, by: str | None) -> bool:
         """A stop request; True when the task must be cancelled now (the first request)."""
         if self.by is None or (not self.by and by):
             self.by = by or ""
+        if self.requested_ns is None:
+            self.requested_ns = time.time_ns()
         if self.state is not StopState.RUNNING:
             # A stop arrives twice from the UI or API (spec.stop and the control channel):
             # cancelling again could cut the finishing of the first.

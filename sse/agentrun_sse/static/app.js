@@ -136,7 +136,24 @@ function openRun(ns, name) {
   $("run-notice").textContent = "";
   for (const id of ["m-ttft", "m-tokens", "m-cost", "m-step"]) $(id).textContent = "–";
   $("stop").disabled = false;
+  $("run-trace").hidden = true;
+  view.traceAsked = false;
   connect();
+}
+
+// The link to the run's trace (when the server has a trace URL and the run a trace id):
+// asked once the stream shows the run has a trace.
+async function showTrace() {
+  if (view.traceAsked) return;
+  view.traceAsked = true;
+  const { ns, name } = view;
+  try {
+    const run = await call("GET", `${API}/runs/${encodeURIComponent(ns)}/${encodeURIComponent(name)}`);
+    if (run.summary.traceURL && view.ns === ns && view.name === name) {
+      $("run-trace").href = run.summary.traceURL;
+      $("run-trace").hidden = false;
+    }
+  } catch (e) { view.traceAsked = false; }
 }
 
 function connect() {
@@ -207,6 +224,7 @@ function render(type, d) {
     case "workflow":
       setPhase(WORKFLOW_PHASE[d.state]);
       if (d.step !== undefined) $("m-step").textContent = d.step;
+      if (d.traceId) showTrace();
       if (d.state === "resumed") {
         $("answer").textContent = ""; // the half-streamed answer is superseded
         notice("The run resumed after an operator restart.");
