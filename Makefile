@@ -174,7 +174,7 @@ E2E_CLUSTER ?= local
 NODE_K8S_VERSION ?= 1.34
 export NODE_K8S_VERSION
 .PHONY: e2e
-e2e: deps-e2e install $(KMS_NODE) ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
+e2e: deps-e2e install jaeger $(KMS_NODE) ## End-to-end tests: E2E_CLUSTER=local (a real node here, NODE_K8S_VERSION=1.34|1.20), kind, or existing (KUBECONFIG, E2E_IMAGE)
 ifeq ($(E2E_CLUSTER),local)
 	@scripts/cluster-up.sh >/dev/null
 endif

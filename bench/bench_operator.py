@@ -8,13 +8,17 @@ Figures:
 - N concurrent runs in one operator process: wall time to all Succeeded, operator peak RSS,
   object writes per run (status and kopf bookkeeping, counted from a watch).
 
-Usage: .venv/bin/python bench/bench_operator.py [--runs 200] [--stops 10] [--tps 100]
+With --tracing the operator exports every run as a trace to a real Jaeger (OTLP HTTP; `make
+jaeger` builds it): compare wall time and operator CPU with and without.
+
+Usage: .venv/bin/python bench/bench_operator.py [--runs 200] [--stops 10] [--tps 100] [--tracing]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import ssl
 import statistics
 import tempfile
@@ -29,6 +33,7 @@ from typing import Any, cast
 import redis as redis_sync
 
 from agentrun_harness.controlplane import ControlPlane, k8s_release
+from agentrun_harness.jaeger import Jaeger
 from agentrun_harness.operatorproc import OperatorProcess
 from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
@@ -112,11 +117,18 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
     parser.add_argument("--stops", type=int, default=10)
     parser.add_argument("--tps", type=float, default=100, help="mock LLM tokens per second")
+    parser.add_argument("--tracing", action="store_true", help="export traces to a real Jaeger")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="agentrun-bench-"))
@@ -128,6 +140,9 @@ def main() -> None:
     llm.start()
     long_text = " ".join(f"w{i}" for i in range(2000))
     llm.set_script([{"match": "bench-stop", "replies": [{"text": long_text}]}])
+    jaeger = Jaeger(workdir=work / "jaeger") if args.tracing else None
+    if jaeger is not None:
+        jaeger.start()
     operator = OperatorProcess(
         plane=plane,
         redis_url=redis_server.url,
@@ -136,6 +151,7 @@ def main() -> None:
         env={
             "AGENTRUN_MAX_CONCURRENT_RUNS": str(args.runs + 10),
             "AGENTRUN_STATUS_INTERVAL_SECONDS": "2",
+            **({"AGENTRUN_OTEL_ENDPOINT": jaeger.otlp_url} if jaeger else {}),
         },
     )
     api = Api(plane)
@@ -220,6 +236,7 @@ def main() -> None:
         pid = operator.proc.pid
         rss_before = rss_kib(pid)
         peak = rss_before
+        cpu_before = cpu_seconds(pid)
         names = [f"load-{i}" for i in range(args.runs)]
         t0 = time.monotonic()
         for name in names:
@@ -240,6 +257,7 @@ def main() -> None:
                 raise TimeoutError(f"only {len(done)}/{len(names)} finished")
             time.sleep(0.2)
         wall = time.monotonic() - t0
+        cpu = cpu_seconds(pid) - cpu_before
         failed = [i["metadata"]["name"] for i in done if i["status"]["phase"] != "Succeeded"]
         time.sleep(3)  # let trailing status writes land before counting
         stop_watch.set()
@@ -259,6 +277,10 @@ def main() -> None:
             f"{len(failed)} failed"
         )
         print(
+            f"operator CPU for them      {cpu:6.1f} s ({cpu / args.runs * 1000:.0f} ms per run), "
+            f"tracing {'on (Jaeger)' if jaeger else 'off'}"
+        )
+        print(
             f"operator RSS               before {rss_before / 1024:.0f} MiB, "
             f"peak {peak / 1024:.0f} MiB"
         )
@@ -268,6 +290,8 @@ def main() -> None:
         )
     finally:
         operator.stop()
+        if jaeger is not None:
+            jaeger.stop()
         llm.stop()
         redis_server.stop()
         plane.stop()

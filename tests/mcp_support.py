@@ -52,6 +52,8 @@ class Record:
     started: dict[str, float] = field(default_factory=dict)
     identities: list[str] = field(default_factory=list)
     sessions: list[Any] = field(default_factory=list)
+    # The W3C traceparent header of each get_pod call (None: the client sent none).
+    traceparents: list[str | None] = field(default_factory=list)
 
 
 def tool_server(name: str, record: Record, **kwargs: Any) -> MCPServer:
@@ -72,6 +74,7 @@ def tool_server(name: str, record: Record, **kwargs: Any) -> MCPServer:
     async def get_pod(namespace: str, name: str, ctx: Context) -> str:
         """Describe a pod."""
         record.calls.append(("get_pod", {"namespace": namespace, "name": name}))
+        record.traceparents.append((ctx.headers or {}).get("traceparent"))
         return f"pod {namespace}/{name} is Running"
 
     @server.tool(annotations=destructive)

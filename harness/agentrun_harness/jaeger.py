@@ -93,9 +93,9 @@ class Jaeger(procs.Managed):
     def __init__(self, *, workdir: Path, host: str = "127.0.0.1") -> None:
         self.workdir = workdir
         self.host = host
-        self.otlp_port = free_port()
-        self.query_port = free_port()
-        self.health_port = free_port()
+        self.otlp_port = free_port(host)
+        self.query_port = free_port(host)
+        self.health_port = free_port(host)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property

@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -38,6 +39,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, Status,
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from agentrun_operator import metrics as prom
+from agentrun_operator import models
 
 log = logging.getLogger("agentrun.tracing")
 
@@ -340,3 +342,59 @@ def _clean(attributes: Attributes | None) -> dict[str, Any]:
         else:
             out[key] = _cap(json.dumps(value, default=str, sort_keys=True))
     return out
+
+
+# -- the attributes of the engine's spans (GenAI semantic conventions where they exist) ------
+def chat_attributes(model: str, base_url: str, *, node: str) -> dict[str, Any]:
+    """A ``chat <model>`` client span: one LLM call."""
+    base = urlsplit(base_url)
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.provider.name": "openai",  # the OpenAI-compatible API, whoever serves it
+        "gen_ai.request.model": model,
+        "server.address": base.hostname,
+        "server.port": base.port,
+        "agentrun.node": node,
+    }
+
+
+def chat_usage_attributes(call: models.CallUsage, *, finish_reason: str) -> dict[str, Any]:
+    """What an LLM call used, once its stream ended."""
+    return {
+        "gen_ai.usage.input_tokens": call.input_tokens,
+        "gen_ai.usage.output_tokens": call.output_tokens,
+        "gen_ai.usage.cache_read.input_tokens": call.cached_tokens,
+        "gen_ai.response.time_to_first_chunk": (
+            None if call.ttft_ms is None else call.ttft_ms / 1000
+        ),
+        "gen_ai.response.finish_reasons": [finish_reason],
+        "agentrun.cost_usd": call.cost_usd,
+    }
+
+
+def tool_attributes(
+    name: str,
+    call_id: str,
+    arguments: Mapping[str, Any],
+    *,
+    namespace: str,
+    server: str | None,
+    decision: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """An ``execute_tool <function>`` span; the target (``Kind namespace/name``) of a
+    built-in call, the MCPServer of an MCP one, the approval it ran under."""
+    kind, obj = arguments.get("kind"), arguments.get("name")
+    target = (
+        f"{kind} {arguments.get('namespace') or namespace}/{obj}"
+        if server is None and isinstance(kind, str) and isinstance(obj, str)
+        else None
+    )
+    return {
+        "gen_ai.operation.name": "execute_tool",
+        "gen_ai.tool.name": name,
+        "gen_ai.tool.call.id": call_id,
+        "agentrun.tool.server": server,
+        "agentrun.target": target,
+        "agentrun.target.uid": ((decision or {}).get("target") or {}).get("uid"),
+        "agentrun.approval": (decision or {}).get("approval"),
+    }

@@ -14,7 +14,8 @@ run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; a run acts 
 npm-distributed ``kubernetes-mcp-server`` (a pod whose own account has no rights and which
 requires a bearer token) with its own service account's token: it lists pods where it may,
 is refused by the API server where it may not, and its destructive call waits for approval;
-``helm upgrade`` keeps a run going; ``helm uninstall`` leaves no orphans.
+``helm upgrade`` keeps a run going; with ``tracing.enabled`` the operator pod sends each run
+as one trace to a Jaeger on the host; ``helm uninstall`` leaves no orphans.
 
 The mock LLM runs in the cluster too (the same image, ``agentrun mock-llm``); tests put
 their script through its Service. Every address is a Service name resolved by the cluster
@@ -46,6 +47,7 @@ import yaml
 
 from agentrun_harness import node
 from agentrun_harness.controlplane import free_port
+from agentrun_harness.jaeger import Jaeger
 from agentrun_operator import events
 from agentrun_operator import sseclient as sse_client
 
@@ -1003,6 +1005,51 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     assert seen.events[-1]["data"]["phase"] == "Succeeded"
     history = json.loads(helm("history", RELEASE, "-n", release.namespace, "-o", "json"))
     assert [h["revision"] for h in history] == [1, 2]
+
+
+def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
+    target: Target,
+    kubectl: Kubectl,
+    release: Release,
+    helm: Helm,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    if target.kind != "local":
+        pytest.skip("needs a Jaeger on an address the cluster's pods reach (the local node's)")
+    # Jaeger on this host, on the node's address (the pods reach it as they reach the DNS).
+    with Jaeger(workdir=tmp_path_factory.mktemp("jaeger"), host=node.NODE_IP) as jaeger:
+        helm(
+            "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
+            "--wait", "--timeout=5m",
+            "--set", "tracing.enabled=true",
+            "--set", f"tracing.endpoint={jaeger.otlp_url}",
+            "--set", "tracing.urlTemplate=https://jaeger.example.com/trace/{traceId}",
+        )  # fmt: skip
+        release.script(
+            [{"match": "traced on the node", "replies": [{"text": "plan"}, {"text": "done"}]}]
+        )
+        create_run(kubectl, release, "traced", "traced on the node")
+        st = wait_phase(kubectl, release.runs, "traced", "Succeeded", "Failed", timeout=90)
+        assert st["phase"] == "Succeeded" and st.get("traceId"), st
+        root = f"run {release.runs}/traced"
+
+        def arrived() -> list[dict[str, Any]] | None:
+            spans = jaeger.trace(st["traceId"])
+            return spans if any(s["name"] == root for s in spans) else None
+
+        spans = wait_for("the run's trace in Jaeger", arrived, timeout=60)
+        assert isinstance(spans, list)
+        names = {s["name"] for s in spans}
+        assert {root, "workflow plan", "workflow act", "workflow verify", "chat mock"} <= names
+        (top,) = [s for s in spans if s["parent"] is None]
+        assert top["name"] == root and top["tags"]["agentrun.run.created_by"] == "creator"
+        # The web UI's link, from the SSE sidecar's template.
+        summary = httpx.get(
+            f"{release.sse}/api/v1/runs/{release.runs}/traced",
+            headers={"Authorization": f"Bearer {release.tokens['viewer']}"},
+            timeout=10,
+        ).json()["summary"]
+        assert summary["traceURL"] == f"https://jaeger.example.com/trace/{st['traceId']}"
 
 
 @pytest.mark.timeout(720)  # its own waits add up to 660 s at worst

@@ -72,6 +72,9 @@ def test_helm_lint_passes(helm: Helm) -> None:
         ("operator.extraEnv.PATH=x", "'PATH' does not match pattern '^AGENTRUN_"),
         ("redis.externalURL=mysql://x", "/redis/externalURL"),
         ("gateway.requestTimeout=forever", "/gateway/requestTimeout"),
+        ("tracing.endpoint=jaeger:4317", "/tracing/endpoint"),
+        ("tracing.urlTemplate=https://jaeger/trace/", "/tracing/urlTemplate"),
+        ("tracing.enabled=true", "tracing.enabled needs tracing.endpoint"),
     ],
 )
 def test_bad_values_fail_at_install_naming_the_field(helm: Helm, value: str, named: str) -> None:
@@ -220,6 +223,34 @@ def test_model_prices_reach_the_operator(helm: Helm) -> None:
     env = {e["name"]: e for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
     prices = json.loads(env["AGENTRUN_PRICES"]["value"])
     assert prices == {"my-model": {"input": 1, "output": 3}}
+
+
+def test_tracing_values_reach_the_operator_and_the_ui(helm: Helm) -> None:
+    def env_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+        operator = next(
+            d
+            for d in docs
+            if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-operator")
+        )
+        return {
+            c["name"]: {e["name"]: e.get("value", "") for e in c["env"]}
+            for c in operator["spec"]["template"]["spec"]["containers"]
+        }
+
+    off = env_of(render(helm))
+    assert "AGENTRUN_OTEL_ENDPOINT" not in off["operator"]
+    assert "AGENTRUN_TRACE_URL" not in off["sse"]
+    on = env_of(
+        render(
+            helm,
+            "tracing.enabled=true",
+            "tracing.endpoint=http://jaeger-collector.tracing:4318",
+            "tracing.urlTemplate=https://jaeger.example.com/trace/{traceId}",
+        )
+    )
+    assert on["operator"]["AGENTRUN_OTEL_ENDPOINT"] == "http://jaeger-collector.tracing:4318"
+    assert on["operator"]["OTEL_SERVICE_NAME"] == "agentrun-operator"
+    assert on["sse"]["AGENTRUN_TRACE_URL"] == "https://jaeger.example.com/trace/{traceId}"
 
 
 def test_ingress_and_gateway_carry_the_stream_settings(helm: Helm) -> None:

@@ -13,6 +13,7 @@ counted. Version-independent: these run on the newest Kubernetes only (CI time).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import urllib.request
@@ -21,6 +22,7 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
+from mcp_support import MCPServers
 
 from agentrun_harness.controlplane import ControlPlane, free_port
 from agentrun_harness.jaeger import Jaeger
@@ -81,12 +83,14 @@ def traced(
     redis_server: Any,
     script: Script,
     jaeger: Jaeger,
+    mcp: MCPServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
     proc = tracing_operator(
         cluster, redis_server.url, script, tmp_path_factory.mktemp("traced"),
         namespaces="tr-*", endpoint=jaeger.otlp_url,
     )  # fmt: skip
+    proc.env["AGENTRUN_MCP_URL_ALLOW"] = mcp.allow
     with proc:
         yield proc
 
@@ -208,6 +212,40 @@ def test_a_run_with_a_tool_call_and_an_approval_is_one_trace(
     for header in seen:
         version, trace, parent, flags = header.split("-")
         assert (version, trace, flags) == ("00", trace_id, "01") and parent in chat_ids, header
+
+
+def test_an_mcp_server_sees_the_tool_calls_span(
+    kubectl: Kubectl, namespace: str, script: Script, jaeger: Jaeger, mcp: MCPServers
+) -> None:
+    server = {
+        "apiVersion": "agentrun.dev/v1alpha1",
+        "kind": "MCPServer",
+        "metadata": {"name": "tools"},
+        "spec": {"url": mcp.open.url},
+    }
+    kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(server))
+
+    def ready() -> bool:
+        out = kubectl("get", "mcp", "tools", "-n", namespace, "-o", "json")
+        conditions = (json.loads(out.stdout).get("status") or {}).get("conditions") or []
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+    wait_for("MCPServer tools Ready", ready, timeout=30)
+    get_pod = {"name": "tools__get_pod", "arguments": {"namespace": namespace, "name": "p"}}
+    goal = script.add(
+        marker("trace-mcp"), [{"text": "plan"}, {"tool_calls": [get_pod]}, {"text": "done"}]
+    )
+    before = len(mcp.record.traceparents)
+    create_run(kubectl, namespace, "mcp", goal=goal, tools=["mcp:tools/get_pod"])
+    st = wait_phase(kubectl, namespace, "mcp", "Succeeded", "Failed", timeout=60)
+    assert st["phase"] == "Succeeded", st
+    spans = finished_trace(jaeger, st["traceId"], f"run {namespace}/mcp")
+    (tool,) = by_name(spans, "execute_tool tools__get_pod")
+    assert tool["tags"]["agentrun.tool.server"] == "tools"
+    (header,) = mcp.record.traceparents[before:]
+    assert header is not None, "the MCP call carried no traceparent"
+    _, trace_id, parent, _ = header.split("-")
+    assert (trace_id, parent) == (st["traceId"], tool["spanId"])
 
 
 def test_a_run_resumed_after_kill_9_stays_one_trace(

@@ -18,7 +18,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
-from urllib.parse import urlsplit
 
 import openai
 from langchain_core.messages import AIMessage, BaseMessage
@@ -210,37 +209,16 @@ class RunDeps:
         async def on_token(text: str) -> None:
             await self._emitter.token(text, node)
 
-        # GenAI semantic conventions: one client span per call, named "chat <model>".
-        base = urlsplit(self._base_url())
         with self._tracing.span(
             f"chat {self._model_name}",
             self._trace,
             client=True,
-            attributes={
-                "gen_ai.operation.name": "chat",
-                "gen_ai.provider.name": "openai",
-                "gen_ai.request.model": self._model_name,
-                "server.address": base.hostname,
-                "server.port": base.port,
-                "agentrun.node": node,
-            },
+            attributes=tracing.chat_attributes(self._model_name, self._base_url(), node=node),
             benign=(asyncio.CancelledError,),
         ):
             message, call = await self._stream(chat, messages, on_token)
-            self._tracing.annotate(
-                {
-                    "gen_ai.usage.input_tokens": call.input_tokens,
-                    "gen_ai.usage.output_tokens": call.output_tokens,
-                    "gen_ai.usage.cache_read.input_tokens": call.cached_tokens,
-                    "gen_ai.response.time_to_first_chunk": (
-                        None if call.ttft_ms is None else call.ttft_ms / 1000
-                    ),
-                    "agentrun.cost_usd": call.cost_usd,
-                    "gen_ai.response.finish_reasons": [
-                        str(message.response_metadata.get("finish_reason") or "")
-                    ],
-                }
-            )
+            finish = str(message.response_metadata.get("finish_reason") or "")
+            self._tracing.annotate(tracing.chat_usage_attributes(call, finish_reason=finish))
         await self._emitter.flush()
         self.usage.add_call(call)
         self._last_input_tokens = call.input_tokens
@@ -338,19 +316,17 @@ class RunDeps:
         gated: bool,
     ) -> str:
         mcp = self._mcp.offered[name].pinned if self._mcp.has(name) else None
-        target = (decision or {}).get("target") or {}
         with self._tracing.span(
             f"execute_tool {name}",
             self._trace,
-            attributes={
-                "gen_ai.operation.name": "execute_tool",
-                "gen_ai.tool.name": name,
-                "gen_ai.tool.call.id": call_id,
-                "agentrun.tool.server": mcp.server if mcp else None,
-                "agentrun.target": _target_of(arguments, self.namespace) if not mcp else None,
-                "agentrun.target.uid": target.get("uid"),
-                "agentrun.approval": (decision or {}).get("approval"),
-            },
+            attributes=tracing.tool_attributes(
+                name,
+                call_id,
+                arguments,
+                namespace=self.namespace,
+                server=mcp.server if mcp else None,
+                decision=decision,
+            ),
             benign=(asyncio.CancelledError,),
         ):
             return await self._tool_call(
@@ -628,11 +604,3 @@ class RunDeps:
         )
         self._status.progress(usage=self.usage.as_status())
         return content
-
-
-def _target_of(arguments: dict[str, Any], namespace: str) -> str | None:
-    """The object a built-in call is about, as ``Kind namespace/name`` (for its span)."""
-    kind, name = arguments.get("kind"), arguments.get("name")
-    if not isinstance(kind, str) or not isinstance(name, str):
-        return None
-    return f"{kind} {arguments.get('namespace') or namespace}/{name}"
