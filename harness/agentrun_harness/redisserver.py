@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from agentrun_harness import procs
@@ -20,10 +21,18 @@ class RedisServerError(RuntimeError):
 
 
 class RedisServer(procs.Managed):
-    def __init__(self, *, workdir: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.extra_args = list(extra_args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -54,6 +63,7 @@ class RedisServer(procs.Managed):
                 "everysec",
                 "--daemonize",
                 "no",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

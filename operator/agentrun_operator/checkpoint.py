@@ -183,7 +183,8 @@ class RedisCheckpointSaver(base.BaseCheckpointSaver[str]):
         serde: serde_base.SerializerProtocol | None = None,
     ) -> None:
         super().__init__(serde=serde)
-        if redis.connection_pool.connection_kwargs.get("decode_responses"):
+        # get_encoder: on one server and on a cluster client alike (redis-py leaves it untyped)
+        if redis.get_encoder().decode_responses:  # type: ignore[no-untyped-call]
             raise ValueError("RedisCheckpointSaver needs a client with decode_responses=False")
         _check_no_braces("prefix", prefix)
         self.redis = redis

@@ -75,6 +75,8 @@ class Settings(BaseModel):
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", alias="AGENTRUN_REDIS_URL", repr=False
     )
+    # A Redis Cluster (the URL names any node): redis-py's cluster client.
+    redis_cluster: bool = Field(default=False, alias="AGENTRUN_REDIS_CLUSTER")
     model_base_url: str = Field(default="http://127.0.0.1:8000/v1", alias="AGENTRUN_MODEL_BASE_URL")
     model_name: str = Field(default="gpt-4o-mini", alias="AGENTRUN_MODEL_NAME", min_length=1)
     model_api_key: str = Field(default="", alias="AGENTRUN_MODEL_API_KEY", repr=False)

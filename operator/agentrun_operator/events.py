@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from redis import asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -38,17 +39,33 @@ WorkflowState = Literal[
 ]
 
 
-def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
+def connect(url: str, *, max_connections: int = 64, cluster: bool = False) -> aioredis.Redis:
     """A client that reconnects by itself after a Redis restart and retries meanwhile.
 
     A blocking pool: hundreds of concurrent runs wait briefly for a connection instead of
-    failing with MaxConnectionsError.
+    failing with MaxConnectionsError. ``cluster``: redis-py's cluster client (``url`` names
+    any node; it finds the others and follows slots as they move, e.g. in a failover).
     """
     # Retries nest: a command retries, and each try's reconnect retries again, so the
     # worst case is about (retries + 1)^2 connection attempts. These give a Redis restart
     # some 7 s to come back; a longer outage reaches the caller, which waits and says why
     # (engine.execution) instead of hanging in a retry loop for a minute and more.
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=3)
+    if cluster:
+        client = RedisCluster.from_url(
+            url,
+            max_connections=max_connections,  # per node
+            decode_responses=False,
+            health_check_interval=10,
+            socket_keepalive=True,
+            socket_connect_timeout=5,
+            retry=retry,
+        )
+        # Every key of a run carries its uid as a hash tag (one slot), so the commands the
+        # engine and the SSE server send (scripts, WATCH/MULTI, XREAD of one stream) run
+        # unchanged on the cluster client; tests/integration/test_redis_cluster.py proves
+        # it on a real cluster, failover included.
+        return cast(aioredis.Redis, client)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
@@ -61,6 +78,20 @@ def connect(url: str, *, max_connections: int = 64) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
+
+
+async def check_mode(redis: aioredis.Redis, *, cluster: bool) -> str | None:
+    """What is wrong with how we talk to this Redis, naming the setting to change; None
+    when nothing is. A cluster spoken to as one server answers MOVED for most keys."""
+    if cluster:
+        return None  # the cluster client refuses a server that is not a cluster itself
+    info = await redis.info("cluster")
+    if int(info.get("cluster_enabled", 0)):
+        return (
+            "this Redis is a Redis Cluster: set AGENTRUN_REDIS_CLUSTER=true (chart: "
+            "redis.cluster=true) so the operator and the SSE server use the cluster client"
+        )
+    return None
 
 
 def _key(uid: str, suffix: str) -> str:

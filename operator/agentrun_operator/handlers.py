@@ -20,6 +20,7 @@ from agentrun_operator import (
     checkpoint,
     config,
     contract,
+    events,
     kube,
     mcpservers,
     metrics,
@@ -69,7 +70,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.execution.default_backoff = 5
     metrics.serve(host=cfg.health_host, port=cfg.metrics_port)
     k = await kube.Kube.from_env()
-    store = RunStore.connect(cfg.redis_url)
+    store = RunStore.connect(cfg.redis_url, cluster=cfg.redis_cluster)
+    try:
+        wrong = await events.check_mode(store.redis, cluster=cfg.redis_cluster)
+    except Exception as e:  # Redis away: the runs wait for it and say so; not fatal here
+        log.warning("cannot ask Redis whether it is a cluster: %s", e)
+        wrong = None
+    if wrong is not None:
+        log.error("AGENTRUN_REDIS_CLUSTER: %s", wrong)
+        raise kopf.PermanentError(f"AGENTRUN_REDIS_CLUSTER: {wrong}")
     registry = Registry(
         settings=cfg, k8s=k, store=store, saver=checkpoint.RedisCheckpointSaver(store.redis)
     )

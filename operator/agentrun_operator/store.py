@@ -41,8 +41,8 @@ class RunStore:
         self.redis = redis
 
     @classmethod
-    def connect(cls, url: str) -> RunStore:
-        return cls(events.connect(url))
+    def connect(cls, url: str, *, cluster: bool = False) -> RunStore:
+        return cls(events.connect(url, cluster=cluster))
 
     async def close(self) -> None:
         await self.redis.aclose()

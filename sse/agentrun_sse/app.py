@@ -183,9 +183,11 @@ def create_app(settings: settings_mod.Settings) -> Starlette:
             "!" * 78,
         )
     metrics = metrics_mod.Metrics()
-    redis = events.connect(settings.redis_url)
+    redis = events.connect(settings.redis_url, cluster=settings.redis_cluster)
     # Each watched run's reader holds one connection in XREAD BLOCK.
-    reader_redis = events.connect(settings.redis_url, max_connections=4096)
+    reader_redis = events.connect(
+        settings.redis_url, max_connections=4096, cluster=settings.redis_cluster
+    )
     context = api.Context(
         settings=settings,
         kube=kubeapi.KubeAPI(settings.kube),
@@ -203,6 +205,13 @@ def create_app(settings: settings_mod.Settings) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            wrong = await events.check_mode(redis, cluster=settings.redis_cluster)
+        except redis_errors.RedisError as e:  # away: /readyz says so until it is back
+            log.warning("cannot ask Redis whether it is a cluster: %s", e)
+            wrong = None
+        if wrong is not None:
+            raise settings_mod.ConfigError(f"AGENTRUN_REDIS_CLUSTER: {wrong}")
         try:
             yield
         finally:

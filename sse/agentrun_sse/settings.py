@@ -39,8 +39,11 @@ ENV_HEARTBEAT = "AGENTRUN_HEARTBEAT_SECONDS"
 ENV_AUTH = "AGENTRUN_AUTH"
 ENV_REDIS = "AGENTRUN_REDIS_URL"
 ENV_TRACE_URL = "AGENTRUN_TRACE_URL"
-OURS = frozenset({ENV_HOST, ENV_PORT, ENV_HEARTBEAT, ENV_AUTH, ENV_REDIS, ENV_TRACE_URL})
-SHARED_WITH_OPERATOR = frozenset({ENV_REDIS})
+ENV_REDIS_CLUSTER = "AGENTRUN_REDIS_CLUSTER"
+OURS = frozenset(
+    {ENV_HOST, ENV_PORT, ENV_HEARTBEAT, ENV_AUTH, ENV_REDIS, ENV_TRACE_URL, ENV_REDIS_CLUSTER}
+)
+SHARED_WITH_OPERATOR = frozenset({ENV_REDIS, ENV_REDIS_CLUSTER})
 
 
 class ConfigError(ValueError):
@@ -68,6 +71,7 @@ class Settings:
     heartbeat_seconds: float = 15.0
     auth: AuthMode = "kubernetes"
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)  # may hold a password
+    redis_cluster: bool = False  # a Redis Cluster: redis-py's cluster client
     kube: KubeTarget | None = None
     # Events one viewer may have waiting before it counts as fallen behind.
     viewer_queue: int = 2048
@@ -146,6 +150,9 @@ def load(
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"{ENV_REDIS}: must be a redis://, rediss:// or unix:// URL")
     kube = load_kube_target(env, kubeconfig=args.kubeconfig, with_credentials=auth == "none")
+    cluster_raw = env.get(ENV_REDIS_CLUSTER, "false").lower()
+    if cluster_raw not in ("true", "false", "1", "0"):
+        raise ConfigError(f"{ENV_REDIS_CLUSTER}: must be true or false, got {cluster_raw!r}")
     trace_url = env.get(ENV_TRACE_URL, "")
     if trace_url and (
         not trace_url.startswith(("http://", "https://")) or "{traceId}" not in trace_url
@@ -165,6 +172,7 @@ def load(
         log_level=args.log_level,
         access_log=not args.no_access_log,
         trace_url=trace_url,
+        redis_cluster=cluster_raw in ("true", "1"),
     )
 
 

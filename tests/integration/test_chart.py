@@ -75,6 +75,7 @@ def test_helm_lint_passes(helm: Helm) -> None:
         ("tracing.endpoint=jaeger:4317", "/tracing/endpoint"),
         ("tracing.urlTemplate=https://jaeger/trace/", "/tracing/urlTemplate"),
         ("tracing.enabled=true", "tracing.enabled needs tracing.endpoint"),
+        ("redis.cluster=true", "redis.cluster is for an external Redis Cluster"),
     ],
 )
 def test_bad_values_fail_at_install_naming_the_field(helm: Helm, value: str, named: str) -> None:
@@ -225,7 +226,7 @@ def test_model_prices_reach_the_operator(helm: Helm) -> None:
     assert prices == {"my-model": {"input": 1, "output": 3}}
 
 
-def test_tracing_values_reach_the_operator_and_the_ui(helm: Helm) -> None:
+def test_tracing_and_redis_cluster_values_reach_both_containers(helm: Helm) -> None:
     def env_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
         operator = next(
             d
@@ -251,6 +252,18 @@ def test_tracing_values_reach_the_operator_and_the_ui(helm: Helm) -> None:
     assert on["operator"]["AGENTRUN_OTEL_ENDPOINT"] == "http://jaeger-collector.tracing:4318"
     assert on["operator"]["OTEL_SERVICE_NAME"] == "agentrun-operator"
     assert on["sse"]["AGENTRUN_TRACE_URL"] == "https://jaeger.example.com/trace/{traceId}"
+    # An external Redis Cluster: both containers use the cluster client.
+    clustered = env_of(
+        render(
+            helm,
+            "redis.enabled=false",
+            "redis.externalURL=redis://redis-cluster.redis:6379/0",
+            "redis.cluster=true",
+        )
+    )
+    assert clustered["operator"]["AGENTRUN_REDIS_CLUSTER"] == "true"
+    assert clustered["sse"]["AGENTRUN_REDIS_CLUSTER"] == "true"
+    assert "AGENTRUN_REDIS_CLUSTER" not in off["operator"]
 
 
 def test_ingress_and_gateway_carry_the_stream_settings(helm: Helm) -> None:

@@ -55,6 +55,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: AGENTRUN_REDIS_URL
   value: {{ required "redis.externalURL (or redis.externalSecret.name) is required when redis.enabled is false" $root.Values.redis.externalURL | quote }}
 {{- end }}
+{{- if $root.Values.redis.cluster }}
+{{- if $root.Values.redis.enabled }}
+{{- fail "redis.cluster is for an external Redis Cluster (redis.externalURL or redis.externalSecret): the bundled Redis is one server" }}
+{{- end }}
+- name: AGENTRUN_REDIS_CLUSTER
+  value: "true"
+{{- end }}
 {{- end -}}
 
 {{- define "agentrun.modelEnv" -}}

@@ -1,0 +1,256 @@
+"""The run engine and the SSE server on a real Redis Cluster (three masters with one replica
+each, from ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster create``), with
+``AGENTRUN_REDIS_CLUSTER=true`` (redis-py's cluster client).
+
+Covers: a run with an approval runs to the end with a clean stream (every key of a run in
+one hash slot: the fenced appends, call records, WATCH/MULTI checkpoints and the lease all
+work unchanged); the SSE server streams a run from the cluster and replays from
+Last-Event-ID; a master failing over (``CLUSTER FAILOVER`` on its replica) while runs stream
+leaves every run finished with no gap and no duplicate; an operator told nothing about the
+cluster refuses to start, naming the setting. Version-independent: newest Kubernetes only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis as redis_sync
+from langgraph.checkpoint import conformance
+from redis.cluster import RedisCluster as SyncRedisCluster
+
+from agentrun_harness import sse as sse_harness
+from agentrun_harness.controlplane import ControlPlane
+from agentrun_harness.rediscluster import RedisCluster
+from agentrun_operator import checkpoint, events
+from agentrun_operator import sseclient as sse_client
+
+from sse_support import sse_settings
+from support import (
+    Kubectl,
+    OperatorProcess,
+    Script,
+    assert_clean_stream,
+    bind_roles,
+    create_run,
+    decoded,
+    fresh_namespace,
+    let_default_account_scale,
+    marker,
+    wait_for,
+    wait_phase,
+)
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("K8S_VERSION", "").startswith("1.20"),
+    reason="Redis Cluster support does not depend on the Kubernetes version",
+)
+WEBHOOK_LABEL = "agentrun-test/webhooks"
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    with RedisCluster(workdir=tmp_path_factory.mktemp("redis-cluster")) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def rc(redis_cluster: RedisCluster) -> Iterator[redis_sync.Redis]:
+    client = SyncRedisCluster.from_url(redis_cluster.url)
+    yield client  # type: ignore[misc]  # the cluster client answers the same commands
+    client.close()
+
+
+def cluster_operator(
+    cluster: ControlPlane, redis_cluster: RedisCluster, script: Script, workdir: Any,
+    namespaces: str, **env: str,
+) -> OperatorProcess:  # fmt: skip
+    return OperatorProcess(
+        plane=cluster,
+        redis_url=redis_cluster.url,
+        model_base_url=script.llm.base_url,
+        workdir=workdir,
+        operator_id=f"op-{namespaces.rstrip('*-')}",
+        user="agentrun-operator",
+        env={
+            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
+            "AGENTRUN_LLM_MAX_RETRIES": "0",
+            "AGENTRUN_NAMESPACES": namespaces,
+            **env,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def on_cluster(
+    cluster: ControlPlane,
+    rbac: None,
+    webhooks: Any,
+    redis_cluster: RedisCluster,
+    script: Script,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    proc = cluster_operator(
+        cluster, redis_cluster, script, tmp_path_factory.mktemp("rc-op"), "rc-*",
+        AGENTRUN_REDIS_CLUSTER="true",
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+@pytest.fixture
+def namespace(
+    kubectl: Kubectl, request: pytest.FixtureRequest, on_cluster: OperatorProcess
+) -> Iterator[str]:
+    for name in fresh_namespace(kubectl, request, "rc-"):
+        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
+        yield name
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        print(f"--- operator (Redis Cluster) log ---\n{on_cluster.log_tail(80)}")
+
+
+def stream_of(rc: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
+    return decoded(rc.xrange(events.events_key(uid)))
+
+
+def test_a_run_with_an_approval_runs_on_a_redis_cluster(
+    kubectl: Kubectl, namespace: str, script: Script, rc: redis_sync.Redis
+) -> None:
+    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
+    let_default_account_scale(kubectl, namespace)
+    kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
+    scale = {"kind": "Deployment", "name": "web", "replicas": 2}
+    goal = script.add(
+        marker("rc-story"),
+        [
+            {"text": "Plan: scale web."},
+            {"tool_calls": [{"name": "k8s_scale", "arguments": scale}]},
+            {"text": "done."},
+        ],
+    )
+    uid = create_run(kubectl, namespace, "story", goal=goal, tools=["k8s_get", "k8s_scale"])
+    st = wait_phase(kubectl, namespace, "story", "AwaitingApproval", timeout=60)
+    (approval,) = st["pendingApprovals"]
+    kubectl(
+        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"decision":"Approved"}}',
+    )  # fmt: skip
+    st = wait_phase(kubectl, namespace, "story", "Succeeded", "Failed", timeout=60)
+    assert st["phase"] == "Succeeded", st
+    evs = stream_of(rc, uid)
+    assert_clean_stream(evs)
+    tools = [(e["data"]["name"], e["data"]["status"]) for e in evs if e["type"] == "tool"]
+    assert tools == [("k8s_scale", "started"), ("k8s_scale", "succeeded")]
+    # All of the run's keys live in one slot (the hash tag), on one master.
+    keys = [k.decode() for k in rc.scan_iter(match=events.run_keys_pattern(uid))]
+    assert {events.events_key(uid), events.calls_key(uid)} <= set(keys), keys
+    assert len({rc.keyslot(k) for k in keys}) == 1  # type: ignore[attr-defined]
+
+
+async def _read(url: str, token: str, last_id: str | None = None) -> list[dict[str, Any]]:
+    seen: list[dict[str, Any]] = []
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=60)) as http:
+        async for msg in sse_client.follow(
+            http, url, headers=headers, last_id=last_id, max_reconnects=5, retry_delay=0.2
+        ):
+            if msg.event != "heartbeat":
+                seen.append({**msg.json(), "id": msg.id})
+    return seen
+
+
+def test_the_sse_server_streams_and_replays_a_run_from_a_redis_cluster(
+    cluster: ControlPlane,
+    redis_cluster: RedisCluster,
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    rc: redis_sync.Redis,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    goal = script.add(
+        marker("rc-sse"), [{"text": f"Plan {words}", "tokens_per_second": 200}, {"text": "ok"}]
+    )
+
+    async def story() -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+        conf = sse_settings(cluster, redis_cluster.url, redis_cluster=True)
+        async with sse_harness.LiveServer(conf) as server:
+            uid = create_run(kubectl, namespace, "watched", goal=goal)
+            url = f"{server.url}/api/v1/runs/{namespace}/watched/events"
+            live = await _read(url, cluster.token("admin"))
+            middle = live[len(live) // 2]["id"]
+            rest = await _read(url, cluster.token("admin"), last_id=middle)
+            return live, rest, uid
+
+    live, rest, uid = asyncio.run(asyncio.wait_for(story(), 90))
+    assert_clean_stream(live)
+    assert [e["id"] for e in live] == [e["id"] for e in stream_of(rc, uid)]
+    assert [e["id"] for e in rest] == [e["id"] for e in live[len(live) // 2 + 1 :]]
+
+
+def test_a_master_failover_while_runs_stream_loses_and_repeats_nothing(
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    rc: redis_sync.Redis,
+    redis_cluster: RedisCluster,
+) -> None:
+    words = " ".join(f"w{i}" for i in range(150))
+    goal = script.add(
+        marker("rc-failover"),
+        [{"text": f"Plan {words}", "tokens_per_second": 60}, {"text": "done"}],
+    )
+    runs = [f"run-{i}" for i in range(6)]
+    uids = {name: create_run(kubectl, namespace, name, goal=goal) for name in runs}
+
+    def streaming() -> bool:
+        return all(any(e["type"] == "token" for e in stream_of(rc, uid)) for uid in uids.values())
+
+    wait_for("every run to stream tokens", streaming, timeout=60)
+    # Fail over every master in turn: each run's slot moves once while its tokens flow.
+    for port, role in sorted(redis_cluster.roles().items()):
+        if role == "master":
+            redis_cluster.failover(port)
+    for name, uid in uids.items():
+        st = wait_phase(kubectl, namespace, name, "Succeeded", "Failed", timeout=120)
+        assert st["phase"] == "Succeeded", (name, st)
+        assert_clean_stream(stream_of(rc, uid))
+
+
+async def test_the_checkpointer_passes_langgraphs_conformance_suite_on_the_cluster(
+    redis_cluster: RedisCluster,
+) -> None:
+    client = events.connect(redis_cluster.url, cluster=True)
+    try:
+
+        @conformance.checkpointer_test(name="RedisCheckpointSaver on a Redis Cluster")
+        async def factory() -> AsyncIterator[checkpoint.RedisCheckpointSaver]:
+            yield checkpoint.RedisCheckpointSaver(client, prefix=f"c{uuid.uuid4().hex[:8]}")
+
+        result = await conformance.validate(factory)
+        failures = {n: o.failures for n, o in result.results.items() if o.failures}
+        assert result.passed_all(), failures
+        assert result.conformance_level() == "FULL"
+    finally:
+        await client.aclose()
+
+
+def test_an_operator_not_told_about_the_cluster_refuses_to_start_naming_the_setting(
+    cluster: ControlPlane,
+    rbac: None,
+    redis_cluster: RedisCluster,
+    script: Script,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    proc = cluster_operator(
+        cluster, redis_cluster, script, tmp_path_factory.mktemp("rc-plain"), "rc-none-*"
+    )
+    with pytest.raises(AssertionError, match="AGENTRUN_REDIS_CLUSTER=true"):
+        with proc:
+            pass
