@@ -40,6 +40,7 @@ class OperatorProcess(procs.Managed):
         operator_id: str = "op-test",
         user: str = "admin",
         env: dict[str, str] | None = None,
+        module: str = "agentrun_operator",
     ) -> None:
         self.plane = plane
         self.workdir = workdir
@@ -61,6 +62,8 @@ class OperatorProcess(procs.Managed):
         }
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        # agentrun_operator (kopf: all or controller) or agentrun_operator.worker
+        self.module = module
 
     @property
     def log_path(self) -> Path:
@@ -71,7 +74,7 @@ class OperatorProcess(procs.Managed):
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agentrun_operator", "--verbose"],
+            [sys.executable, "-m", self.module, "--verbose"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -95,6 +98,11 @@ class OperatorProcess(procs.Managed):
     def kill(self) -> None:
         """kill -9: no cleanup, no goodbye."""
         procs.kill(self.proc)
+
+    def terminate(self) -> None:
+        """SIGTERM, as a rolling update sends it; returns at once (``stop`` waits)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
 
     def stop(self) -> None:
         procs.stop(self.proc)

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -88,6 +88,9 @@ class Settings(BaseModel):
     mcp_url_allow: list[str] = Field(default_factory=list, alias="AGENTRUN_MCP_URL_ALLOW")
     mcp_refresh_seconds: float = Field(default=300.0, gt=0, alias="AGENTRUN_MCP_REFRESH_SECONDS")
     max_concurrent_runs: int = Field(default=50, ge=1, alias="AGENTRUN_MAX_CONCURRENT_RUNS")
+    # all: this process admits and executes runs (make demo, small clusters); controller:
+    # it admits runs and queues them for workers (python -m agentrun_operator.worker).
+    role: Literal["all", "controller"] = Field(default="all", alias="AGENTRUN_ROLE")
     stream_maxlen: int = Field(default=100_000, ge=100, alias="AGENTRUN_STREAM_MAXLEN")
     prices: dict[str, Price] = Field(default_factory=dict, alias="AGENTRUN_PRICES")
     tool_result_max_bytes: int = Field(

@@ -210,6 +210,7 @@ def agentrun_crd() -> Schema:
             {"name": "Approvals", "type": "integer", "jsonPath": ".status.pendingApprovalCount"},
             {"name": "Tokens", "type": "integer", "jsonPath": ".status.usage.totalTokens"},
             {"name": "Cost", "type": "number", "jsonPath": ".status.usage.costUSD"},
+            {"name": "Worker", "type": "string", "jsonPath": ".status.worker", "priority": 1},
             {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
         ],
     )

@@ -129,6 +129,12 @@ def meta_key(uid: str) -> str:
     return _key(uid, "meta")
 
 
+# The work queue of the controller and its workers: a Redis Stream with one consumer group.
+# Its own hash tag (not a run's), so on a Redis Cluster it lives in one slot of its own.
+WORK_KEY = "agentrun:work:{0}"
+WORK_GROUP = "workers"
+
+
 def glob_escape(text: str) -> str:
     """``text`` as a literal inside a Redis glob pattern (only * ? [ ] and \\ are special;
     braces are literal)."""

@@ -9,7 +9,6 @@ so GitOps tools see no drift.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -17,19 +16,13 @@ from typing import Any
 import kopf
 
 from agentrun_operator import (
-    checkpoint,
     config,
     contract,
-    events,
-    kube,
     mcpservers,
     metrics,
     models,
-    notify,
 )
-from agentrun_operator.engine import Registry
-from agentrun_operator.engine.policybook import PolicyBook
-from agentrun_operator.store import RunStore
+from agentrun_operator.engine import Registry, runtime
 
 log = logging.getLogger("agentrun.handlers")
 
@@ -38,12 +31,16 @@ GROUP, VERSION, PLURAL = models.GROUP, models.VERSION, "agentruns"
 
 @dataclass
 class State:
-    settings: config.Settings
-    kube: kube.Kube
-    store: RunStore
-    registry: Registry
-    background: list[asyncio.Task[None]]
+    runtime: runtime.Runtime
     discovery: mcpservers.Discovery
+
+    @property
+    def registry(self) -> Registry:
+        return self.runtime.registry
+
+    @property
+    def settings(self) -> config.Settings:
+        return self.runtime.settings
 
 
 def _state(memo: kopf.Memo) -> State:
@@ -69,62 +66,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # Retry in seconds, not kopf's default minute (a decision would wait that long).
     settings.execution.default_backoff = 5
     metrics.serve(host=cfg.health_host, port=cfg.metrics_port)
-    k = await kube.Kube.from_env()
-    store = RunStore.connect(cfg.redis_url, cluster=cfg.redis_cluster)
     try:
-        wrong = await events.check_mode(store.redis, cluster=cfg.redis_cluster)
-    except Exception as e:  # Redis away: the runs wait for it and say so; not fatal here
-        log.warning("cannot ask Redis whether it is a cluster: %s", e)
-        wrong = None
-    if wrong is not None:
-        log.error("AGENTRUN_REDIS_CLUSTER: %s", wrong)
-        raise kopf.PermanentError(f"AGENTRUN_REDIS_CLUSTER: {wrong}")
-    registry = Registry(
-        settings=cfg, k8s=k, store=store, saver=checkpoint.RedisCheckpointSaver(store.redis)
-    )
-    try:
-        registry.cluster_id = await k.cluster_id()
-    except kube.KubeError as e:
-        log.warning(
-            "cannot read namespace kube-system (%s): runs' Redis keys are not stamped with "
-            "this cluster's identity, and keys of runs deleted while Redis was away are "
-            "not swept",
-            e,
-        )
-    # AgentPolicies as they are now, from watches: judging a call costs no API call.
-    book = PolicyBook(k)
-    book.start()
-    registry.services.policies = book
-    control = asyncio.create_task(registry.listen_control(), name="agentrun-control")
-    expiries = asyncio.create_task(registry.sweeps.watch_expiries(), name="agentrun-expiries")
-    sweeper = asyncio.create_task(registry.sweeps.sweep_leftovers(), name="agentrun-leftovers")
-    background = [control, expiries, sweeper]
-    if cfg.notify_configmap:
-        registry.notifier = notify.Notifier(
-            k8s=k,
-            configmap=cfg.notify_configmap,
-            ui_url=cfg.ui_url,
-            refresh_seconds=cfg.notify_refresh_seconds,
-        )
-        background.append(asyncio.create_task(registry.notifier.run(), name="agentrun-notify"))
-    memo["agentrun"] = State(cfg, k, store, registry, background, mcpservers.Discovery(k, cfg))
+        rt = await runtime.open_runtime(cfg, role=cfg.role, clocks=True)
+    except config.ConfigError as e:
+        log.error("%s", e)
+        raise kopf.PermanentError(str(e)) from None
+    memo["agentrun"] = State(rt, mcpservers.Discovery(rt.kube, cfg))
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state = _state(memo)
     await state.discovery.close()
-    await state.registry.close()
-    if state.registry.services.policies is not None:
-        await state.registry.services.policies.close()
-    if state.registry.notifier is not None:
-        await state.registry.notifier.drain()
-    for task in state.background:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await state.store.close()
-    await state.kube.close()
+    await state.runtime.close()
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
@@ -147,6 +101,15 @@ async def spec_changed(body: kopf.Body, old: Any, new: Any, memo: kopf.Memo, **_
 @kopf.on.field(GROUP, VERSION, "toolapprovals", field="spec.votes")
 async def voted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _state(memo).registry.decided(body)
+
+
+@kopf.on.resume(GROUP, VERSION, "toolapprovals")
+@kopf.on.field(GROUP, VERSION, "toolapprovals", field="status.expiresAt")
+async def approval_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    # A controller owns the clocks: its workers may come and go while people decide.
+    state = _state(memo)
+    if state.registry.role == "controller":
+        state.registry.expect_approval(body)
 
 
 @kopf.on.resume(GROUP, VERSION, "mcpservers")

@@ -31,6 +31,12 @@ APPROVAL_WAIT = Histogram(
     buckets=_WAIT,
 )
 
+WORK_CLAIMS = Counter(
+    "agentrun_work_claims_total",
+    "Work entries a worker took: new, or reclaimed from a worker that stopped refreshing them.",
+    ["how"],
+)
+WORK_QUEUE = Gauge("agentrun_work_queue_entries", "Work entries not yet acknowledged.")
 SPANS_DROPPED = Counter(
     "agentrun_trace_spans_dropped_total",
     "Spans not delivered to the trace collector (queue_full, export_failed).",

@@ -546,6 +546,12 @@ class AgentRunStatus(_Model):
     stream_path: str | None = Field(
         default=None, description="Path of the run's SSE stream on the agentrun server."
     )
+    worker: str | None = Field(
+        default=None,
+        max_length=253,
+        description="The operator process (AGENTRUN_OPERATOR_ID: a worker's pod name) that "
+        "executes the run now or did last.",
+    )
     trace_id: str | None = Field(
         default=None,
         pattern=r"^[0-9a-f]{32}$",

@@ -28,6 +28,12 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _work(fields: Any) -> dict[str, str]:
+    raw = fields.get(b"data") or fields.get("data") or b"{}"
+    found = json.loads(raw)
+    return {k: str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+
+
 def unreachable(e: BaseException) -> bool:
     """Whether ``e`` means Redis could not be reached (past the client's own retries)."""
     # BusyLoadingError (Redis loading its AOF) is a ConnectionError.
@@ -162,6 +168,61 @@ class RunStore:
                 yield control
         finally:
             await pubsub.aclose()
+
+    # -- the work queue (controller -> workers) ----------------------------------------------
+    async def ensure_work_group(self) -> None:
+        """The queue and its consumer group, created once (by whichever process is first)."""
+        try:
+            await self.redis.xgroup_create(
+                events.WORK_KEY, events.WORK_GROUP, id="0", mkstream=True
+            )
+        except redis_errors.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+
+    async def enqueue_work(self, *, uid: str, namespace: str, name: str, why: str) -> str:
+        """Ask some worker to look at the run (start, resume, a decision came)."""
+        entry = {"uid": uid, "namespace": namespace, "name": name, "why": why}
+        return _text(await self.redis.xadd(events.WORK_KEY, {"data": json.dumps(entry)}))
+
+    async def claim_work(
+        self, worker: str, *, count: int, block_ms: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """New entries for ``worker`` (pending on it until acknowledged)."""
+        reply: Any = await self.redis.xreadgroup(
+            events.WORK_GROUP,
+            worker,
+            {events.WORK_KEY: ">"},
+            count=count,
+            block=block_ms,
+        )
+        return [(_text(i), _work(f)) for _, entries in reply or [] for i, f in entries]
+
+    async def reclaim_work(
+        self, worker: str, *, min_idle_ms: int, count: int
+    ) -> list[tuple[str, dict[str, str]]]:
+        """Entries pending on workers that stopped refreshing them (dead ones)."""
+        reply: Any = await self.redis.xautoclaim(
+            events.WORK_KEY, events.WORK_GROUP, worker, min_idle_ms, start_id="0", count=count
+        )
+        return [(_text(i), _work(f)) for i, f in reply[1] if f]
+
+    async def hold_work(self, worker: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries ``worker`` still works on (XCLAIM JUSTID), so no
+        other worker reclaims a long run from a live one."""
+        if entry_ids:
+            await self.redis.xclaim(
+                events.WORK_KEY, events.WORK_GROUP, worker, 0, list[Any](entry_ids), justid=True
+            )
+
+    async def ack_work(self, entry_ids: list[str]) -> None:
+        if entry_ids:
+            await self.redis.xack(events.WORK_KEY, events.WORK_GROUP, *entry_ids)
+
+    async def work_depth(self) -> int:
+        """Entries not yet acknowledged (claimed or waiting)."""
+        summary: Any = await self.redis.xpending(events.WORK_KEY, events.WORK_GROUP)
+        return int(summary.get("pending", 0) if isinstance(summary, dict) else 0)
 
     # -- finding and deleting runs' keys -----------------------------------------------------
     async def run_uids(self) -> AsyncIterator[str]:

@@ -87,7 +87,10 @@ def test_tool_names_are_valid_openai_function_names() -> None:
 
 def test_printer_columns_match_the_design() -> None:
     columns = CRDS["AgentRun"]()["spec"]["versions"][0]["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Phase", "Step", "Approvals", "Tokens", "Cost", "Age"]
+    default = [c["name"] for c in columns if not c.get("priority")]
+    assert default == ["Phase", "Step", "Approvals", "Tokens", "Cost", "Age"]
+    # kubectl get ar -o wide: which worker holds the run.
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Worker"]
     columns = CRDS["ToolApproval"]()["spec"]["versions"][0]["additionalPrinterColumns"]
     assert [c["name"] for c in columns] == [
         "Run",

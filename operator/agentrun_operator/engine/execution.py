@@ -308,6 +308,7 @@ class Runner:
                     "Running",
                     reason="Resumed" if resuming else "Started",
                     message="the agent is working" if not resuming else "resumed from checkpoint",
+                    worker=self._s.settings.operator_id,
                     streamPath=events.stream_path(ref.namespace, ref.name),
                     pendingApprovals=[],
                     pendingApprovalCount=0,
@@ -317,6 +318,15 @@ class Runner:
                     type="Normal",
                     reason="Running",
                     message="run resumed" if resuming else "run started",
+                )
+            elif statusw.current.get("worker") != self._s.settings.operator_id:
+                # Taken over from a worker that is gone: say who holds it now.
+                statusw.progress(worker=self._s.settings.operator_id)
+                await self._s.k8s.post_event(
+                    involved=ref.involved(),
+                    type="Normal",
+                    reason="HandedOver",
+                    message=f"run resumed by {self._s.settings.operator_id} from its checkpoint",
                 )
             elapsed = elapsed_since(statusw.current.get("startedAt"))
             remaining = (

@@ -14,10 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from agentrun_operator import __version__, config, contract, kube, models, notify, policy, tracing
+from agentrun_operator import (
+    __version__,
+    approvals,
+    config,
+    contract,
+    kube,
+    models,
+    notify,
+    policy,
+    tracing,
+)
 from agentrun_operator import metrics as prom
 from agentrun_operator.engine import mcptools
 from agentrun_operator.engine.common import RunRef, Services, annotation, audit, unavailable
@@ -44,6 +54,7 @@ class Registry:
         store: RunStore,
         saver: Any,
         notifier: notify.Notifier | None = None,
+        role: str = "all",
     ) -> None:
         self.services = Services(
             settings=settings,
@@ -56,6 +67,11 @@ class Registry:
         self.running: dict[str, Slot] = {}
         self.queued: dict[str, RunRef] = {}
         self._closing = False
+        # "controller": runs are executed by workers; this process queues them for one.
+        self.role = role
+        self._dispatches: set[asyncio.Task[None]] = set()
+        # Told when a run's task here ends (a worker acknowledges its work entry then).
+        self.on_done: list[Callable[[str], None]] = []
         self.gate = Gate(self.services)
         self.sweeps = Sweeps(
             self.services,
@@ -112,6 +128,9 @@ class Registry:
                 return
             st = fixed
         if ref.uid in self.running or ref.uid in self.queued:
+            return
+        if self.role == "controller":
+            self._start(ref)  # queued for a worker; the workers' capacity is the limit
             return
         # AwaitingApproval holds no task; starting one checks the decisions (made while
         # the operator was down, too) and ends at once if people have not decided yet.
@@ -269,6 +288,24 @@ class Registry:
             # a task that has ended since. A task started for nothing ends at the gate.
             await self.ensure(body)
 
+    def expect_approval(self, approval: Mapping[str, Any]) -> None:
+        """Controller: a ToolApproval's deadline, so its run is woken when it passes even if
+        the worker that asked is gone."""
+        st = approval.get("status") or {}
+        when = approvals.parse_time(st.get("expiresAt"))
+        run = (approval.get("spec") or {}).get("runName")
+        owner = next(
+            (o["uid"] for o in approval["metadata"].get("ownerReferences") or []
+             if o.get("kind") == "AgentRun"),
+            None,
+        )  # fmt: skip
+        if when is None or not run or owner is None or st.get("state") not in (None, "Pending"):
+            return
+        known = self.sweeps.expiries.get(owner)
+        if known is None or when < known[0]:
+            ref = RunRef(approval["metadata"]["namespace"], run, owner, None, "")
+            self.sweeps.expect(ref, when)
+
     # -- stop: the one path ------------------------------------------------------------------
     async def stop(self, body: Mapping[str, Any], *, by: str | None) -> None:
         """spec.stop (kopf): stop the run wherever it is (here, queued, waiting for people,
@@ -350,15 +387,36 @@ class Registry:
         prom.RUNS_ACTIVE.labels("queued").set(len(self.queued))
 
     def _start(self, ref: RunRef) -> None:
+        if self.role == "controller":
+            dispatch = asyncio.create_task(self._dispatch(ref), name=f"agentrun-queue:{ref.key}")
+            self._dispatches.add(dispatch)
+            dispatch.add_done_callback(self._dispatches.discard)
+            return
         task = asyncio.create_task(self.runner.supervise(ref), name=f"agentrun:{ref.key}")
         self.running[ref.uid] = Slot(ref=ref, task=task)
         self._gauges()
         uid = ref.uid
         task.add_done_callback(lambda t: self._done(uid, t))
 
+    async def _dispatch(self, ref: RunRef) -> None:
+        """Controller: put the run on the work queue (retried while Redis is away)."""
+        delay = 0.5
+        while not self._closing:
+            try:
+                await self.services.store.enqueue_work(
+                    uid=ref.uid, namespace=ref.namespace, name=ref.name, why="look"
+                )
+                return
+            except Exception as e:
+                log.warning("cannot queue run %s for a worker (%s); retrying", ref.key, e)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10)
+
     def _done(self, uid: str, task: asyncio.Task[None]) -> None:
         self.running.pop(uid, None)
         self._gauges()
+        for listener in self.on_done:
+            listener(uid)
         if not task.cancelled() and task.exception() is not None:
             log.error("run task %s crashed", task.get_name(), exc_info=task.exception())
         if self._closing or not self.queued:
