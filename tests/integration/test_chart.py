@@ -302,6 +302,43 @@ def test_notification_routes_render_into_the_configmap_the_operator_reads(helm: 
     assert env["AGENTRUN_NOTIFY_CONFIGMAP"] == f"agentrun-system/{cm['metadata']['name']}"
 
 
+def test_with_workers_the_operator_is_the_controller_and_workers_run_the_runs(
+    helm: Helm,
+) -> None:
+    docs = render(helm, "workers.enabled=true", "workers.replicas=3", "tracing.enabled=true",
+                  "tracing.endpoint=http://c:4318")  # fmt: skip
+    deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    operator, worker = deployments["t-agentrun-operator"], deployments["t-agentrun-worker"]
+
+    def env(d: dict[str, Any]) -> dict[str, Any]:
+        container = d["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+    assert env(operator).pop("AGENTRUN_ROLE") == "controller"
+    # The workers run runs exactly as the operator would (the same settings, its identity).
+    assert {k: v for k, v in env(operator).items() if k != "AGENTRUN_ROLE"} == env(worker)
+    pod = worker["spec"]["template"]["spec"]
+    assert pod["containers"][0]["args"] == ["python", "-m", "agentrun_operator.worker"]
+    assert pod["serviceAccountName"] == operator["spec"]["template"]["spec"]["serviceAccountName"]
+    assert pod["containers"][0]["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["spec"]["replicas"] == 3
+    (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+    assert pdb["spec"]["minAvailable"] == 1
+    assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    scaled = render(helm, "workers.enabled=true", "workers.autoscaling.enabled=true")
+    (hpa,) = [d for d in scaled if d["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "t-agentrun-worker"
+    assert (
+        "replicas"
+        not in next(d for d in scaled if d["metadata"]["name"] == "t-agentrun-worker")["spec"]
+    )
+    # Without workers: one operator that does everything, as before.
+    plain = render(helm)
+    plain_deployments = {d["metadata"]["name"]: d for d in plain if d["kind"] == "Deployment"}
+    assert "AGENTRUN_ROLE" not in env(plain_deployments["t-agentrun-operator"])
+    assert "t-agentrun-worker" not in plain_deployments
+
+
 def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kubectl) -> None:
     kubectl("create", "namespace", "agentrun-system", check=False)
     docs = render(
@@ -324,6 +361,8 @@ GA_APIS = {
     "gateway.networking.k8s.io/v1",
     "monitoring.coreos.com/v1",
     "cert-manager.io/v1",
+    "policy/v1",
+    "autoscaling/v2",
 }
 EVERY_OPTION = (
     "redis.persistence.enabled=true",
@@ -335,6 +374,8 @@ EVERY_OPTION = (
     "grafanaDashboard.enabled=true",
     "webhooks.certManager.enabled=true",
     "webhooks.certManager.issuerRef.name=ca",
+    "workers.enabled=true",
+    "workers.autoscaling.enabled=true",
 )
 
 
@@ -360,10 +401,10 @@ def test_chart_pods_meet_pod_security_restricted(
     )
     workloads = [
         d
-        for d in render(helm, "redis.persistence.enabled=true")
+        for d in render(helm, "redis.persistence.enabled=true", "workers.enabled=true")
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
-    assert len(workloads) == 4
+    assert len(workloads) == 5
     proc = dry_run(kubectl, "psa-restricted", workloads)
     assert proc.returncode == 0, proc.stderr
     # The API server warns about a workload whose pods the namespace would refuse.

@@ -116,3 +116,50 @@ app.kubernetes.io/instance: {{ .Release.Name }}
   {{- end }}
 {{- end }}
 {{- end -}}
+
+{{/* The environment of every process that executes runs: the operator (all or controller)
+     and the workers. */}}
+{{- define "agentrun.runEnv" -}}
+{{- include "agentrun.redisURLEnv" (list . "operator") }}
+{{ include "agentrun.modelEnv" . }}
+{{- if .Values.model.apiKeySecret.name }}
+- name: AGENTRUN_MODEL_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.model.apiKeySecret.name }}
+      key: {{ .Values.model.apiKeySecret.key }}
+{{- end }}
+- name: AGENTRUN_NAMESPACES
+  value: {{ join "," .Values.operator.namespaces | quote }}
+- name: AGENTRUN_MAX_CONCURRENT_RUNS
+  value: {{ .Values.operator.maxConcurrentRuns | quote }}
+- name: AGENTRUN_STREAM_MAXLEN
+  value: {{ .Values.operator.streamMaxlen | quote }}
+{{- with .Values.operator.prices }}
+- name: AGENTRUN_PRICES
+  value: {{ toJson . | quote }}
+{{- end }}
+- name: AGENTRUN_OPERATOR_ID
+  valueFrom: {fieldRef: {fieldPath: metadata.name}}
+{{- if .Values.notifications.enabled }}
+- name: AGENTRUN_NOTIFY_CONFIGMAP
+  value: {{ printf "%s/%s-notifications" .Release.Namespace (include "agentrun.fullname" .) | quote }}
+{{- end }}
+{{- with .Values.uiURL }}
+- name: AGENTRUN_UI_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- if .Values.tracing.enabled }}
+{{- if not .Values.tracing.endpoint }}
+{{- fail "tracing.enabled needs tracing.endpoint: the OTLP HTTP base URL of your collector, e.g. http://jaeger-collector.tracing:4318" }}
+{{- end }}
+- name: AGENTRUN_OTEL_ENDPOINT
+  value: {{ .Values.tracing.endpoint | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ .Values.tracing.serviceName | quote }}
+{{- end }}
+{{- range $k, $v := .Values.operator.extraEnv }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end -}}
