@@ -15,7 +15,8 @@ npm-distributed ``kubernetes-mcp-server`` (a pod whose own account has no rights
 requires a bearer token) with its own service account's token: it lists pods where it may,
 is refused by the API server where it may not, and its destructive call waits for approval;
 ``helm upgrade`` keeps a run going; with ``tracing.enabled`` the operator pod sends each run
-as one trace to a Jaeger on the host; ``helm uninstall`` leaves no orphans.
+as one trace to a Jaeger on the host; with ``workers.enabled`` a worker pod deleted mid-run
+hands its run to another worker; ``helm uninstall`` leaves no orphans.
 
 The mock LLM runs in the cluster too (the same image, ``agentrun mock-llm``); tests put
 their script through its Service. Every address is a Service name resolved by the cluster
@@ -1050,6 +1051,57 @@ def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
             timeout=10,
         ).json()["summary"]
         assert summary["traceURL"] == f"https://jaeger.example.com/trace/{st['traceId']}"
+
+
+def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
+    kubectl: Kubectl, release: Release, helm: Helm
+) -> None:
+    helm(
+        "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
+        "--wait", "--timeout=5m", "--set", "workers.enabled=true", "--set", "workers.replicas=2",
+    )  # fmt: skip
+    kubectl(
+        "rollout", "status", "-n", release.namespace, f"deployment/{RELEASE}-worker",
+        "--timeout=120s", timeout=150,
+    )  # fmt: skip
+    words = " ".join(f"w{i}" for i in range(300))
+    release.script(
+        [
+            {
+                "match": "handed over",
+                "replies": [{"text": f"Plan {words}", "tokens_per_second": 20}, {"text": "ok"}],
+            }
+        ]
+    )
+    uid = create_run(kubectl, release, "handover", "to be handed over")
+
+    def holder() -> str | None:
+        return (get_run(kubectl, release.runs, "handover").get("status") or {}).get("worker")
+
+    first = wait_for("a worker to hold the run", holder, timeout=90)
+    assert isinstance(first, str) and first.startswith(f"{RELEASE}-worker-"), first
+    wait_for(
+        "tokens to stream",
+        lambda: any(
+            e["type"] == "token" for e in decoded(release.redis.xrange(events.events_key(uid)))
+        ),
+        timeout=60,
+    )
+    kubectl("delete", "pod", first, "-n", release.namespace, "--wait=false")
+    deleted = time.monotonic()
+
+    def moved_to() -> str | None:
+        now = holder()
+        return now if now not in (None, first) else None
+
+    moved = wait_for("another worker to hold it", moved_to, timeout=90)
+    figure(
+        "worker pod deleted -> run resumed on another worker", f"{time.monotonic() - deleted:.1f}s"
+    )
+    assert isinstance(moved, str) and moved.startswith(f"{RELEASE}-worker-"), moved
+    st = wait_phase(kubectl, release.runs, "handover", "Succeeded", "Failed", timeout=120)
+    assert st["phase"] == "Succeeded", st
+    assert_clean_stream(decoded(release.redis.xrange(events.events_key(uid))))
 
 
 @pytest.mark.timeout(720)  # its own waits add up to 660 s at worst
