@@ -322,3 +322,79 @@ def assert_clean_stream(evs: list[dict[str, Any]]) -> None:
 
 def marker(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
+
+
+# -- operator processes of a module's own ---------------------------------------------
+
+WEBHOOK_LABEL = "agentrun-test/webhooks"  # namespaces the test webhooks judge
+
+
+def own_operator(
+    cluster: ControlPlane,
+    *,
+    redis_url: str,
+    script: Script,
+    workdir: Any,
+    namespaces: str,
+    ident: str = "op-test",
+    module: str = "agentrun_operator",
+    env: dict[str, str] | None = None,
+) -> OperatorProcess:
+    """An operator (or, ``module="agentrun_operator.worker"``, a worker) process of a test
+    module's own, with the product's least-privilege identity; not started."""
+    return OperatorProcess(
+        plane=cluster,
+        redis_url=redis_url,
+        model_base_url=script.llm.base_url,
+        workdir=workdir,
+        operator_id=ident,
+        user="agentrun-operator",
+        module=module,
+        env={
+            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
+            "AGENTRUN_LLM_MAX_RETRIES": "0",
+            "AGENTRUN_NAMESPACES": namespaces,
+            **(env or {}),
+        },
+    )
+
+
+def judged_namespace(
+    kubectl: Kubectl, request: Any, prefix: str, *logs_of: tuple[str, OperatorProcess]
+) -> Iterator[str]:
+    """A fresh namespace the test webhooks judge, for a module's own operator processes;
+    their log tails are printed when the test fails."""
+    for name in fresh_namespace(kubectl, request, prefix):
+        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
+        yield name
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for what, proc in logs_of:
+            print(f"--- {what} log ---\n{proc.log_tail(60)}")
+
+
+def approved_scale(
+    kubectl: Kubectl, namespace: str, script: Script, name: str, **spec: Any
+) -> tuple[str, str, dict[str, Any]]:
+    """A run that scales Deployment web (created here) after an approver approves: returns
+    its uid, the ToolApproval's name and the run's final status."""
+    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
+    let_default_account_scale(kubectl, namespace)
+    kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
+    scale = {"kind": "Deployment", "name": "web", "replicas": 2}
+    goal = script.add(
+        marker(name),
+        [
+            {"text": "Plan: scale web."},
+            {"tool_calls": [{"name": "k8s_scale", "arguments": scale}]},
+            {"text": "done."},
+        ],
+    )
+    uid = create_run(kubectl, namespace, name, goal=goal, tools=["k8s_get", "k8s_scale"], **spec)
+    st = wait_phase(kubectl, namespace, name, "AwaitingApproval", timeout=60)
+    (approval,) = st["pendingApprovals"]
+    kubectl(
+        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
+        "-p", '{"spec":{"decision":"Approved"}}',
+    )  # fmt: skip
+    return uid, approval, wait_phase(kubectl, namespace, name, "Succeeded", "Failed", timeout=60)

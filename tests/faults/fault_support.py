@@ -36,7 +36,7 @@ from agentrun_harness.operatorproc import OperatorProcess
 from agentrun_operator import events
 from agentrun_operator import sseclient as client
 
-from support import Kubectl, Script, fresh_namespace, wait_for
+from support import Kubectl, Script, fresh_namespace, own_operator, wait_for
 
 # The label the session's webhook configuration selects (tests/conftest.py WEBHOOK_LABEL).
 WEBHOOK_LABEL = "agentrun-test/webhooks"
@@ -65,18 +65,8 @@ def start_operator(
     env: dict[str, str] | None = None,
 ) -> OperatorProcess:
     """An operator process of the module's own, with the product's least-privilege identity."""
-    proc = OperatorProcess(
-        plane=cluster,
-        redis_url=redis_url,
-        model_base_url=script.llm.base_url,
-        workdir=workdir,
-        user="agentrun-operator",
-        env={
-            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
-            "AGENTRUN_LLM_MAX_RETRIES": "0",
-            "AGENTRUN_NAMESPACES": namespaces,
-            **(env or {}),
-        },
+    proc = own_operator(
+        cluster, redis_url=redis_url, script=script, workdir=workdir, namespaces=namespaces, env=env
     )
     proc.start()
     return proc

@@ -35,13 +35,13 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
+    approved_scale,
     assert_clean_stream,
-    bind_roles,
     create_run,
     decoded,
-    fresh_namespace,
-    let_default_account_scale,
+    judged_namespace,
     marker,
+    own_operator,
     wait_for,
     wait_phase,
 )
@@ -50,7 +50,6 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("K8S_VERSION", "").startswith("1.20"),
     reason="Redis Cluster support does not depend on the Kubernetes version",
 )
-WEBHOOK_LABEL = "agentrun-test/webhooks"
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +65,6 @@ def rc(redis_cluster: RedisCluster) -> Iterator[redis_sync.Redis]:
     client.close()
 
 
-def cluster_operator(
-    cluster: ControlPlane, redis_cluster: RedisCluster, script: Script, workdir: Any,
-    namespaces: str, **env: str,
-) -> OperatorProcess:  # fmt: skip
-    return OperatorProcess(
-        plane=cluster,
-        redis_url=redis_cluster.url,
-        model_base_url=script.llm.base_url,
-        workdir=workdir,
-        operator_id=f"op-{namespaces.rstrip('*-')}",
-        user="agentrun-operator",
-        env={
-            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
-            "AGENTRUN_LLM_MAX_RETRIES": "0",
-            "AGENTRUN_NAMESPACES": namespaces,
-            **env,
-        },
-    )
-
-
 @pytest.fixture(scope="module")
 def on_cluster(
     cluster: ControlPlane,
@@ -95,9 +74,9 @@ def on_cluster(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = cluster_operator(
-        cluster, redis_cluster, script, tmp_path_factory.mktemp("rc-op"), "rc-*",
-        AGENTRUN_REDIS_CLUSTER="true",
+    proc = own_operator(
+        cluster, redis_url=redis_cluster.url, script=script, workdir=tmp_path_factory.mktemp("rc"),
+        namespaces="rc-*", ident="op-rc", env={"AGENTRUN_REDIS_CLUSTER": "true"},
     )  # fmt: skip
     with proc:
         yield proc
@@ -107,12 +86,7 @@ def on_cluster(
 def namespace(
     kubectl: Kubectl, request: pytest.FixtureRequest, on_cluster: OperatorProcess
 ) -> Iterator[str]:
-    for name in fresh_namespace(kubectl, request, "rc-"):
-        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
-        yield name
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"--- operator (Redis Cluster) log ---\n{on_cluster.log_tail(80)}")
+    yield from judged_namespace(kubectl, request, "rc-", ("operator (Redis Cluster)", on_cluster))
 
 
 def stream_of(rc: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
@@ -122,26 +96,7 @@ def stream_of(rc: redis_sync.Redis, uid: str) -> list[dict[str, Any]]:
 def test_a_run_with_an_approval_runs_on_a_redis_cluster(
     kubectl: Kubectl, namespace: str, script: Script, rc: redis_sync.Redis
 ) -> None:
-    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
-    let_default_account_scale(kubectl, namespace)
-    kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
-    scale = {"kind": "Deployment", "name": "web", "replicas": 2}
-    goal = script.add(
-        marker("rc-story"),
-        [
-            {"text": "Plan: scale web."},
-            {"tool_calls": [{"name": "k8s_scale", "arguments": scale}]},
-            {"text": "done."},
-        ],
-    )
-    uid = create_run(kubectl, namespace, "story", goal=goal, tools=["k8s_get", "k8s_scale"])
-    st = wait_phase(kubectl, namespace, "story", "AwaitingApproval", timeout=60)
-    (approval,) = st["pendingApprovals"]
-    kubectl(
-        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
-        "-p", '{"spec":{"decision":"Approved"}}',
-    )  # fmt: skip
-    st = wait_phase(kubectl, namespace, "story", "Succeeded", "Failed", timeout=60)
+    uid, _, st = approved_scale(kubectl, namespace, script, "story")
     assert st["phase"] == "Succeeded", st
     evs = stream_of(rc, uid)
     assert_clean_stream(evs)
@@ -248,9 +203,10 @@ def test_an_operator_not_told_about_the_cluster_refuses_to_start_naming_the_sett
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    proc = cluster_operator(
-        cluster, redis_cluster, script, tmp_path_factory.mktemp("rc-plain"), "rc-none-*"
-    )
+    proc = own_operator(
+        cluster, redis_url=redis_cluster.url, script=script,
+        workdir=tmp_path_factory.mktemp("rc-plain"), namespaces="rc-none-*", ident="op-rc-none",
+    )  # fmt: skip
     with pytest.raises(AssertionError, match="AGENTRUN_REDIS_CLUSTER=true"):
         with proc:
             pass

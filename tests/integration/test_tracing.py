@@ -31,12 +31,12 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
-    bind_roles,
+    approved_scale,
     create_run,
-    fresh_namespace,
     get_run,
-    let_default_account_scale,
+    judged_namespace,
     marker,
+    own_operator,
     stream,
     wait_for,
     wait_phase,
@@ -46,33 +46,12 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("K8S_VERSION", "").startswith("1.20"),
     reason="tracing does not depend on the Kubernetes version: run on the newest only",
 )
-WEBHOOK_LABEL = "agentrun-test/webhooks"
 
 
 @pytest.fixture(scope="module")
 def jaeger(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Jaeger]:
     with Jaeger(workdir=tmp_path_factory.mktemp("jaeger")) as j:
         yield j
-
-
-def tracing_operator(
-    cluster: ControlPlane, redis_url: str, script: Script, workdir: Any, *, namespaces: str,
-    endpoint: str,
-) -> OperatorProcess:  # fmt: skip
-    return OperatorProcess(
-        plane=cluster,
-        redis_url=redis_url,
-        model_base_url=script.llm.base_url,
-        workdir=workdir,
-        operator_id=f"op-{namespaces.rstrip('*-')}",
-        user="agentrun-operator",
-        env={
-            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
-            "AGENTRUN_LLM_MAX_RETRIES": "0",
-            "AGENTRUN_NAMESPACES": namespaces,
-            "AGENTRUN_OTEL_ENDPOINT": endpoint,
-        },
-    )
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +65,11 @@ def traced(
     mcp: MCPServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = tracing_operator(
-        cluster, redis_server.url, script, tmp_path_factory.mktemp("traced"),
-        namespaces="tr-*", endpoint=jaeger.otlp_url,
+    proc = own_operator(
+        cluster, redis_url=redis_server.url, script=script, workdir=tmp_path_factory.mktemp("tr"),
+        namespaces="tr-*", ident="op-tr",
+        env={"AGENTRUN_OTEL_ENDPOINT": jaeger.otlp_url, "AGENTRUN_MCP_URL_ALLOW": mcp.allow},
     )  # fmt: skip
-    proc.env["AGENTRUN_MCP_URL_ALLOW"] = mcp.allow
     with proc:
         yield proc
 
@@ -99,12 +78,7 @@ def traced(
 def namespace(
     kubectl: Kubectl, request: pytest.FixtureRequest, traced: OperatorProcess
 ) -> Iterator[str]:
-    for name in fresh_namespace(kubectl, request, "tr-"):
-        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
-        yield name
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"--- tracing operator log ---\n{traced.log_tail(80)}")
+    yield from judged_namespace(kubectl, request, "tr-", ("tracing operator", traced))
 
 
 def finished_trace(jaeger: Jaeger, trace_id: str, root: str) -> list[dict[str, Any]]:
@@ -126,26 +100,7 @@ def by_name(spans: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
 def test_a_run_with_a_tool_call_and_an_approval_is_one_trace(
     kubectl: Kubectl, namespace: str, script: Script, r: redis_sync.Redis, jaeger: Jaeger
 ) -> None:
-    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
-    let_default_account_scale(kubectl, namespace)
-    kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
-    scale = {"kind": "Deployment", "name": "web", "replicas": 2}
-    goal = script.add(
-        marker("trace-story"),
-        [
-            {"text": "Plan: scale web to 2."},
-            {"tool_calls": [{"name": "k8s_scale", "arguments": scale}]},
-            {"text": "web has 2 replicas."},
-        ],
-    )
-    uid = create_run(kubectl, namespace, "story", goal=goal, tools=["k8s_get", "k8s_scale"])
-    st = wait_phase(kubectl, namespace, "story", "AwaitingApproval", timeout=60)
-    (approval,) = st["pendingApprovals"]
-    kubectl(
-        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
-        "-p", '{"spec":{"decision":"Approved"}}',
-    )  # fmt: skip
-    st = wait_phase(kubectl, namespace, "story", "Succeeded", "Failed", timeout=60)
+    uid, approval, st = approved_scale(kubectl, namespace, script, "story")
     assert st["phase"] == "Succeeded", st
     trace_id = st["traceId"]
     assert re.fullmatch(r"[0-9a-f]{32}", trace_id), st
@@ -202,11 +157,7 @@ def test_a_run_with_a_tool_call_and_an_approval_is_one_trace(
     # The id is in the stream, and the model server saw each call's span (W3C traceparent).
     workflow = [e["data"] for e in events if e["type"] == "workflow"]
     assert workflow and all(w.get("traceId") == trace_id for w in workflow), workflow
-    seen = [
-        c["traceparent"]
-        for c in script.llm.calls
-        if goal in str([m.get("content") for m in c.get("messages", [])])
-    ]
+    seen = [c["traceparent"] for c in script.llm.calls if trace_id in (c["traceparent"] or "")]
     assert len(seen) == 4, seen
     chat_ids = {c["spanId"] for c in chats}
     for header in seen:
@@ -331,13 +282,12 @@ def test_an_unreachable_collector_fails_no_run_and_lost_spans_are_counted(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     nowhere = f"http://127.0.0.1:{free_port()}"
-    proc = tracing_operator(
-        cluster, redis_server.url, script, tmp_path_factory.mktemp("nowhere"),
-        namespaces="trx-*", endpoint=nowhere,
+    proc = own_operator(
+        cluster, redis_url=redis_server.url, script=script, workdir=tmp_path_factory.mktemp("trx"),
+        namespaces="trx-*", ident="op-trx", env={"AGENTRUN_OTEL_ENDPOINT": nowhere},
     )  # fmt: skip
     with proc:
-        for ns in fresh_namespace(kubectl, request, "trx-"):
-            kubectl("label", "namespace", ns, f"{WEBHOOK_LABEL}=on")
+        for ns in judged_namespace(kubectl, request, "trx-", ("operator", proc)):
             goal = script.add(marker("trace-nowhere"), [{"text": "plan"}, {"text": "done"}])
             create_run(kubectl, ns, "lonely", goal=goal)
             st = wait_phase(kubectl, ns, "lonely", "Succeeded", "Failed", timeout=60)

@@ -28,13 +28,13 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
+    approved_scale,
     assert_clean_stream,
-    bind_roles,
     create_run,
-    fresh_namespace,
     get_run,
-    let_default_account_scale,
+    judged_namespace,
     marker,
+    own_operator,
     stream,
     wait_for,
     wait_phase,
@@ -44,29 +44,7 @@ pytestmark = pytest.mark.skipif(
     os.environ.get("K8S_VERSION", "").startswith("1.20"),
     reason="scale-out does not depend on the Kubernetes version: run on the newest only",
 )
-WEBHOOK_LABEL = "agentrun-test/webhooks"
 WORKERS = 3
-
-
-def process(
-    cluster: ControlPlane, redis_url: str, script: Script, workdir: Any, *, ident: str,
-    module: str, **env: str,
-) -> OperatorProcess:  # fmt: skip
-    return OperatorProcess(
-        plane=cluster,
-        redis_url=redis_url,
-        model_base_url=script.llm.base_url,
-        workdir=workdir,
-        operator_id=ident,
-        user="agentrun-operator",
-        module=module,
-        env={
-            "AGENTRUN_MODEL_BASE_URL_ALLOW": script.llm.base_url,
-            "AGENTRUN_LLM_MAX_RETRIES": "0",
-            "AGENTRUN_NAMESPACES": "wk-*",
-            **env,
-        },
-    )
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +56,9 @@ def controller(
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[OperatorProcess]:
-    proc = process(
-        cluster, redis_server.url, script, tmp_path_factory.mktemp("controller"),
-        ident="controller", module="agentrun_operator", AGENTRUN_ROLE="controller",
+    proc = own_operator(
+        cluster, redis_url=redis_server.url, script=script, workdir=tmp_path_factory.mktemp("ctl"),
+        namespaces="wk-*", ident="controller", env={"AGENTRUN_ROLE": "controller"},
     )  # fmt: skip
     with proc:
         yield proc
@@ -95,11 +73,12 @@ def workers(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, OperatorProcess]]:
     procs = {
-        f"worker-{i}": process(
+        f"worker-{i}": own_operator(
             cluster,
-            redis_server.url,
-            script,
-            tmp_path_factory.mktemp(f"worker-{i}"),
+            redis_url=redis_server.url,
+            script=script,
+            workdir=tmp_path_factory.mktemp(f"worker-{i}"),
+            namespaces="wk-*",
             ident=f"worker-{i}",
             module="agentrun_operator.worker",
         )
@@ -121,14 +100,9 @@ def namespace(
     controller: OperatorProcess,
     workers: dict[str, OperatorProcess],
 ) -> Iterator[str]:
-    for name in fresh_namespace(kubectl, request, "wk-"):
-        kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
-        yield name
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        print(f"--- controller log ---\n{controller.log_tail(60)}")
-        for ident, proc in workers.items():
-            print(f"--- {ident} log ---\n{proc.log_tail(40)}")
+    yield from judged_namespace(
+        kubectl, request, "wk-", ("controller", controller), *workers.items()
+    )
 
 
 def talking(script: Script, name: str, *, words: int, tps: float) -> str:
@@ -239,26 +213,8 @@ def test_a_worker_stopped_with_sigterm_hands_its_runs_over_at_once(
 def test_an_approval_and_a_stop_reach_the_workers(
     kubectl: Kubectl, namespace: str, script: Script, r: redis_sync.Redis
 ) -> None:
-    bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
-    let_default_account_scale(kubectl, namespace)
-    kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
-    scale = {"kind": "Deployment", "name": "web", "replicas": 2}
-    goal = script.add(
-        marker("wk-approve"),
-        [
-            {"text": "Plan: scale web."},
-            {"tool_calls": [{"name": "k8s_scale", "arguments": scale}]},
-            {"text": "done."},
-        ],
-    )
-    create_run(kubectl, namespace, "gated", goal=goal, tools=["k8s_scale"])
-    st = wait_phase(kubectl, namespace, "gated", "AwaitingApproval", timeout=60)
-    (approval,) = st["pendingApprovals"]
-    kubectl(
-        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
-        "-p", '{"spec":{"decision":"Approved"}}',
-    )  # fmt: skip
-    assert wait_phase(kubectl, namespace, "gated", "Succeeded", "Failed")["phase"] == "Succeeded"
+    _, _, st = approved_scale(kubectl, namespace, script, "gated")
+    assert st["phase"] == "Succeeded", st
 
     long = script.add(
         marker("wk-stop"), [{"text": " ".join(["w"] * 3000), "tokens_per_second": 30}]
