@@ -72,6 +72,28 @@ class Api:
         }
         return str(self.call("POST", f"{BASE}/namespaces/{ns}/agentruns", doc)["metadata"]["uid"])
 
+    def count_writes(self, ns: str) -> tuple[Counter[str], threading.Event]:
+        """Counts the writes to each AgentRun of ``ns`` (MODIFIED events of a watch) from
+        now until the returned event is set."""
+        writes: Counter[str] = Counter()
+        stop = threading.Event()
+
+        def watcher() -> None:
+            req = urllib.request.Request(
+                self.plane.server + f"{BASE}/namespaces/{ns}/agentruns?watch=1",
+                headers={"Authorization": f"Bearer {self.plane.token('admin')}"},
+            )
+            with urllib.request.urlopen(req, context=self.ctx, timeout=1800) as resp:
+                for line in resp:
+                    if stop.is_set():
+                        return
+                    ev = json.loads(line)
+                    if ev["type"] == "MODIFIED":
+                        writes[ev["object"]["metadata"]["name"]] += 1
+
+        threading.Thread(target=watcher, daemon=True).start()
+        return writes, stop
+
     def phase(self, ns: str, name: str) -> str | None:
         return (
             self.call("GET", f"{BASE}/namespaces/{ns}/agentruns/{name}").get("status") or {}
@@ -215,23 +237,7 @@ def main() -> None:
                 (patch_phase if how == "patch" else ctl_phase).append(t_phase - t1)
 
         # N concurrent runs: default script (plan, k8s_list, summary, verify).
-        writes: Counter[str] = Counter()
-        stop_watch = threading.Event()
-
-        def watcher() -> None:
-            req = urllib.request.Request(
-                plane.server + f"{BASE}/namespaces/{ns}/agentruns?watch=1",
-                headers={"Authorization": f"Bearer {plane.token('admin')}"},
-            )
-            with urllib.request.urlopen(req, context=api.ctx, timeout=600) as resp:
-                for line in resp:
-                    if stop_watch.is_set():
-                        return
-                    ev = json.loads(line)
-                    if ev["type"] == "MODIFIED":
-                        writes[ev["object"]["metadata"]["name"]] += 1
-
-        threading.Thread(target=watcher, daemon=True).start()
+        writes, stop_watch = api.count_writes(ns)
         assert operator.proc is not None
         pid = operator.proc.pid
         rss_before = rss_kib(pid)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import threading
 import time
-import urllib.request
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -80,22 +78,7 @@ def one_round(
     ctl.start()
     for p in procs:
         p.start()
-    writes: Counter[str] = Counter()
-    stop = threading.Event()
-
-    def watcher() -> None:
-        req = urllib.request.Request(
-            plane.server + f"{BASE}/namespaces/{ns}/agentruns?watch=1",
-            headers={"Authorization": f"Bearer {plane.token('admin')}"},
-        )
-        with urllib.request.urlopen(req, context=api.ctx, timeout=1800) as resp:
-            for line in resp:
-                if stop.is_set():
-                    return
-                if b'"MODIFIED"' in line[:30]:
-                    writes["all"] += 1
-
-    threading.Thread(target=watcher, daemon=True).start()
+    writes, stop = api.count_writes(ns)
     pids = [p.proc.pid for p in procs if p.proc]
     cpu0 = {pid: cpu_seconds(pid) for pid in pids}
     peak = dict.fromkeys(pids, 0)
@@ -129,7 +112,7 @@ def one_round(
         "p99_first": pct(firsts, 99),
         "rss_mib": max(peak.values()) / 1024,
         "cpu_ms_per_run": cpu / runs * 1000,
-        "writes_per_run": writes["all"] / runs,
+        "writes_per_run": sum(writes.values()) / runs,
         "failed": failed,
     }
     if workers > 1:

@@ -374,10 +374,17 @@ def judged_namespace(
 
 
 def approved_scale(
-    kubectl: Kubectl, namespace: str, script: Script, name: str, **spec: Any
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    name: str,
+    *,
+    decide: str | None = "Approved",
+    **spec: Any,
 ) -> tuple[str, str, dict[str, Any]]:
-    """A run that scales Deployment web (created here) after an approver approves: returns
-    its uid, the ToolApproval's name and the run's final status."""
+    """A run that scales Deployment web (created here) once an approver decides ``decide``
+    (None: nobody decides): returns its uid, the ToolApproval's name and the run's final
+    status."""
     bind_roles(kubectl, namespace, [("approver", "agentrun-approver")])
     let_default_account_scale(kubectl, namespace)
     kubectl("create", "deployment", "web", "--image=registry.invalid/web", "-n", namespace)
@@ -393,8 +400,18 @@ def approved_scale(
     uid = create_run(kubectl, namespace, name, goal=goal, tools=["k8s_get", "k8s_scale"], **spec)
     st = wait_phase(kubectl, namespace, name, "AwaitingApproval", timeout=60)
     (approval,) = st["pendingApprovals"]
-    kubectl(
-        "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
-        "-p", '{"spec":{"decision":"Approved"}}',
-    )  # fmt: skip
-    return uid, approval, wait_phase(kubectl, namespace, name, "Succeeded", "Failed", timeout=60)
+    if decide is not None:
+        kubectl(
+            "--as=approver", "patch", "ta", approval, "-n", namespace, "--type=merge",
+            "-p", json.dumps({"spec": {"decision": decide}}),
+        )  # fmt: skip
+    final = ("Succeeded", "Failed", "Stopped")
+    return uid, approval, wait_phase(kubectl, namespace, name, *final, timeout=60)
+
+
+def newest_only(why: str) -> pytest.MarkDecorator:
+    """Skip on the oldest Kubernetes (K8S_VERSION=1.20): a scenario that does not depend on
+    the version runs on the newest only, to keep CI's time."""
+    return pytest.mark.skipif(
+        os.environ.get("K8S_VERSION", "").startswith("1.20"), reason=f"{why}: newest only"
+    )

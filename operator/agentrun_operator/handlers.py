@@ -103,13 +103,17 @@ async def voted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _state(memo).registry.decided(body)
 
 
-@kopf.on.resume(GROUP, VERSION, "toolapprovals")
-@kopf.on.field(GROUP, VERSION, "toolapprovals", field="status.expiresAt")
+def _controller(memo: kopf.Memo, **_: Any) -> bool:
+    """A filter: handlers only a controller has (an operator doing everything has not)."""
+    state: State | None = memo.get("agentrun")
+    return state is not None and state.registry.role == "controller"
+
+
+@kopf.on.resume(GROUP, VERSION, "toolapprovals", when=_controller)
+@kopf.on.field(GROUP, VERSION, "toolapprovals", field="status.expiresAt", when=_controller)
 async def approval_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     # A controller owns the clocks: its workers may come and go while people decide.
-    state = _state(memo)
-    if state.registry.role == "controller":
-        state.registry.expect_approval(body)
+    _state(memo).registry.expect_approval(body)
 
 
 @kopf.on.resume(GROUP, VERSION, "mcpservers")

@@ -54,7 +54,15 @@ from agentrun_operator import sseclient as sse_client
 
 from e2e_support import KIND_CLUSTER, ImpersonatingKubectl, Target
 from sse_support import nginx
-from support import Kubectl, assert_clean_stream, decoded, get_run, wait_for, wait_phase
+from support import (
+    Kubectl,
+    assert_clean_stream,
+    decoded,
+    get_run,
+    newest_only,
+    wait_for,
+    wait_phase,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "agentrun"
@@ -839,11 +847,7 @@ def kubernetes_mcp(
         kubectl("delete", "namespace", KMS_NAMESPACE, "--ignore-not-found", "--wait=false")
 
 
-@pytest.mark.skipif(
-    os.environ.get("K8S_VERSION", "").startswith("1.20"),
-    reason="the MCP story runs on the newest node only (CI time); MCP on 1.20 is in the "
-    "integration tests",
-)
+@newest_only("the MCP story (MCP on 1.20 is in the integration tests)")
 def test_a_run_acts_through_kubernetes_mcp_server_with_its_own_rights(
     target: Target, kubectl: Kubectl, release: Release, kubernetes_mcp: str
 ) -> None:
@@ -1008,10 +1012,7 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     assert [h["revision"] for h in history] == [1, 2]
 
 
-@pytest.mark.skipif(
-    os.environ.get("K8S_VERSION", "").startswith("1.20"),
-    reason="a version-independent scenario: on the newest node only (CI time)",
-)
+@newest_only("a version-independent scenario")
 def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
     target: Target,
     kubectl: Kubectl,
@@ -1057,10 +1058,7 @@ def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
         assert summary["traceURL"] == f"https://jaeger.example.com/trace/{st['traceId']}"
 
 
-@pytest.mark.skipif(
-    os.environ.get("K8S_VERSION", "").startswith("1.20"),
-    reason="a version-independent scenario: on the newest node only (CI time)",
-)
+@newest_only("a version-independent scenario")
 def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
     kubectl: Kubectl, release: Release, helm: Helm
 ) -> None:

@@ -14,7 +14,6 @@ counted. Version-independent: these run on the newest Kubernetes only (CI time).
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.request
 from collections.abc import Iterator
@@ -36,16 +35,14 @@ from support import (
     get_run,
     judged_namespace,
     marker,
+    newest_only,
     own_operator,
     stream,
     wait_for,
     wait_phase,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("K8S_VERSION", "").startswith("1.20"),
-    reason="tracing does not depend on the Kubernetes version: run on the newest only",
-)
+pytestmark = newest_only("tracing does not depend on the Kubernetes version")
 
 
 @pytest.fixture(scope="module")

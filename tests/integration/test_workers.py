@@ -13,7 +13,6 @@ the newest Kubernetes only.
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -34,16 +33,14 @@ from support import (
     get_run,
     judged_namespace,
     marker,
+    newest_only,
     own_operator,
     stream,
     wait_for,
     wait_phase,
 )
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("K8S_VERSION", "").startswith("1.20"),
-    reason="scale-out does not depend on the Kubernetes version: run on the newest only",
-)
+pytestmark = newest_only("scale-out does not depend on the Kubernetes version")
 WORKERS = 3
 
 
@@ -230,3 +227,18 @@ def test_an_approval_and_a_stop_reach_the_workers(
     assert time.monotonic() - asked < 5, "the stop did not reach the worker at once"
     assert st["stoppedBy"] == "admin"
     assert_clean_stream(stream(r, uid))
+
+
+def test_an_approval_nobody_decides_expires_on_the_controllers_clock(
+    kubectl: Kubectl, namespace: str, script: Script, r: redis_sync.Redis
+) -> None:
+    # Nobody decides: the controller's clock (workers run none) wakes the run at the deadline.
+    uid, approval, st = approved_scale(
+        kubectl, namespace, script, "expiring", decide=None,
+        approval={"timeout": "3s", "onTimeout": "deny"},
+    )  # fmt: skip
+    assert st["phase"] == "Succeeded", st
+    ta = kubectl("get", "ta", approval, "-n", namespace, "-o", "jsonpath={.status.state}")
+    assert ta.stdout == "Expired"
+    tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
+    assert tool["status"] == "denied" and "expired" in tool["result"]["error"], tool
