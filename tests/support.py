@@ -363,14 +363,14 @@ def judged_namespace(
     kubectl: Kubectl, request: Any, prefix: str, *logs_of: tuple[str, OperatorProcess]
 ) -> Iterator[str]:
     """A fresh namespace the test webhooks judge, for a module's own operator processes;
-    their log tails are printed when the test fails."""
+    their logs (DEBUG left out) are printed when the test fails."""
     for name in fresh_namespace(kubectl, request, prefix):
         kubectl("label", "namespace", name, f"{WEBHOOK_LABEL}=on")
         yield name
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
         for what, proc in logs_of:
-            print(f"--- {what} log ---\n{proc.log_tail(60)}")
+            print(f"--- {what} log (no DEBUG) ---\n{proc.log_tail(150, quiet=True)}")
 
 
 def approved_scale(

@@ -107,10 +107,26 @@ class OperatorProcess(procs.Managed):
     def stop(self) -> None:
         procs.stop(self.proc)
 
-    def log_tail(self, lines: int = 60) -> str:
+    def log_tail(self, lines: int = 60, *, quiet: bool = False) -> str:
+        """The log's last ``lines`` lines; ``quiet``: its DEBUG records left out (the HTTP
+        clients' chatter would hide what a failed test needs), tracebacks kept."""
         if not self.log_path.exists():
             return "(no log)"
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        text = self.log_path.read_text(errors="replace").splitlines()
+        if quiet:
+            text = _without_debug(text)
+        return "\n".join(text[-lines:])
+
+
+def _without_debug(lines: list[str]) -> list[str]:
+    kept: list[str] = []
+    keep = True
+    for line in lines:
+        if line.startswith("["):  # a record of its own: "[time] logger [LEVEL] message"
+            keep = "[DEBUG" not in line
+        if keep:
+            kept.append(line)
+    return kept
 
 
 class WebhookProcess:

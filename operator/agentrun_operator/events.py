@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from redis import asyncio as aioredis
+from redis import exceptions as redis_errors
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 EVENT_VERSION = 1
 EventType = Literal["workflow", "token", "tool", "approval", "metrics", "fault", "end"]
@@ -37,6 +36,21 @@ WorkflowState = Literal[
     "failed",
     "stopped",
 ]
+
+
+# Redis could not serve a command, past the client's own retries, for a reason that passes:
+# it is down or restarting, or (a Redis Cluster) a slot is moving to another node, its master
+# is failing over, or the node asked is a replica now. Whoever gets one waits and tries again;
+# it is never the run's fault (BusyLoadingError, Redis loading its AOF, is a ConnectionError).
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    redis_errors.ConnectionError,
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,  # CLUSTERDOWN, MASTERDOWN
+    redis_errors.TryAgainError,
+    redis_errors.AskError,  # MOVED too, once the client's redirections are used up
+    redis_errors.RedisClusterException,  # a slot no node serves (yet)
+    redis_errors.ReadOnlyError,  # a demoted master, until the client follows the move
+)
 
 
 def connect(url: str, *, max_connections: int = 64, cluster: bool = False) -> aioredis.Redis:
@@ -75,7 +89,7 @@ def connect(url: str, *, max_connections: int = 64, cluster: bool = False) -> ai
         socket_keepalive=True,
         socket_connect_timeout=5,
         retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[redis_errors.ConnectionError, redis_errors.TimeoutError],
     )
     return aioredis.Redis.from_pool(pool)  # closing the client closes the pool
 

@@ -36,8 +36,7 @@ def _work(fields: Any) -> dict[str, str]:
 
 def unreachable(e: BaseException) -> bool:
     """Whether ``e`` means Redis could not be reached (past the client's own retries)."""
-    # BusyLoadingError (Redis loading its AOF) is a ConnectionError.
-    return isinstance(e, redis_errors.ConnectionError | redis_errors.TimeoutError)
+    return isinstance(e, events.UNAVAILABLE)
 
 
 class RunStore:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Signal = Literal["lagged", "shutdown"]
 # How long one XREAD waits; an idle reader notices it has no viewers within this time.
 BLOCK_MS = 1000
-REDIS_DOWN = (redis_errors.ConnectionError, redis_errors.TimeoutError, OSError)
+REDIS_DOWN: tuple[type[Exception], ...] = (*events.UNAVAILABLE, OSError)
 
 
 class Viewer:
@@ -195,6 +195,10 @@ def _text(value: bytes | str) -> str:
 
 class Unavailable(RuntimeError):
     """Redis could not be reached in time to open a stream."""
+
+
+# What ends a viewer's stream early (the client comes back with its Last-Event-ID).
+STREAM_CUT: tuple[type[Exception], ...] = (Unavailable, *REDIS_DOWN)
 
 
 class Hub:

@@ -117,7 +117,7 @@ async def run_stream(hub: fanout.Hub, req: StreamRequest) -> AsyncIterator[bytes
             yield b"".join(d.wire for d in chunk)
             if ended:
                 return
-    except (fanout.Unavailable, *fanout.REDIS_DOWN) as e:
+    except fanout.STREAM_CUT as e:
         # Redis went away (beyond the client's own retries) or we are shutting down: end
         # the stream; the client comes back with its Last-Event-ID.
         log.warning("stream of run %s ended early: %s", req.uid, e)

@@ -99,9 +99,12 @@ class Runner:
                     continue
                 why = "its lease expired while Redis was unreachable"
             except Exception as e:
-                what = unavailable(e)
-                if what is None or self._closing():
+                if self._closing():
                     raise
+                what = unavailable(e)
+                if what is None:
+                    await self._crashed(ref, e)
+                    return
                 why = f"{what} is unreachable ({short(str(e), 200)})"
             slot = self._slot_of(ref.uid)
             if slot is None or slot.stop.deleted:
@@ -123,6 +126,30 @@ class Runner:
                     raise
                 uncancel()  # stopped while waiting: the next try finishes it as Stopped
             delay = min(delay * 2, 10.0)
+
+    async def _crashed(self, ref: RunRef, e: Exception) -> None:
+        """A fault of the operator itself (a bug), neither the run's nor of what it reaches:
+        the run ends ``Failed`` (reason ``OperatorError``) saying so, rather than staying
+        ``Running`` with no task until the operator restarts."""
+        log.error("run %s: the operator failed executing it", ref.key, exc_info=e)
+        message = (
+            f"the operator failed executing the run ({type(e).__name__}: "
+            f"{short(str(e), 200)}); its log has the details"
+        )
+        try:
+            body = await self._s.k8s.get_agentrun(namespace=ref.namespace, name=ref.name)
+            if body is None or body["metadata"]["uid"] != ref.uid:
+                return
+            await self._ends.without_task(
+                ref,
+                dict(body.get("status") or {}),
+                by=None,
+                message=message,
+                phase="Failed",
+                reason="OperatorError",
+            )
+        except Exception:
+            log.exception("run %s: could not mark it Failed either", ref.key)
 
     async def _acquire(self, ref: RunRef) -> events.Lease:
         """Wait until this process owns the run (another operator may hold it)."""
