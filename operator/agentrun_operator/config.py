@@ -91,6 +91,15 @@ class Settings(BaseModel):
     # all: this process admits and executes runs (make demo, small clusters); controller:
     # it admits runs and queues them for workers (python -m agentrun_operator.worker).
     role: Literal["all", "controller"] = Field(default="all", alias="AGENTRUN_ROLE")
+    # namespace/name of a coordination.k8s.io Lease: only its holder acts as the controller,
+    # further replicas stand by to take over (the chart runs two); empty: no election.
+    leader_lease: str = Field(
+        default="",
+        alias="AGENTRUN_LEADER_LEASE",
+        pattern=r"^$|^[a-z0-9-]+/[a-z0-9.-]+$",
+        description="namespace/name of the controller's Lease",
+    )
+    leader_lease_seconds: float = Field(default=15.0, ge=3, alias="AGENTRUN_LEADER_LEASE_SECONDS")
     stream_maxlen: int = Field(default=100_000, ge=100, alias="AGENTRUN_STREAM_MAXLEN")
     prices: dict[str, Price] = Field(default_factory=dict, alias="AGENTRUN_PRICES")
     tool_result_max_bytes: int = Field(

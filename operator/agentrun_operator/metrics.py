@@ -45,9 +45,20 @@ SPANS_DROPPED = Counter(
 SPANS_EXPORTED = Counter("agentrun_trace_spans_exported_total", "Spans the collector accepted.")
 
 
+LEADER = Gauge(
+    "agentrun_controller_leader",
+    "1 while this replica holds the controller Lease (it acts), 0 while it stands by",
+)
+
+
+_serving: set[int] = set()
+
+
 def serve(*, host: str, port: int) -> None:
-    if port:
+    """The /metrics endpoint on ``port`` (0: none); once per process."""
+    if port and port not in _serving:
         start_http_server(port, addr=host)
+        _serving.add(port)
 
 
 def llm_call(

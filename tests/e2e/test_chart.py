@@ -289,6 +289,12 @@ class Release:
 
 
 def operator_pod(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
+    """The operator replica that acts (it holds the controller Lease), once it is ready."""
+    lease = kubectl(
+        "get", "lease", f"{RELEASE}-controller", "-n", namespace,
+        "-o", "jsonpath={.spec.holderIdentity}", check=False,
+    )  # fmt: skip
+    holder = lease.stdout.strip() if lease.returncode == 0 else ""
     pods = json.loads(
         kubectl(
             "get",
@@ -307,6 +313,7 @@ def operator_pod(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
         if not p["metadata"].get("deletionTimestamp")
         and all(c.get("ready") for c in p["status"].get("containerStatuses", [{}]))
         and p["status"].get("containerStatuses")
+        and p["metadata"]["name"] == holder
     ]
     return ready[0] if ready else None
 

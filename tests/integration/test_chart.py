@@ -69,6 +69,8 @@ def test_helm_lint_passes(helm: Helm) -> None:
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("model.baseURL=localhost:8000", "/model/baseURL"),
         ("webhooks.replicas=0", "/webhooks/replicas"),
+        ("operator.replicas=0", "/operator/replicas"),
+        ("operator.leaderLeaseSeconds=1", "/operator/leaderLeaseSeconds"),
         ("operator.extraEnv.PATH=x", "'PATH' does not match pattern '^AGENTRUN_"),
         ("redis.externalURL=mysql://x", "/redis/externalURL"),
         ("gateway.requestTimeout=forever", "/gateway/requestTimeout"),
@@ -314,9 +316,11 @@ def test_with_workers_the_operator_is_the_controller_and_workers_run_the_runs(
         container = d["spec"]["template"]["spec"]["containers"][0]
         return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
 
-    assert env(operator).pop("AGENTRUN_ROLE") == "controller"
-    # The workers run runs exactly as the operator would (the same settings, its identity).
-    assert {k: v for k, v in env(operator).items() if k != "AGENTRUN_ROLE"} == env(worker)
+    assert env(operator)["AGENTRUN_ROLE"] == "controller"
+    # The workers run runs exactly as the operator would (the same settings, its identity);
+    # only the controller elects one replica.
+    controller_only = ("AGENTRUN_ROLE", "AGENTRUN_LEADER_LEASE", "AGENTRUN_LEADER_LEASE_SECONDS")
+    assert {k: v for k, v in env(operator).items() if k not in controller_only} == env(worker)
     pod = worker["spec"]["template"]["spec"]
     assert pod["containers"][0]["args"] == ["python", "-m", "agentrun_operator.worker"]
     assert pod["serviceAccountName"] == operator["spec"]["template"]["spec"]["serviceAccountName"]
@@ -337,6 +341,37 @@ def test_with_workers_the_operator_is_the_controller_and_workers_run_the_runs(
     plain_deployments = {d["metadata"]["name"]: d for d in plain if d["kind"] == "Deployment"}
     assert "AGENTRUN_ROLE" not in env(plain_deployments["t-agentrun-operator"])
     assert "t-agentrun-worker" not in plain_deployments
+
+
+def test_the_operator_replicas_elect_one_through_a_lease_only_they_may_write(
+    helm: Helm,
+) -> None:
+    docs = render(helm, "operator.leaderLeaseSeconds=20")
+    operator = next(d for d in docs if d["metadata"]["name"] == "t-agentrun-operator"
+                    and d["kind"] == "Deployment")  # fmt: skip
+    assert operator["spec"]["replicas"] == 2
+    # A rolling update starts the new replica as a standby before the old one goes.
+    assert operator["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    container = operator["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AGENTRUN_LEADER_LEASE"] == "agentrun-system/t-agentrun-controller"
+    assert env["AGENTRUN_LEADER_LEASE_SECONDS"] == "20"
+    # Its Role: create a Lease, and read or renew only that one, only in its namespace.
+    (role,) = [d for d in docs if d["kind"] == "Role" and "leader" in d["metadata"]["name"]]
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": ["t-agentrun-controller"],
+            "verbs": ["get", "update"],
+        },
+    ]
+    (binding,) = [d for d in docs if d["kind"] == "RoleBinding"
+                  and d["roleRef"]["name"] == role["metadata"]["name"]]  # fmt: skip
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "t-agentrun-operator", "namespace": "agentrun-system"}
+    ]
 
 
 def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kubectl) -> None:

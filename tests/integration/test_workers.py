@@ -7,8 +7,10 @@ mid-run: every run it held is reclaimed by another (``XAUTOCLAIM``) and resumed 
 checkpoint, each stream with contiguous ``seq`` and no duplicate, each tool call once, and
 ``status.worker`` names the new holder (the hand-over time is printed); a worker stopped with
 SIGTERM hands its runs over at once; a run waiting for people resumes on some worker when
-the approval comes; a stop reaches the worker that holds the run. Version-independent: on
-the newest Kubernetes only.
+the approval comes; a stop reaches the worker that holds the run; two controller replicas
+elect one through a ``coordination.k8s.io`` Lease, and when the active one is SIGKILLed the
+standby takes over: runs in flight finish, new runs are admitted, the Lease names the new
+holder. Version-independent: on the newest Kubernetes only.
 """
 
 from __future__ import annotations
@@ -44,21 +46,61 @@ pytestmark = newest_only("scale-out does not depend on the Kubernetes version")
 WORKERS = 3
 
 
+LEASE_NAMESPACE = "agentrun-system-wk"
+LEASE = f"{LEASE_NAMESPACE}/agentrun-controller"
+LEASE_SECONDS = 4
+
+
 @pytest.fixture(scope="module")
-def controller(
+def lease_rights(kubectl: Kubectl, rbac: None) -> Iterator[None]:
+    """The controller's Lease lives in the operator's own namespace, where the chart grants
+    the operator identity a Role on leases; the same here."""
+    kubectl("create", "namespace", LEASE_NAMESPACE)
+    kubectl(
+        "create", "role", "agentrun-leader", "-n", LEASE_NAMESPACE,
+        "--verb=get,create,update", "--resource=leases.coordination.k8s.io",
+    )  # fmt: skip
+    kubectl(
+        "create", "rolebinding", "agentrun-leader", "-n", LEASE_NAMESPACE,
+        "--role=agentrun-leader", "--user=agentrun-operator",
+    )  # fmt: skip
+    yield
+    kubectl("delete", "namespace", LEASE_NAMESPACE, "--wait=false")
+
+
+@pytest.fixture(scope="module")
+def controllers(
     cluster: ControlPlane,
-    rbac: None,
+    lease_rights: None,
     webhooks: Any,
     redis_server: Any,
     script: Script,
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[OperatorProcess]:
-    proc = own_operator(
-        cluster, redis_url=redis_server.url, script=script, workdir=tmp_path_factory.mktemp("ctl"),
-        namespaces="wk-*", ident="controller", env={"AGENTRUN_ROLE": "controller"},
-    )  # fmt: skip
-    with proc:
-        yield proc
+) -> Iterator[dict[str, OperatorProcess]]:
+    """Two controller replicas, as the chart runs them: one active, one standing by."""
+    procs = {
+        ident: own_operator(
+            cluster,
+            redis_url=redis_server.url,
+            script=script,
+            workdir=tmp_path_factory.mktemp(ident),
+            namespaces="wk-*",
+            ident=ident,
+            env={
+                "AGENTRUN_ROLE": "controller",
+                "AGENTRUN_LEADER_LEASE": LEASE,
+                "AGENTRUN_LEADER_LEASE_SECONDS": str(LEASE_SECONDS),
+            },
+        )
+        for ident in ("controller-a", "controller-b")
+    }
+    for proc in procs.values():
+        proc.start()
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +108,7 @@ def workers(
     cluster: ControlPlane,
     redis_server: Any,
     script: Script,
-    controller: OperatorProcess,
+    controllers: dict[str, OperatorProcess],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[dict[str, OperatorProcess]]:
     procs = {
@@ -94,12 +136,19 @@ def workers(
 def namespace(
     kubectl: Kubectl,
     request: pytest.FixtureRequest,
-    controller: OperatorProcess,
+    controllers: dict[str, OperatorProcess],
     workers: dict[str, OperatorProcess],
 ) -> Iterator[str]:
-    yield from judged_namespace(
-        kubectl, request, "wk-", ("controller", controller), *workers.items()
-    )
+    yield from judged_namespace(kubectl, request, "wk-", *controllers.items(), *workers.items())
+
+
+def lease_holder(kubectl: Kubectl) -> str:
+    name = LEASE.split("/")[1]
+    out = kubectl(
+        "get", "lease", name, "-n", LEASE_NAMESPACE, "-o", "jsonpath={.spec.holderIdentity}",
+        check=False,
+    )  # fmt: skip
+    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 def talking(script: Script, name: str, *, words: int, tps: float) -> str:
@@ -242,3 +291,82 @@ def test_an_approval_nobody_decides_expires_on_the_controllers_clock(
     assert ta.stdout == "Expired"
     tool = next(e["data"] for e in stream(r, uid) if e["type"] == "tool")
     assert tool["status"] == "denied" and "expired" in tool["result"]["error"], tool
+
+
+def test_the_standby_controller_takes_over_when_the_active_one_is_killed(
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    r: redis_sync.Redis,
+    controllers: dict[str, OperatorProcess],
+) -> None:
+    active = wait_for("a controller to hold the Lease", lambda: lease_holder(kubectl), timeout=30)
+    assert active in controllers, active
+    standby = next(c for c in controllers if c != active)
+    assert "standing by: the controller lease" in controllers[standby].log_tail(400)
+    goal = talking(script, "wk-ctl", words=150, tps=30)  # ~5 s of tokens
+    before = [f"before-{i}" for i in range(4)]
+    uids = {n: create_run(kubectl, namespace, n, goal=goal) for n in before}
+    wait_for(
+        "the runs to be held by workers",
+        lambda: all((get_run(kubectl, namespace, n).get("status") or {}).get("worker")
+                    for n in before),
+        timeout=60,
+    )  # fmt: skip
+    controllers[active].kill()
+    killed = time.monotonic()
+    wait_for(
+        f"{standby} to take the Lease",
+        lambda: lease_holder(kubectl) == standby,
+        timeout=LEASE_SECONDS * 3 + 10,
+        interval=0.2,
+    )
+    print(f"[figure] controller SIGKILL -> standby holds the Lease: "
+          f"{time.monotonic() - killed:.1f}s (lease {LEASE_SECONDS}s)")  # fmt: skip
+    # Admitted by the new controller only: the killed one is gone.
+    after = [f"after-{i}" for i in range(3)]
+    uids |= {n: create_run(kubectl, namespace, n, goal=goal) for n in after}
+    for n in before + after:
+        st = wait_phase(kubectl, namespace, n, "Succeeded", "Failed", timeout=120)
+        assert st["phase"] == "Succeeded", (n, st)
+        evs = stream(r, uids[n])
+        assert_clean_stream(evs)
+        assert_each_call_once(evs)
+    # Back as a replica: it stands by, the Lease stays where it is.
+    controllers[active].start()
+    wait_for(
+        f"{active} to stand by",
+        lambda: "standing by: the controller lease" in controllers[active].log_tail(50),
+        timeout=30,
+    )
+    assert lease_holder(kubectl) == standby
+
+
+def test_a_controller_stopped_with_sigterm_hands_the_lease_over_at_once(
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    controllers: dict[str, OperatorProcess],
+) -> None:
+    active = wait_for("a controller to hold the Lease", lambda: lease_holder(kubectl), timeout=30)
+    assert isinstance(active, str) and active in controllers
+    standby = next(c for c in controllers if c != active)
+    controllers[active].terminate()
+    asked = time.monotonic()
+    wait_for(
+        f"{standby} to take the released Lease",
+        lambda: lease_holder(kubectl) == standby,
+        timeout=LEASE_SECONDS * 3,
+        interval=0.1,
+    )
+    took = time.monotonic() - asked
+    print(f"[figure] controller SIGTERM -> standby holds the Lease: {took:.1f}s")
+    assert took < LEASE_SECONDS - 1, f"{took:.1f}s: the Lease was not released on SIGTERM?"
+    controllers[active].stop()
+    # The new one acts: a run is admitted and finishes.
+    done = script.add(marker("wk-after-term"), [{"text": "done"}])
+    create_run(kubectl, namespace, "after-term", goal=done)
+    assert wait_phase(kubectl, namespace, "after-term", "Succeeded", "Failed")["phase"] == (
+        "Succeeded"
+    )
+    controllers[active].start()
