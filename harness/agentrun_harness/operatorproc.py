@@ -7,6 +7,7 @@ started again with the same identity, as a crashed pod's container would be.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -98,6 +99,16 @@ class OperatorProcess(procs.Managed):
     def kill(self) -> None:
         """kill -9: no cleanup, no goodbye."""
         procs.kill(self.proc)
+
+    def freeze(self) -> None:
+        """SIGSTOP: the process stays, cut off from everything (as a partition, a long GC
+        pause or a throttled container), until ``thaw``."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
 
     def terminate(self) -> None:
         """SIGTERM, as a rolling update sends it; returns at once (``stop`` waits)."""

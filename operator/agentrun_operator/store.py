@@ -24,6 +24,26 @@ from agentrun_operator import events
 log = logging.getLogger("agentrun.store")
 
 
+# KEYS: the work stream. ARGV: group, consumer, "ack" or "hold", entry ids. Acknowledges or
+# refreshes (XCLAIM JUSTID: idle time reset) only the entries still pending on this consumer:
+# one another worker reclaimed (this one was frozen or cut off longer than a lease) is its
+# now, and neither taken back nor acknowledged under its feet. Returns how many were.
+_MINE = """
+local mine = {}
+for i = 4, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+if #mine == 0 then return 0 end
+if ARGV[3] == 'ack' then return redis.call('XACK', KEYS[1], ARGV[1], unpack(mine)) end
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], '0'}
+for _, id in ipairs(mine) do claim[#claim + 1] = id end
+claim[#claim + 1] = 'JUSTID'
+return #redis.call(unpack(claim))
+"""
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -44,6 +64,7 @@ class RunStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
+        self._mine_script: Any = None
 
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False) -> RunStore:
@@ -206,17 +227,25 @@ class RunStore:
         )
         return [(_text(i), _work(f)) for i, f in reply[1] if f]
 
-    async def hold_work(self, worker: str, entry_ids: list[str]) -> None:
+    async def hold_work(self, worker: str, entry_ids: list[str]) -> int:
         """Reset the idle time of entries ``worker`` still works on (XCLAIM JUSTID), so no
-        other worker reclaims a long run from a live one."""
-        if entry_ids:
-            await self.redis.xclaim(
-                events.WORK_KEY, events.WORK_GROUP, worker, 0, list[Any](entry_ids), justid=True
-            )
+        other worker reclaims a long run from a live one; how many are still its own."""
+        return await self._mine(worker, "hold", entry_ids)
 
-    async def ack_work(self, entry_ids: list[str]) -> None:
-        if entry_ids:
-            await self.redis.xack(events.WORK_KEY, events.WORK_GROUP, *entry_ids)
+    async def ack_work(self, worker: str, entry_ids: list[str]) -> int:
+        """Acknowledge the entries still pending on ``worker``; how many were."""
+        return await self._mine(worker, "ack", entry_ids)
+
+    async def _mine(self, worker: str, mode: str, entry_ids: list[str]) -> int:
+        if not entry_ids:
+            return 0
+        if self._mine_script is None:
+            self._mine_script = self.redis.register_script(_MINE)
+        return int(
+            await self._mine_script(
+                keys=[events.WORK_KEY], args=[events.WORK_GROUP, worker, mode, *entry_ids]
+            )
+        )
 
     async def work_depth(self) -> int:
         """Entries not yet acknowledged (claimed or waiting)."""

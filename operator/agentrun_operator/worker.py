@@ -82,7 +82,12 @@ class Worker:
             await asyncio.sleep(self.lease / 3)
             ids = [i for ids in self.held.values() for i in ids]
             with contextlib.suppress(Exception):  # the next round tries again
-                await self.store.hold_work(self.id, ids)
+                kept = await self.store.hold_work(self.id, ids)
+                if kept < len(ids):
+                    # Reclaimed by another worker while this one was frozen or cut off for
+                    # longer than a lease: theirs now (this run's fenced lease stops it here).
+                    log.warning("%d of %d held work entries were taken over by other workers",
+                                len(ids) - kept, len(ids))  # fmt: skip
                 prom.WORK_QUEUE.set(await self.store.work_depth())
 
     async def _reclaim(self) -> None:
@@ -145,7 +150,7 @@ class Worker:
 
     async def _ack(self, ids: list[str]) -> None:
         try:
-            await self.store.ack_work(ids)
+            await self.store.ack_work(self.id, ids)
         except Exception as e:  # pending, then reclaimed: the run is looked at once more
             log.warning("cannot acknowledge work %s (%s)", ids, e)
 

@@ -370,3 +370,62 @@ def test_a_controller_stopped_with_sigterm_hands_the_lease_over_at_once(
         "Succeeded"
     )
     controllers[active].start()
+
+
+def test_a_worker_cut_off_longer_than_its_lease_is_fenced_and_takes_nothing_back(
+    kubectl: Kubectl,
+    namespace: str,
+    script: Script,
+    r: redis_sync.Redis,
+    workers: dict[str, OperatorProcess],
+) -> None:
+    goal = talking(script, "wk-freeze", words=600, tps=30)  # ~20 s of tokens
+    uid = create_run(kubectl, namespace, "frozen", goal=goal)
+
+    def holder() -> str | None:
+        return (get_run(kubectl, namespace, "frozen").get("status") or {}).get("worker")
+
+    first = wait_for("a worker to hold the run", holder, timeout=60)
+    assert isinstance(first, str)
+    wait_for("tokens", lambda: any(e["type"] == "token" for e in stream(r, uid)), timeout=60)
+    # SIGSTOP: the worker is cut off from Redis and the API server alike, past its lease.
+    workers[first].freeze()
+    try:
+        second = wait_for(
+            "another worker to take the run over",
+            lambda: (h := holder()) not in (None, first) and h,
+            timeout=60,
+            interval=0.2,
+        )
+    finally:
+        workers[first].thaw()
+    # Awake again, the old worker's late appends are refused (the fenced lease) and it lets
+    # go: it neither takes the work entry back nor acknowledges it under the new holder.
+    wait_for(
+        f"{first} to find itself fenced",
+        lambda: (
+            "lost the lease of run" in workers[first].log_tail(4000)
+            or f"run {namespace}/frozen: lease lost" in workers[first].log_tail(4000)
+        ),
+        timeout=30,
+    )
+    time.sleep(LEASE_SECONDS)  # a lapse of time, not a wait: the old worker's rounds run
+    pending = {
+        bytes(e["consumer"]).decode()  # type: ignore[arg-type]
+        for e in r.xpending_range("agentrun:work:{0}", "workers", "-", "+", 1000)
+    }
+    assert get_run(kubectl, namespace, "frozen")["status"]["phase"] == "Running"
+    # Still running on the new holder, whose entry is still pending on it: were it to die
+    # now, a third worker would reclaim the run.
+    assert pending == {second}, f"the entry should be pending on {second} only: {pending}"
+    st = wait_phase(kubectl, namespace, "frozen", "Succeeded", "Failed", timeout=120)
+    assert st["phase"] == "Succeeded", st
+    assert st["worker"] == second, st
+    evs = stream(r, uid)
+    assert_clean_stream(evs)
+    assert_each_call_once(evs)
+    wait_for(
+        "the entry to be acknowledged by the worker that finished the run",
+        lambda: not r.xpending_range("agentrun:work:{0}", "workers", "-", "+", 1000),
+        timeout=15,
+    )
