@@ -109,6 +109,12 @@ def _controller(memo: kopf.Memo, **_: Any) -> bool:
     return state is not None and state.registry.role == "controller"
 
 
+@kopf.on.event(GROUP, VERSION, PLURAL, when=_controller)
+async def run_seen(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    # The workers' status writes tell the controller which runs execute (its limit).
+    _state(memo).registry.seen(event.get("object") or {}, deleted=event.get("type") == "DELETED")
+
+
 @kopf.on.resume(GROUP, VERSION, "toolapprovals", when=_controller)
 @kopf.on.field(GROUP, VERSION, "toolapprovals", field="status.expiresAt", when=_controller)
 async def approval_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:

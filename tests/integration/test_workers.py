@@ -15,6 +15,7 @@ holder. Version-independent: on the newest Kubernetes only.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -429,3 +430,66 @@ def test_a_worker_cut_off_longer_than_its_lease_is_fenced_and_takes_nothing_back
         lambda: not r.xpending_range("agentrun:work:{0}", "workers", "-", "+", 1000),
         timeout=15,
     )
+
+
+@pytest.fixture(scope="module")
+def limited_controller(
+    cluster: ControlPlane,
+    rbac: None,
+    webhooks: Any,
+    redis_server: Any,
+    script: Script,
+    workers: dict[str, OperatorProcess],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[OperatorProcess]:
+    """A controller of its own namespaces (wq-*) allowing 2 runs at once on all workers
+    together (the module's workers, 3 of them, could run 50 each)."""
+    proc = own_operator(
+        cluster, redis_url=redis_server.url, script=script,
+        workdir=tmp_path_factory.mktemp("limited"), namespaces="wq-*", ident="ctl-limited",
+        env={"AGENTRUN_ROLE": "controller", "AGENTRUN_MAX_CONCURRENT_RUNS": "2"},
+    )  # fmt: skip
+    with proc:
+        yield proc
+
+
+@pytest.fixture
+def limited_namespace(
+    kubectl: Kubectl,
+    request: pytest.FixtureRequest,
+    limited_controller: OperatorProcess,
+    workers: dict[str, OperatorProcess],
+) -> Iterator[str]:
+    yield from judged_namespace(
+        kubectl, request, "wq-", ("controller", limited_controller), *workers.items()
+    )
+
+
+def test_the_controller_limits_concurrent_runs_across_all_workers(
+    kubectl: Kubectl, limited_namespace: str, script: Script, r: redis_sync.Redis
+) -> None:
+    ns = limited_namespace
+    goal = talking(script, "wq-limit", words=60, tps=30)  # ~2 s each
+    names = [f"limited-{i}" for i in range(5)]
+    uids = {n: create_run(kubectl, ns, n, goal=goal) for n in names}
+    most, queued_seen = 0, dict[str, str]()
+
+    def all_done() -> bool:
+        nonlocal most
+        items = json.loads(kubectl("get", "agentruns", "-n", ns, "-o", "json").stdout)["items"]
+        phases = {i["metadata"]["name"]: i.get("status") or {} for i in items}
+        most = max(most, sum(1 for st in phases.values() if st.get("phase") == "Running"))
+        for n, st in phases.items():
+            if st.get("phase") == "Pending":  # queued
+                queued_seen[n] = st.get("message") or ""
+        return all(st.get("phase") in ("Succeeded", "Failed") for st in phases.values())
+
+    wait_for("the limited runs to finish", all_done, timeout=120, interval=0.1)
+    assert most <= 2, f"{most} runs executed at once with AGENTRUN_MAX_CONCURRENT_RUNS=2"
+    assert most == 2, "the limit was never reached: the test proves nothing"
+    assert len(queued_seen) >= 3, f"runs beyond the limit should wait, Queued: {queued_seen}"
+    for n in names:
+        st = get_run(kubectl, ns, n)["status"]
+        assert st["phase"] == "Succeeded", (n, st)
+        assert_clean_stream(stream(r, uids[n]))
+    assert all("on the workers (AGENTRUN_MAX_CONCURRENT_RUNS=2)" in m for m in queued_seen.values())

@@ -70,6 +70,9 @@ class Registry:
         # "controller": runs are executed by workers; this process queues them for one.
         self.role = role
         self._dispatches: set[asyncio.Task[None]] = set()
+        # Controller: the runs executing on any worker, as their status says (or dispatched
+        # to start), counted against AGENTRUN_MAX_CONCURRENT_RUNS cluster-wide.
+        self.executing: set[str] = set()
         # Told when a run's task here ends (a worker acknowledges its work entry then).
         self.on_done: list[Callable[[str], None]] = []
         self.gate = Gate(self.services)
@@ -130,7 +133,7 @@ class Registry:
         if ref.uid in self.running or ref.uid in self.queued:
             return
         if self.role == "controller":
-            self._start(ref)  # queued for a worker; the workers' capacity is the limit
+            await self._admit(ref, st)
             return
         # AwaitingApproval holds no task; starting one checks the decisions (made while
         # the operator was down, too) and ends at once if people have not decided yet.
@@ -139,6 +142,43 @@ class Registry:
             await self._mark_queued(ref, st)
             return
         self._start(ref)
+
+    async def _admit(self, ref: RunRef, st: Mapping[str, Any]) -> None:
+        """Controller: queue the run for a worker. A run that has not started yet waits
+        while AGENTRUN_MAX_CONCURRENT_RUNS runs execute on all workers together; one that
+        started before (running, or back from people's decision) goes at once."""
+        if st.get("phase") in (None, "Pending"):  # never started (Pending: queued)
+            if len(self.executing) >= self.settings.max_concurrent_runs:
+                self.queued[ref.uid] = ref
+                await self._mark_queued(ref, st)
+                return
+            self.executing.add(ref.uid)
+        elif st.get("phase") == "Running":
+            self.executing.add(ref.uid)  # a controller's restart: it counts as before
+        self._start(ref)
+
+    def seen(self, body: Mapping[str, Any], *, deleted: bool = False) -> None:
+        """Controller: a run's status as its watch brings it (workers write it). One that
+        ended or waits for people frees its slot for the oldest queued run."""
+        uid = (body.get("metadata") or {}).get("uid")
+        if not uid:
+            return
+        phase = (body.get("status") or {}).get("phase")
+        if deleted:
+            self.queued.pop(uid, None)
+        if phase == "Running" and not deleted:
+            self.executing.add(uid)
+            return
+        if not deleted and phase not in models.FINISHED_PHASES and phase != "AwaitingApproval":
+            return
+        if uid not in self.executing:
+            return
+        self.executing.discard(uid)
+        while self.queued and len(self.executing) < self.settings.max_concurrent_runs:
+            nxt = min(self.queued.values(), key=lambda r: (r.created, r.key))
+            self.queued.pop(nxt.uid)
+            self.executing.add(nxt.uid)
+            self._start(nxt)
 
     async def _fix_settings(self, ref: RunRef, body: Mapping[str, Any]) -> dict[str, Any] | None:
         """The first sight of a run: fix its settings in status.effective (with its creator),
@@ -427,8 +467,10 @@ class Registry:
         self._start(nxt)
 
     async def _mark_queued(self, ref: RunRef, st: Mapping[str, Any]) -> None:
+        executing = len(self.executing if self.role == "controller" else self.running)
+        where = " on the workers" if self.role == "controller" else ""
         msg = (
-            f"waiting for a free slot: {len(self.running)} runs are executing "
+            f"waiting for a free slot: {executing} runs are executing{where} "
             f"(AGENTRUN_MAX_CONCURRENT_RUNS={self.settings.max_concurrent_runs})"
         )
         w = StatusWriter(
