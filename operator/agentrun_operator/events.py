@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -143,10 +144,22 @@ def meta_key(uid: str) -> str:
     return _key(uid, "meta")
 
 
-# The work queue of the controller and its workers: a Redis Stream with one consumer group.
-# Its own hash tag (not a run's), so on a Redis Cluster it lives in one slot of its own.
-WORK_KEY = "agentrun:work:{0}"
+# The work queue of the controller and its workers: Redis Streams with one consumer group
+# each, sharded by hash tag (agentrun:work:{0} … {7}) on a Redis Cluster so that the queue
+# is not one hot slot; one shard on a single Redis. A run's entries always go to one shard.
 WORK_GROUP = "workers"
+WORK_SHARDS_ON_CLUSTER = 8
+
+
+def work_key(shard: int) -> str:
+    return f"agentrun:work:{{{shard}}}"
+
+
+WORK_KEY = work_key(0)
+
+
+def work_shard(uid: str, shards: int) -> int:
+    return zlib.crc32(uid.encode()) % shards if shards > 1 else 0
 
 
 def glob_escape(text: str) -> str:

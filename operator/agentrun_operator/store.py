@@ -24,10 +24,11 @@ from agentrun_operator import events
 log = logging.getLogger("agentrun.store")
 
 
-# KEYS: the work stream. ARGV: group, consumer, "ack" or "hold", entry ids. Acknowledges or
-# refreshes (XCLAIM JUSTID: idle time reset) only the entries still pending on this consumer:
-# one another worker reclaimed (this one was frozen or cut off longer than a lease) is its
-# now, and neither taken back nor acknowledged under its feet. Returns how many were.
+# KEYS: a work stream. ARGV: group, consumer, "ack" or "hold", entry ids. Acknowledges (and
+# deletes: the stream holds only work not yet done) or refreshes (XCLAIM JUSTID: idle time
+# reset) only the entries still pending on this consumer: one another worker reclaimed (this
+# one was frozen or cut off longer than a lease) is its now, and neither taken back nor
+# acknowledged under its feet. Returns how many were.
 _MINE = """
 local mine = {}
 for i = 4, #ARGV do
@@ -36,7 +37,10 @@ for i = 4, #ARGV do
   end
 end
 if #mine == 0 then return 0 end
-if ARGV[3] == 'ack' then return redis.call('XACK', KEYS[1], ARGV[1], unpack(mine)) end
+if ARGV[3] == 'ack' then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(mine))
+  return redis.call('XDEL', KEYS[1], unpack(mine))
+end
 local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], '0'}
 for _, id in ipairs(mine) do claim[#claim + 1] = id end
 claim[#claim + 1] = 'JUSTID'
@@ -62,13 +66,16 @@ def unreachable(e: BaseException) -> bool:
 class RunStore:
     """One Redis client, as the run engine uses it."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, *, shards: int = 1) -> None:
         self.redis = redis
+        self.shards = shards  # of the work queue
+        self._next_shard = 0
         self._mine_script: Any = None
 
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False) -> RunStore:
-        return cls(events.connect(url, cluster=cluster))
+        shards = events.WORK_SHARDS_ON_CLUSTER if cluster else 1
+        return cls(events.connect(url, cluster=cluster), shards=shards)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -190,67 +197,100 @@ class RunStore:
             await pubsub.aclose()
 
     # -- the work queue (controller -> workers) ----------------------------------------------
+    # A work id is "<shard>/<stream entry id>": opaque to the worker.
     async def ensure_work_group(self) -> None:
-        """The queue and its consumer group, created once (by whichever process is first)."""
-        try:
-            await self.redis.xgroup_create(
-                events.WORK_KEY, events.WORK_GROUP, id="0", mkstream=True
-            )
-        except redis_errors.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        """The queues and their consumer group, created once (by whichever process is first)."""
+        for shard in range(self.shards):
+            try:
+                await self.redis.xgroup_create(
+                    events.work_key(shard), events.WORK_GROUP, id="0", mkstream=True
+                )
+            except redis_errors.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     async def enqueue_work(self, *, uid: str, namespace: str, name: str, why: str) -> str:
         """Ask some worker to look at the run (start, resume, a decision came)."""
         entry = {"uid": uid, "namespace": namespace, "name": name, "why": why}
-        return _text(await self.redis.xadd(events.WORK_KEY, {"data": json.dumps(entry)}))
+        shard = events.work_shard(uid, self.shards)
+        entry_id = await self.redis.xadd(events.work_key(shard), {"data": json.dumps(entry)})
+        return f"{shard}/{_text(entry_id)}"
 
     async def claim_work(
         self, worker: str, *, count: int, block_ms: int
     ) -> list[tuple[str, dict[str, str]]]:
-        """New entries for ``worker`` (pending on it until acknowledged)."""
+        """New entries for ``worker`` (pending on it until acknowledged). With shards: each
+        one asked without blocking, from a rotating start; then a short block on one."""
+        if self.shards == 1:
+            return await self._claim(0, worker, count=count, block_ms=block_ms)
+        self._next_shard = (self._next_shard + 1) % self.shards
+        order = [(self._next_shard + i) % self.shards for i in range(self.shards)]
+        found: list[tuple[str, dict[str, str]]] = []
+        for shard in order:
+            found += await self._claim(shard, worker, count=count - len(found), block_ms=None)
+            if len(found) >= count:
+                return found
+        if found:
+            return found
+        return await self._claim(order[0], worker, count=count, block_ms=min(block_ms, 200))
+
+    async def _claim(
+        self, shard: int, worker: str, *, count: int, block_ms: int | None
+    ) -> list[tuple[str, dict[str, str]]]:
         reply: Any = await self.redis.xreadgroup(
             events.WORK_GROUP,
             worker,
-            {events.WORK_KEY: ">"},
+            {events.work_key(shard): ">"},
             count=count,
             block=block_ms,
         )
-        return [(_text(i), _work(f)) for _, entries in reply or [] for i, f in entries]
+        return [(f"{shard}/{_text(i)}", _work(f)) for _, entries in reply or [] for i, f in entries]
 
     async def reclaim_work(
         self, worker: str, *, min_idle_ms: int, count: int
     ) -> list[tuple[str, dict[str, str]]]:
         """Entries pending on workers that stopped refreshing them (dead ones)."""
-        reply: Any = await self.redis.xautoclaim(
-            events.WORK_KEY, events.WORK_GROUP, worker, min_idle_ms, start_id="0", count=count
-        )
-        return [(_text(i), _work(f)) for i, f in reply[1] if f]
+        found: list[tuple[str, dict[str, str]]] = []
+        for shard in range(self.shards):
+            reply: Any = await self.redis.xautoclaim(
+                events.work_key(shard), events.WORK_GROUP, worker, min_idle_ms,
+                start_id="0", count=count,
+            )  # fmt: skip
+            found += [(f"{shard}/{_text(i)}", _work(f)) for i, f in reply[1] if f]
+        return found
 
-    async def hold_work(self, worker: str, entry_ids: list[str]) -> int:
+    async def hold_work(self, worker: str, work_ids: list[str]) -> int:
         """Reset the idle time of entries ``worker`` still works on (XCLAIM JUSTID), so no
         other worker reclaims a long run from a live one; how many are still its own."""
-        return await self._mine(worker, "hold", entry_ids)
+        return await self._mine(worker, "hold", work_ids)
 
-    async def ack_work(self, worker: str, entry_ids: list[str]) -> int:
+    async def ack_work(self, worker: str, work_ids: list[str]) -> int:
         """Acknowledge the entries still pending on ``worker``; how many were."""
-        return await self._mine(worker, "ack", entry_ids)
+        return await self._mine(worker, "ack", work_ids)
 
-    async def _mine(self, worker: str, mode: str, entry_ids: list[str]) -> int:
-        if not entry_ids:
-            return 0
+    async def _mine(self, worker: str, mode: str, work_ids: list[str]) -> int:
+        by_shard: dict[int, list[str]] = {}
+        for work_id in work_ids:
+            number, _, entry_id = work_id.partition("/")
+            by_shard.setdefault(int(number), []).append(entry_id)
         if self._mine_script is None:
             self._mine_script = self.redis.register_script(_MINE)
-        return int(
-            await self._mine_script(
-                keys=[events.WORK_KEY], args=[events.WORK_GROUP, worker, mode, *entry_ids]
+        done = 0
+        for shard, ids in by_shard.items():
+            done += int(
+                await self._mine_script(
+                    keys=[events.work_key(shard)], args=[events.WORK_GROUP, worker, mode, *ids]
+                )
             )
-        )
+        return done
 
     async def work_depth(self) -> int:
-        """Entries not yet acknowledged (claimed or waiting)."""
-        summary: Any = await self.redis.xpending(events.WORK_KEY, events.WORK_GROUP)
-        return int(summary.get("pending", 0) if isinstance(summary, dict) else 0)
+        """Entries not yet acknowledged (claimed or waiting), over all shards."""
+        depth = 0
+        for shard in range(self.shards):
+            summary: Any = await self.redis.xpending(events.work_key(shard), events.WORK_GROUP)
+            depth += int(summary.get("pending", 0) if isinstance(summary, dict) else 0)
+        return depth
 
     # -- finding and deleting runs' keys -----------------------------------------------------
     async def run_uids(self) -> AsyncIterator[str]:

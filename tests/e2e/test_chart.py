@@ -1056,12 +1056,22 @@ def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
         assert {root, "workflow plan", "workflow act", "workflow verify", "chat mock"} <= names
         (top,) = [s for s in spans if s["parent"] is None]
         assert top["name"] == root and top["tags"]["agentrun.run.created_by"] == "creator"
-        # The web UI's link, from the SSE sidecar's template.
-        summary = httpx.get(
-            f"{release.sse}/api/v1/runs/{release.runs}/traced",
-            headers={"Authorization": f"Bearer {release.tokens['viewer']}"},
-            timeout=10,
-        ).json()["summary"]
+
+        # The web UI's link, from the SSE sidecar's template (through the Service, whose
+        # endpoints follow the upgraded pods: a refused connection is tried again).
+        def answered() -> dict[str, Any] | None:
+            try:
+                found: dict[str, Any] = httpx.get(
+                    f"{release.sse}/api/v1/runs/{release.runs}/traced",
+                    headers={"Authorization": f"Bearer {release.tokens['viewer']}"},
+                    timeout=10,
+                ).json()["summary"]
+            except httpx.TransportError:
+                return None
+            return found
+
+        summary = wait_for("the SSE server's summary of the run", answered, timeout=60)
+        assert isinstance(summary, dict)
         assert summary["traceURL"] == f"https://jaeger.example.com/trace/{st['traceId']}"
 
 

@@ -223,3 +223,60 @@ def test_an_operator_not_told_about_the_cluster_refuses_to_start_naming_the_sett
     with pytest.raises(AssertionError, match="AGENTRUN_REDIS_CLUSTER=true"):
         with proc:
             pass
+
+
+def test_a_controller_and_workers_share_runs_over_the_sharded_queue_of_the_cluster(
+    cluster: ControlPlane,
+    rbac: None,
+    webhooks: Any,
+    redis_cluster: RedisCluster,
+    rc: redis_sync.Redis,
+    kubectl: Kubectl,
+    request: pytest.FixtureRequest,
+    script: Script,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Scale-out on the cluster: the work queue is 8 streams, each its own hash tag, so its
+    load spreads over the masters; the workers claim from all of them."""
+    env = {"AGENTRUN_REDIS_CLUSTER": "true"}
+    roles = [
+        ("rc-controller", "agentrun_operator", {"AGENTRUN_ROLE": "controller"}),
+        ("rc-worker-0", "agentrun_operator.worker", {}),
+        ("rc-worker-1", "agentrun_operator.worker", {}),
+    ]
+    procs = [
+        own_operator(
+            cluster,
+            redis_url=redis_cluster.url,
+            script=script,
+            workdir=tmp_path_factory.mktemp(ident),
+            namespaces="rcw-*",
+            ident=ident,
+            module=module,
+            env={**env, **extra},
+        )
+        for ident, module, extra in roles
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        logs = [(ident, p) for (ident, _, _), p in zip(roles, procs, strict=True)]
+        for ns in judged_namespace(kubectl, request, "rcw-", *logs):
+            goal = script.add(marker("rc-workers"), [{"text": "Plan w1 w2 w3"}, {"text": "ok"}])
+            names = [f"run-{i}" for i in range(8)]
+            uids = {n: create_run(kubectl, ns, n, goal=goal) for n in names}
+            for n in names:
+                st = wait_phase(kubectl, ns, n, "Succeeded", "Failed", timeout=90)
+                assert st["phase"] == "Succeeded", (n, st)
+                assert st["worker"] in ("rc-worker-0", "rc-worker-1"), st
+                assert_clean_stream(stream_of(rc, uids[n]))
+            shards = [events.work_key(i) for i in range(events.WORK_SHARDS_ON_CLUSTER)]
+            used = [k for k in shards if rc.xinfo_groups(k)[0]["entries-read"]]
+            assert len(used) > 1, f"every run went through one shard: {used}"
+            nodes = {rc.get_node_from_key(k).name for k in shards}  # type: ignore[attr-defined]
+            assert len(nodes) > 1, f"the shards live on one master: {nodes}"
+            # Done work is acknowledged and deleted: nothing pending, nothing left.
+            assert sum(rc.xlen(k) for k in shards) == 0
+    finally:
+        for proc in procs:
+            proc.stop()
