@@ -1,11 +1,13 @@
 """``python -m agentrun_operator.worker``: executes the runs a controller (an operator with
-``AGENTRUN_ROLE=controller``) queued, claimed from the Redis Stream ``agentrun:work:{0}``
-through the consumer group ``workers``.
+``AGENTRUN_ROLE=controller``) queued, claimed from the Redis Stream ``agentrun:work:{0}`` (on
+a Redis Cluster, the 8 shards ``agentrun:work:{0}`` … ``{7}``) through the consumer group
+``workers``.
 
 Owns claiming (``XREADGROUP``, up to ``AGENTRUN_MAX_CONCURRENT_RUNS`` runs at once), holding
 (an entry stays pending while its run's task runs here; ``XCLAIM … JUSTID`` refreshes it at
 the lease cadence so no other worker reclaims a live run), acknowledging (when the run ends
-or waits for people), reclaiming the entries of workers that died (``XAUTOCLAIM`` of entries
+or waits for people; only entries still its own: one another worker reclaimed while this one
+was cut off is left to that worker), reclaiming the entries of workers that died (``XAUTOCLAIM`` of entries
 idle for a whole lease term; the fenced lease and the call records make the resumed run go on
 from its checkpoint with no duplicate event or tool call), and draining on SIGTERM (each
 held run is queued again and its lease released, so another worker resumes it at once).
