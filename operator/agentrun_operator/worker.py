@@ -7,10 +7,11 @@ Owns claiming (``XREADGROUP``, up to ``AGENTRUN_MAX_CONCURRENT_RUNS`` runs at on
 (an entry stays pending while its run's task runs here; ``XCLAIM … JUSTID`` refreshes it at
 the lease cadence so no other worker reclaims a live run), acknowledging (when the run ends
 or waits for people; only entries still its own: one another worker reclaimed while this one
-was cut off is left to that worker), reclaiming the entries of workers that died (``XAUTOCLAIM`` of entries
-idle for a whole lease term; the fenced lease and the call records make the resumed run go on
-from its checkpoint with no duplicate event or tool call), and draining on SIGTERM (each
-held run is queued again and its lease released, so another worker resumes it at once).
+was cut off is left to that worker), reclaiming the entries of workers that died
+(``XAUTOCLAIM`` of entries idle for a whole lease term; the fenced lease and the call
+records make the resumed run go on from its checkpoint with no duplicate event or tool
+call), and draining on SIGTERM (each held run is queued again and its lease released, so
+another worker resumes it at once).
 Never: admits a run (first sight is the controller's), runs the clocks (expiries, TTL,
 orphaned keys: the controller's), or watches Kubernetes (it reads the runs it is given).
 """

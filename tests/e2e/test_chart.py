@@ -998,7 +998,8 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     async def story() -> Seen:
         create_run(kubectl, release, "during-upgrade", "survive an upgrade")
         reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
-        # A changed value rolls the operator's pod (its Deployment's strategy: Recreate).
+        # A changed value rolls the operator's pods: a new one stands by, the old one hands
+        # the controller Lease over as it stops.
         await asyncio.to_thread(
             helm,
             "upgrade",
@@ -1125,6 +1126,47 @@ def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
     st = wait_phase(kubectl, release.runs, "handover", "Succeeded", "Failed", timeout=120)
     assert st["phase"] == "Succeeded", st
     assert_clean_stream(decoded(release.redis.xrange(events.events_key(uid))))
+
+
+@newest_only("a version-independent scenario")
+def test_with_workers_helm_upgrade_during_50_runs_loses_and_repeats_nothing(
+    kubectl: Kubectl, release: Release, helm: Helm
+) -> None:
+    words = " ".join(f"w{i}" for i in range(200))
+    release.script(
+        [
+            {
+                "match": "fifty at once",
+                "replies": [{"text": f"Plan {words}", "tokens_per_second": 20}, {"text": "ok"}],
+            }
+        ]
+    )
+    names = [f"many-{i}" for i in range(50)]
+    uids = {n: create_run(kubectl, release, n, "fifty at once") for n in names}
+    wait_for(
+        "the runs to stream",
+        lambda: sum(1 for u in uids.values() if release.redis.xlen(events.events_key(u))) >= 40,
+        timeout=120,
+    )
+    # A value of every process that executes runs: the controllers and the workers all roll.
+    started = time.monotonic()
+    helm(
+        "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
+        "--wait", "--timeout=5m", "--set", "workers.enabled=true", "--set", "workers.replicas=2",
+        "--set", "operator.streamMaxlen=100001",
+    )  # fmt: skip
+    figure(
+        "helm upgrade (controllers and workers) during 50 runs",
+        f"{time.monotonic() - started:.1f}s",
+    )
+    for n in names:
+        st = wait_phase(kubectl, release.runs, n, "Succeeded", "Failed", timeout=300)
+        assert st["phase"] == "Succeeded", (n, st)
+        assert_clean_stream(decoded(release.redis.xrange(events.events_key(uids[n]))))
+    figure(
+        "50 runs across an upgrade: all Succeeded, streams gap-free",
+        f"{time.monotonic() - started:.1f}s",
+    )
 
 
 @pytest.mark.timeout(720)  # its own waits add up to 660 s at worst
