@@ -37,6 +37,10 @@ WORK_CLAIMS = Counter(
     ["how"],
 )
 WORK_QUEUE = Gauge("agentrun_work_queue_entries", "Work entries not yet acknowledged.")
+WORK_AGE = Gauge(
+    "agentrun_work_oldest_seconds",
+    "How long the oldest work not yet done (waiting for a worker or claimed) has been queued.",
+)
 SPANS_DROPPED = Counter(
     "agentrun_trace_spans_dropped_total",
     "Spans not delivered to the trace collector (queue_full, export_failed).",

@@ -292,6 +292,17 @@ class RunStore:
             depth += int(summary.get("pending", 0) if isinstance(summary, dict) else 0)
         return depth
 
+    async def work_age_seconds(self) -> float:
+        """How long the oldest work not yet done (waiting or claimed) has been queued; 0 when
+        there is none (done work is deleted, so the first entry of a stream is that one)."""
+        oldest: float | None = None
+        for shard in range(self.shards):
+            first: Any = await self.redis.xrange(events.work_key(shard), count=1)
+            if first:
+                millis = int(_text(first[0][0]).split("-")[0])
+                oldest = millis if oldest is None else min(oldest, millis)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)
+
     # -- finding and deleting runs' keys -----------------------------------------------------
     async def run_uids(self) -> AsyncIterator[str]:
         """The uid of every run with an event stream in this Redis (any cluster's)."""

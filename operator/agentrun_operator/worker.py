@@ -92,6 +92,7 @@ class Worker:
                     log.warning("%d of %d held work entries were taken over by other workers",
                                 len(ids) - kept, len(ids))  # fmt: skip
                 prom.WORK_QUEUE.set(await self.store.work_depth())
+                prom.WORK_AGE.set(await self.store.work_age_seconds())
 
     async def _reclaim(self) -> None:
         while not self.draining:
