@@ -61,7 +61,9 @@ def one_round(
     api.call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
     ctl = process(
         plane, redis_url, llm, work / f"ctl-{workers}", operator_id="controller",
-        env={"AGENTRUN_ROLE": "controller", "AGENTRUN_NAMESPACES": ns},
+        env={"AGENTRUN_ROLE": "controller", "AGENTRUN_NAMESPACES": ns,
+             # Cluster-wide now: every run at once, as each worker takes them.
+             "AGENTRUN_MAX_CONCURRENT_RUNS": str(runs + 10)},
     )  # fmt: skip
     procs = [
         process(
