@@ -998,8 +998,8 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     async def story() -> Seen:
         create_run(kubectl, release, "during-upgrade", "survive an upgrade")
         reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
-        # A changed value rolls the operator's pods: a new one stands by, the old one hands
-        # the controller Lease over as it stops.
+        # A changed value replaces the operator's pods (strategy Recreate); the new leader
+        # resumes the run from its checkpoint.
         await asyncio.to_thread(
             helm,
             "upgrade",

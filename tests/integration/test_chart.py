@@ -350,8 +350,8 @@ def test_the_operator_replicas_elect_one_through_a_lease_only_they_may_write(
     operator = next(d for d in docs if d["metadata"]["name"] == "t-agentrun-operator"
                     and d["kind"] == "Deployment")  # fmt: skip
     assert operator["spec"]["replicas"] == 2
-    # A rolling update starts the new replica as a standby before the old one goes.
-    assert operator["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    # An upgrade replaces them all: no old leader acts on after `helm upgrade --wait`.
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
     container = operator["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["AGENTRUN_LEADER_LEASE"] == "agentrun-system/t-agentrun-controller"
