@@ -3,6 +3,7 @@ waited for."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -24,6 +25,7 @@ __all__ = [
     "Kubectl",
     "OperatorProcess",
     "Script",
+    "all_running",
     "assert_clean_stream",
     "bind_roles",
     "create_run",
@@ -357,6 +359,18 @@ def own_operator(
             **(env or {}),
         },
     )
+
+
+@contextlib.contextmanager
+def all_running(procs: dict[str, OperatorProcess]) -> Iterator[dict[str, OperatorProcess]]:
+    """Start every process (operators, controllers, workers); stop them all at the end."""
+    try:
+        for proc in procs.values():
+            proc.start()
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
 
 
 def judged_namespace(

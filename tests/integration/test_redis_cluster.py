@@ -34,6 +34,7 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
+    all_running,
     approved_scale,
     assert_clean_stream,
     create_run,
@@ -244,8 +245,8 @@ def test_a_controller_and_workers_share_runs_over_the_sharded_queue_of_the_clust
         ("rc-worker-0", "agentrun_operator.worker", {}),
         ("rc-worker-1", "agentrun_operator.worker", {}),
     ]
-    procs = [
-        own_operator(
+    procs = {
+        ident: own_operator(
             cluster,
             redis_url=redis_cluster.url,
             script=script,
@@ -256,12 +257,9 @@ def test_a_controller_and_workers_share_runs_over_the_sharded_queue_of_the_clust
             env={**env, **extra},
         )
         for ident, module, extra in roles
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        logs = [(ident, p) for (ident, _, _), p in zip(roles, procs, strict=True)]
-        for ns in judged_namespace(kubectl, request, "rcw-", *logs):
+    }
+    with all_running(procs):
+        for ns in judged_namespace(kubectl, request, "rcw-", *procs.items()):
             goal = script.add(marker("rc-workers"), [{"text": "Plan w1 w2 w3"}, {"text": "ok"}])
             names = [f"run-{i}" for i in range(8)]
             uids = {n: create_run(kubectl, ns, n, goal=goal) for n in names}
@@ -277,6 +275,3 @@ def test_a_controller_and_workers_share_runs_over_the_sharded_queue_of_the_clust
             assert len(nodes) > 1, f"the shards live on one master: {nodes}"
             # Done work is acknowledged and deleted: nothing pending, nothing left.
             assert sum(rc.xlen(k) for k in shards) == 0
-    finally:
-        for proc in procs:
-            proc.stop()

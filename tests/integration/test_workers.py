@@ -30,6 +30,7 @@ from support import (
     Kubectl,
     OperatorProcess,
     Script,
+    all_running,
     approved_scale,
     assert_clean_stream,
     create_run,
@@ -95,13 +96,8 @@ def controllers(
         )
         for ident in ("controller-a", "controller-b")
     }
-    for proc in procs.values():
-        proc.start()
-    try:
+    with all_running(procs):
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +120,8 @@ def workers(
         )
         for i in range(WORKERS)
     }
-    for proc in procs.values():
-        proc.start()
-    try:
+    with all_running(procs):
         yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
 
 
 @pytest.fixture
