@@ -5,7 +5,8 @@ the median, min and max of each over the rounds.
 
 Figures: image build (warm caches) and size; ``helm install --wait`` → operator, SSE,
 webhooks and Redis Ready; install → webhooks answering through their Service;
-``kubectl create`` → first SSE event through the Service; operator pod deleted → run resumed.
+``kubectl create`` → first SSE event through the Service; the worker pod running a run
+deleted → run resumed on another worker (and, without workers, on the standby operator).
 
 Usage: .venv/bin/python bench/bench_e2e.py [--rounds 3]   (make cluster-up first, or let the
 suite bring the cluster up; it is left running when it was up before)

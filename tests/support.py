@@ -373,6 +373,27 @@ def all_running(procs: dict[str, OperatorProcess]) -> Iterator[dict[str, Operato
             proc.stop()
 
 
+def metrics(port: int) -> Callable[..., float]:
+    """What a process serves on its Prometheus ``port`` now: ``value(name, **labels)``, 0 for
+    a sample it does not serve."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+    return value
+
+
 def judged_namespace(
     kubectl: Kubectl, request: Any, prefix: str, *logs_of: tuple[str, OperatorProcess]
 ) -> Iterator[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import time
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -292,20 +293,32 @@ class Lease:
     uid: str
     token: str
     ttl_ms: int
+    # Until when (this process's monotonic clock) the lease surely holds: the TTL counted
+    # from before the request that set it, so never later than Redis's own expiry.
+    valid_until: float = 0.0
 
     @classmethod
     async def acquire(
         cls, redis: aioredis.Redis, *, uid: str, operator_id: str, ttl_seconds: float
     ) -> Lease | None:
         ttl_ms = int(ttl_seconds * 1000)
+        asked = time.monotonic()
         token = await redis.eval(_ACQUIRE, 2, owner_key(uid), fence_key(uid), operator_id, ttl_ms)
         if not token:
             return None
-        return cls(redis, uid, _text(token), ttl_ms)
+        return cls(redis, uid, _text(token), ttl_ms, asked + ttl_ms / 1000)
 
     async def renew(self) -> bool:
+        asked = time.monotonic()
         ok = await self.redis.eval(_RENEW, 1, owner_key(self.uid), self.token, self.ttl_ms)
+        if ok:
+            self.valid_until = asked + self.ttl_ms / 1000
         return bool(ok)
+
+    def held(self) -> bool:
+        """Still surely this process's: false once a renewal is overdue (a pause, a partition),
+        when another process may have taken the run over."""
+        return time.monotonic() < self.valid_until
 
     async def release(self) -> None:
         await self.redis.eval(_RENEW, 1, owner_key(self.uid), self.token, 0)

@@ -1,12 +1,13 @@
 """The whole product on the real node: the image built from the Dockerfile, the chart
 installed with helm, and a user's story through real pods and Services.
 
-Covers: ``helm install --wait`` brings up the operator (with its SSE sidecar), two webhook
-replicas and Redis, in a namespace that enforces Pod Security ``restricted``; an applied
-AgentRun streams over SSE through the Service and through Debian's NGINX configured as
-``docs/nginx.conf`` shows; an approver approves with
-``kubectl patch`` and the run continues; the operator pod deleted mid-run is replaced and
-the run resumes from its checkpoint and finishes, its side-effecting tool executed exactly
+Covers: ``helm install --wait`` with the chart's defaults brings up two operator replicas
+(the controller, one acting, each with its SSE sidecar), two workers, two webhook replicas
+and Redis, in a namespace that enforces Pod Security ``restricted``; an applied AgentRun
+streams over SSE through the Service and through Debian's NGINX configured as
+``docs/nginx.conf`` shows; an approver approves with ``kubectl patch`` and the run
+continues; the worker pod running it deleted mid-run, another worker resumes the run from
+its checkpoint and finishes it, its side-effecting tool executed exactly
 once (counted by the Deployment's revision, on the cluster side); a viewer that follows the
 stream across the pod's replacement by Last-Event-ID sees no gap and no duplicate, and a
 reconnect from the middle replays exactly the rest; ``spec.stop`` stops a run; a finished
@@ -14,9 +15,11 @@ run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; a run acts 
 npm-distributed ``kubernetes-mcp-server`` (a pod whose own account has no rights and which
 requires a bearer token) with its own service account's token: it lists pods where it may,
 is refused by the API server where it may not, and its destructive call waits for approval;
-``helm upgrade`` keeps a run going; with ``tracing.enabled`` the operator pod sends each run
-as one trace to a Jaeger on the host; with ``workers.enabled`` a worker pod deleted mid-run
-hands its run to another worker; ``helm uninstall`` leaves no orphans.
+``helm upgrade`` keeps a run going; with ``tracing.enabled`` the pods send each run as one
+trace to a Jaeger on the host; without workers (``workers.enabled=false``, one process for
+both roles) the operator pod running a run deleted mid-run hands it to the standby replica;
+``helm upgrade`` of controllers and workers during 50 runs loses and repeats nothing;
+``helm uninstall`` leaves no orphans.
 
 The mock LLM runs in the cluster too (the same image, ``agentrun mock-llm``); tests put
 their script through its Service. Every address is a Service name resolved by the cluster
@@ -288,34 +291,19 @@ class Release:
             assert r.status == 200
 
 
-def operator_pod(kubectl: Kubectl, namespace: str) -> dict[str, Any] | None:
-    """The operator replica that acts (it holds the controller Lease), once it is ready."""
-    lease = kubectl(
-        "get", "lease", f"{RELEASE}-controller", "-n", namespace,
-        "-o", "jsonpath={.spec.holderIdentity}", check=False,
-    )  # fmt: skip
-    holder = lease.stdout.strip() if lease.returncode == 0 else ""
-    pods = json.loads(
-        kubectl(
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            "app.kubernetes.io/component=operator",
-            "-o",
-            "json",
-        ).stdout
-    )["items"]
-    ready = [
-        p
-        for p in pods
-        if not p["metadata"].get("deletionTimestamp")
-        and all(c.get("ready") for c in p["status"].get("containerStatuses", [{}]))
-        and p["status"].get("containerStatuses")
-        and p["metadata"]["name"] == holder
-    ]
-    return ready[0] if ready else None
+def running_pod(kubectl: Kubectl, rel: Release, run: str) -> str | None:
+    """The pod that executes ``run`` now (``status.worker``: a worker, or the operator replica
+    that acts when there are none), once it is ready."""
+    holder = (get_run(kubectl, rel.runs, run).get("status") or {}).get("worker")
+    if not holder:
+        return None
+    out = kubectl("get", "pod", holder, "-n", rel.namespace, "-o", "json", check=False)
+    if out.returncode != 0:
+        return None
+    pod = json.loads(out.stdout)
+    statuses = pod["status"].get("containerStatuses") or []
+    ready = statuses and all(c.get("ready") for c in statuses)
+    return holder if ready and not pod["metadata"].get("deletionTimestamp") else None
 
 
 @pytest.fixture(scope="module")
@@ -634,7 +622,7 @@ def test_an_applied_run_streams_through_the_service_and_through_nginx(
     assert status["usage"]["llmCalls"] >= 2
 
 
-def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
+def test_an_approved_call_runs_once_across_the_pod_running_it_being_deleted(
     target: Target, kubectl: Kubectl, release: Release
 ) -> None:
     kubectl("create", "deployment", "web", f"--image={target.pause_image}", "-n", release.runs)
@@ -680,10 +668,12 @@ def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
     async def story() -> tuple[Seen, float]:
         reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
         await asyncio.to_thread(wait_for, "the first tokens", tokens, timeout=60, interval=0.05)
-        old = operator_pod(kubectl, release.namespace)
-        assert old is not None, "no ready operator pod"
+        old = running_pod(kubectl, release, "restart")
+        assert old is not None, "no ready pod runs the run"
+        # With the chart's defaults a worker; another worker takes the run over.
+        assert old.startswith(f"{RELEASE}-worker-"), old
         deleted = time.monotonic()
-        kubectl("delete", "pod", old["metadata"]["name"], "-n", release.namespace, "--wait=false")
+        kubectl("delete", "pod", old, "-n", release.namespace, "--wait=false")
 
         def resumed() -> bool:
             return any(
@@ -709,7 +699,7 @@ def test_an_approved_call_runs_once_across_the_operator_pod_being_replaced(
         return await asyncio.wait_for(reader, 120), resumed_after
 
     seen, resumed_after = asyncio.run(asyncio.wait_for(story(), 300))
-    figure("operator pod deleted -> run resumed", f"{resumed_after:.1f}s")
+    figure("worker pod deleted -> run resumed on another worker", f"{resumed_after:.1f}s")
     status = wait_phase(kubectl, release.runs, "restart", "Succeeded", timeout=30)
     # Exactly once, counted by the cluster: one restart is one new revision.
     assert revision(kubectl, release.runs, "web") == 2
@@ -998,8 +988,9 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
     async def story() -> Seen:
         create_run(kubectl, release, "during-upgrade", "survive an upgrade")
         reader = asyncio.create_task(read_stream(url, release.tokens["viewer"]))
-        # A changed value replaces the operator's pods (strategy Recreate); the new leader
-        # resumes the run from its checkpoint.
+        # Changed values replace the operator's pods (strategy Recreate: the SSE sidecar the
+        # reader follows goes too) and roll the workers: another worker resumes the run from
+        # its checkpoint.
         await asyncio.to_thread(
             helm,
             "upgrade",
@@ -1009,7 +1000,11 @@ def test_helm_upgrade_keeps_a_run_going(kubectl: Kubectl, release: Release, helm
             release.namespace,
             "--wait",
             "--timeout=5m",
-            *[a for v in [*release.values, "sse.heartbeatSeconds=3"] for a in ("--set", v)],
+            *[
+                a
+                for v in [*release.values, "sse.heartbeatSeconds=3", "operator.streamMaxlen=99999"]
+                for a in ("--set", v)
+            ],
         )
         return await asyncio.wait_for(reader, 180)
 
@@ -1077,17 +1072,17 @@ def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
 
 
 @newest_only("a version-independent scenario")
-def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
+def test_without_workers_the_operator_pod_deleted_mid_run_hands_the_run_to_the_standby(
     kubectl: Kubectl, release: Release, helm: Helm
 ) -> None:
+    # One process for both roles, as on a small cluster: the operator replica holding the
+    # controller Lease runs the runs too.
     helm(
         "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
-        "--wait", "--timeout=5m", "--set", "workers.enabled=true", "--set", "workers.replicas=2",
+        "--wait", "--timeout=5m", "--set", "workers.enabled=false",
     )  # fmt: skip
-    kubectl(
-        "rollout", "status", "-n", release.namespace, f"deployment/{RELEASE}-worker",
-        "--timeout=120s", timeout=150,
-    )  # fmt: skip
+    left = kubectl("get", "deployment", f"{RELEASE}-worker", "-n", release.namespace, check=False)
+    assert left.returncode != 0 and "NotFound" in left.stderr, left.stdout
     words = " ".join(f"w{i}" for i in range(300))
     release.script(
         [
@@ -1098,12 +1093,12 @@ def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
         ]
     )
     uid = create_run(kubectl, release, "handover", "to be handed over")
-
-    def holder() -> str | None:
-        return (get_run(kubectl, release.runs, "handover").get("status") or {}).get("worker")
-
-    first = wait_for("a worker to hold the run", holder, timeout=90)
-    assert isinstance(first, str) and first.startswith(f"{RELEASE}-worker-"), first
+    first = wait_for(
+        "an operator pod to run the run",
+        lambda: running_pod(kubectl, release, "handover"),
+        timeout=90,
+    )
+    assert isinstance(first, str) and first.startswith(f"{RELEASE}-operator-"), first
     wait_for(
         "tokens to stream",
         lambda: any(
@@ -1115,17 +1110,23 @@ def test_with_workers_a_worker_pod_deleted_mid_run_hands_the_run_over(
     deleted = time.monotonic()
 
     def moved_to() -> str | None:
-        now = holder()
+        now = (get_run(kubectl, release.runs, "handover").get("status") or {}).get("worker")
         return now if now not in (None, first) else None
 
-    moved = wait_for("another worker to hold it", moved_to, timeout=90)
+    moved = wait_for("the standby replica to run it", moved_to, timeout=90)
     figure(
-        "worker pod deleted -> run resumed on another worker", f"{time.monotonic() - deleted:.1f}s"
+        "operator pod deleted (no workers) -> run resumed on the standby",
+        f"{time.monotonic() - deleted:.1f}s",
     )
-    assert isinstance(moved, str) and moved.startswith(f"{RELEASE}-worker-"), moved
+    assert isinstance(moved, str) and moved.startswith(f"{RELEASE}-operator-"), moved
     st = wait_phase(kubectl, release.runs, "handover", "Succeeded", "Failed", timeout=120)
     assert st["phase"] == "Succeeded", st
     assert_clean_stream(decoded(release.redis.xrange(events.events_key(uid))))
+    # Back to the chart's defaults for the scenarios that follow.
+    helm(
+        "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
+        "--wait", "--timeout=5m", "--set", "workers.enabled=true",
+    )  # fmt: skip
 
 
 @newest_only("a version-independent scenario")
@@ -1152,8 +1153,7 @@ def test_with_workers_helm_upgrade_during_50_runs_loses_and_repeats_nothing(
     started = time.monotonic()
     helm(
         "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
-        "--wait", "--timeout=5m", "--set", "workers.enabled=true", "--set", "workers.replicas=2",
-        "--set", "operator.streamMaxlen=100001",
+        "--wait", "--timeout=5m", "--set", "operator.streamMaxlen=100001",
     )  # fmt: skip
     figure(
         "helm upgrade (controllers and workers) during 50 runs",

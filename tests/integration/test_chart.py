@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from agentrun_harness.controlplane import ControlPlane
-from agentrun_operator import webhooks
+from agentrun_operator import metrics, webhooks
 
 from support import Kubectl
 
@@ -41,8 +41,10 @@ def helm() -> Helm:
     return run
 
 
-def render(helm: Helm, *sets: str) -> list[dict[str, Any]]:
+def render(helm: Helm, *sets: str, kube_version: str | None = None) -> list[dict[str, Any]]:
     args = ["template", "t", str(CHART), "--namespace", "agentrun-system"]
+    if kube_version:
+        args += ["--kube-version", kube_version]
     for s in sets:
         args += ["--set", s]
     return [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
@@ -104,7 +106,7 @@ def test_pods_get_no_service_links_and_every_port_names_its_protocol(helm: Helm)
     # Kubernetes 1.20 refuses a port list entry without its key field `protocol`.
     docs = render(helm, "serviceMonitor.enabled=false")
     workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
-    assert len(workloads) == 3
+    assert len(workloads) == 4  # operator, workers, webhooks, Redis
     for w in workloads:
         pod = w["spec"]["template"]["spec"]
         assert pod["enableServiceLinks"] is False, w["metadata"]["name"]
@@ -307,7 +309,7 @@ def test_notification_routes_render_into_the_configmap_the_operator_reads(helm: 
 def test_with_workers_the_operator_is_the_controller_and_workers_run_the_runs(
     helm: Helm,
 ) -> None:
-    docs = render(helm, "workers.enabled=true", "workers.replicas=3", "tracing.enabled=true",
+    docs = render(helm, "workers.replicas=3", "tracing.enabled=true",
                   "tracing.endpoint=http://c:4318")  # fmt: skip
     deployments = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
     operator, worker = deployments["t-agentrun-operator"], deployments["t-agentrun-worker"]
@@ -329,15 +331,36 @@ def test_with_workers_the_operator_is_the_controller_and_workers_run_the_runs(
     (pdb,) = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
     assert pdb["spec"]["minAvailable"] == 1
     assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
-    scaled = render(helm, "workers.enabled=true", "workers.autoscaling.enabled=true")
+    scaled = render(helm, "workers.autoscaling.enabled=true")
     (hpa,) = [d for d in scaled if d["kind"] == "HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == "t-agentrun-worker"
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource"]
     assert (
         "replicas"
         not in next(d for d in scaled if d["metadata"]["name"] == "t-agentrun-worker")["spec"]
     )
-    # Without workers: one operator that does everything, as before.
-    plain = render(helm)
+    # Optionally also on the runs each worker executes, the gauge the workers export.
+    by_runs = render(helm, "workers.autoscaling.enabled=true",
+                     "workers.autoscaling.runsPerWorker=20")  # fmt: skip
+    (hpa,) = [d for d in by_runs if d["kind"] == "HorizontalPodAutoscaler"]
+    pods = hpa["spec"]["metrics"][1]["pods"]
+    assert pods["metric"] == {
+        "name": metrics.RUNS_ACTIVE._name,
+        "selector": {"matchLabels": {"state": "running"}},
+    }
+    assert pods["target"] == {"type": "AverageValue", "averageValue": "20"}
+    # Prometheus scrapes the workers as well as the operator, through one Service.
+    (svc,) = [d for d in docs if d["metadata"]["name"] == "t-agentrun-metrics"]
+    labels = svc["spec"]["selector"]
+    for d in (operator, worker):
+        assert labels.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+    # Workers are the default (two, and two controllers).
+    default = {d["metadata"]["name"]: d for d in render(helm) if d["kind"] == "Deployment"}
+    assert env(default["t-agentrun-operator"])["AGENTRUN_ROLE"] == "controller"
+    assert default["t-agentrun-worker"]["spec"]["replicas"] == 2
+    assert default["t-agentrun-operator"]["spec"]["replicas"] == 2
+    # Without workers: one operator that does everything (small clusters).
+    plain = render(helm, "workers.enabled=false")
     plain_deployments = {d["metadata"]["name"]: d for d in plain if d["kind"] == "Deployment"}
     assert "AGENTRUN_ROLE" not in env(plain_deployments["t-agentrun-operator"])
     assert "t-agentrun-worker" not in plain_deployments
@@ -374,11 +397,27 @@ def test_the_operator_replicas_elect_one_through_a_lease_only_they_may_write(
     ]
 
 
-def test_the_real_api_server_accepts_the_rendered_chart(helm: Helm, kubectl: Kubectl) -> None:
+def test_the_real_api_server_accepts_the_rendered_chart(
+    helm: Helm, kubectl: Kubectl, cluster: ControlPlane
+) -> None:
     kubectl("create", "namespace", "agentrun-system", check=False)
+    # Rendered for this server's version, as `helm install` renders for the cluster it
+    # installs on (1.20 gets policy/v1beta1 and autoscaling/v2beta2).
+    major, minor = cluster.version()
     docs = render(
-        helm, "redis.persistence.enabled=true", "notifications.enabled=true", "ingress.enabled=true"
+        helm,
+        "redis.persistence.enabled=true",
+        "notifications.enabled=true",
+        "ingress.enabled=true",
+        "workers.autoscaling.enabled=true",
+        "workers.autoscaling.runsPerWorker=20",
+        kube_version=f"{major}.{minor}.0",
     )
+    apis = {(d["kind"], d["apiVersion"]) for d in docs}
+    old = (major, minor) < (1, 21)
+    assert ("PodDisruptionBudget", "policy/v1beta1" if old else "policy/v1") in apis
+    hpa = "autoscaling/v2beta2" if (major, minor) < (1, 23) else "autoscaling/v2"
+    assert ("HorizontalPodAutoscaler", hpa) in apis
     proc = dry_run(kubectl, "agentrun-system", docs)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("(server dry run)") == len(docs)
@@ -436,7 +475,7 @@ def test_chart_pods_meet_pod_security_restricted(
     )
     workloads = [
         d
-        for d in render(helm, "redis.persistence.enabled=true", "workers.enabled=true")
+        for d in render(helm, "redis.persistence.enabled=true")
         if d["kind"] in ("Deployment", "StatefulSet", "Job")
     ]
     assert len(workloads) == 5
@@ -504,7 +543,10 @@ def test_the_operators_egress_policy_lists_the_mcp_servers_only_when_asked(helm:
     docs = [d for d in yaml.safe_load_all(helm(*args).stdout) if d]
     [policy] = [d for d in docs if d["metadata"]["name"] == "t-agentrun-operator-egress"]
     assert policy["spec"]["policyTypes"] == ["Egress"]
-    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "operator"
+    # The operator's pods and the workers', which reach what the operator reaches.
+    assert policy["spec"]["podSelector"]["matchExpressions"] == [
+        {"key": "app.kubernetes.io/component", "operator": "In", "values": ["operator", "worker"]}
+    ]
     egress = policy["spec"]["egress"]
     assert egress[0]["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
     assert egress[1]["ports"] == [{"port": 6379, "protocol": "TCP"}]

@@ -36,6 +36,7 @@ from support import (
     assert_clean_stream,
     create_run,
     marker,
+    metrics,
     stream,
     wait_event,
     wait_for,
@@ -135,24 +136,9 @@ def test_a_run_goes_from_apply_to_succeeded_with_every_event_in_order(
 def test_metrics_after_a_run_show_its_tokens_cost_and_ttft(
     kubectl: Kubectl, namespace: str, operator: OperatorProcess
 ) -> None:
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
     create_run(kubectl, namespace, "counted", goal=marker("metrics") + " look")
     st = wait_phase(kubectl, namespace, "counted", "Succeeded", "Failed")
-    url = f"http://127.0.0.1:{operator.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-    def value(name: str, **labels: str) -> float:
-        return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
+    value = metrics(operator.metrics_port)
     usage = st["usage"]
     ns = {"namespace": namespace, "model": "mock"}
     assert value("agentrun_tokens_total", kind="input", **ns) == usage["inputTokens"]

@@ -37,6 +37,7 @@ from support import (
     get_run,
     judged_namespace,
     marker,
+    metrics,
     newest_only,
     own_operator,
     stream,
@@ -186,6 +187,25 @@ def test_runs_spread_over_the_workers_and_a_killed_worker_hands_its_runs_over(
     assert isinstance(held, dict)
     assert set(held.values()) <= set(workers)
     assert len(set(held.values())) > 1, f"one worker took everything: {held}"
+
+    # Each worker exports the runs it executes (the HPA's optional runs-per-worker metric).
+    def exported() -> dict[str, float] | None:
+        running = Counter(
+            (r.get("status") or {}).get("worker")
+            for r in (get_run(kubectl, namespace, n) for n in names)
+            if (r.get("status") or {}).get("phase") == "Running"
+        )
+        found = {
+            w: metrics(p.metrics_port)("agentrun_runs_active", state="running")
+            for w, p in workers.items()
+        }
+        return (
+            found
+            if found == {w: float(running[w]) for w in workers} and any(found.values())
+            else None
+        )
+
+    wait_for("each worker's agentrun_runs_active to count the runs it holds", exported, timeout=20)
     victim = Counter(held.values()).most_common(1)[0][0]
     orphans = [n for n, w in held.items() if w == victim]
     workers[victim].kill()

@@ -24,11 +24,23 @@ from agentrun_operator.engine.common import RunRef
 class StatusWriter:
     """Phase changes go out at once; progress at most every ``interval`` seconds."""
 
-    def __init__(self, k: kube.Kube, ref: RunRef, *, current: dict[str, Any], interval: float):
+    def __init__(
+        self,
+        k: kube.Kube,
+        ref: RunRef,
+        *,
+        current: dict[str, Any],
+        interval: float,
+        lease: events.Lease | None = None,
+    ):
         self._kube = k
         self._ref = ref
         self.current = dict(current)
         self._interval = interval
+        # While the run's task holds it: progress waits while the lease is not surely held
+        # (a process woken from a pause longer than the lease must not report on a run
+        # another has taken over; its next fenced append fails and ends its task).
+        self._lease = lease
         self._pending: dict[str, Any] = {}
         self._task: asyncio.Task[None] | None = None
         self.writes = 0
@@ -101,6 +113,8 @@ class StatusWriter:
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._interval)
+        while self._lease is not None and not self._lease.held():
+            await asyncio.sleep(self._interval)
         if self._pending:
             patch, self._pending = self._pending, {}
             with contextlib.suppress(Exception):

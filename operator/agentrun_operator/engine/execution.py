@@ -205,7 +205,7 @@ class Runner:
         keeper = asyncio.create_task(self._keep_lease(lease, me))
         settings = self._s.settings
         statusw = StatusWriter(
-            self._s.k8s, ref, current=st, interval=settings.status_interval_seconds
+            self._s.k8s, ref, current=st, interval=settings.status_interval_seconds, lease=lease
         )
         writer = self._s.store.writer(
             ref.uid, run=ref.key, lease=lease, maxlen=settings.stream_maxlen
