@@ -21,6 +21,7 @@ import json
 import os
 import ssl
 import statistics
+import subprocess
 import tempfile
 import threading
 import time
@@ -145,6 +146,53 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def apply_crds(plane: ControlPlane) -> None:
+    kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig()}"]
+    subprocess.run([*kubectl, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True)
+    subprocess.run(
+        [*kubectl, "wait", "--for=condition=Established", "crd/agentruns.agentrun.dev"],
+        check=True,
+        capture_output=True,
+    )
+
+
+# The mock LLM's reply to a run the stop figures stop: long enough to be stopped mid-stream.
+STOP_SCRIPT = {"match": "bench-stop", "replies": [{"text": " ".join(f"w{i}" for i in range(2000))}]}
+
+
+def stops(api: Api, r: redis_sync.Redis, ns: str, rounds: int) -> dict[str, list[float]]:
+    """Stop ``rounds`` runs by a ``spec.stop`` patch and as many by a Redis control message,
+    each once it streams tokens (the mock LLM needs STOP_SCRIPT): seconds from create to the
+    first event, and from the stop to the ``end`` event and to ``Stopped``."""
+    found: dict[str, list[float]] = {
+        k: [] for k in ("first_event", "patch_end", "patch_phase", "ctl_end", "ctl_phase")
+    }
+    for i in range(rounds):
+        for how in ("patch", "ctl"):
+            name = f"stop-{how}-{i}"
+            t0 = time.monotonic()
+            uid = api.create_run(ns, name, goal=f"bench-stop {uuid.uuid4().hex}")
+            found["first_event"].append(wait_first(r, uid, lambda e: True) - t0)
+            wait_first(r, uid, lambda e: e["type"] == "token")
+            t1 = time.monotonic()
+            if how == "patch":
+                api.call(
+                    "PATCH",
+                    f"{BASE}/namespaces/{ns}/agentruns/{name}",
+                    {"spec": {"stop": True}},
+                    "application/merge-patch+json",
+                )
+            else:
+                r.publish(events.control_key(uid), json.dumps({"action": "stop", "by": "bench"}))
+            found[f"{how}_end"].append(wait_first(r, uid, lambda e: e["type"] == "end") - t1)
+            found[f"{how}_phase"].append(wait_phase(api, ns, name, "Stopped") - t1)
+    return found
+
+
+def ms(xs: list[float]) -> str:
+    return f"p50 {statistics.median(xs) * 1000:7.1f} ms   p99 {pct(xs, 99) * 1000:7.1f} ms"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=200)
@@ -160,8 +208,7 @@ def main() -> None:
     redis_server.start()
     llm = MockLLMThread(tokens_per_second=args.tps)
     llm.start()
-    long_text = " ".join(f"w{i}" for i in range(2000))
-    llm.set_script([{"match": "bench-stop", "replies": [{"text": long_text}]}])
+    llm.set_script([STOP_SCRIPT])
     jaeger = Jaeger(workdir=work / "jaeger") if args.tracing else None
     if jaeger is not None:
         jaeger.start()
@@ -179,62 +226,12 @@ def main() -> None:
     api = Api(plane)
     r = redis_sync.Redis.from_url(redis_server.url)
     try:
-        import subprocess
-
-        subprocess.run(
-            [
-                str(plane.kubectl),
-                f"--kubeconfig={plane.kubeconfig()}",
-                "apply",
-                "-f",
-                str(ROOT / "crds"),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                str(plane.kubectl),
-                f"--kubeconfig={plane.kubeconfig()}",
-                "wait",
-                "--for=condition=Established",
-                "crd/agentruns.agentrun.dev",
-            ],
-            check=True,
-            capture_output=True,
-        )
+        apply_crds(plane)
         operator.start()
         ns = "bench"
         api.call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
 
-        first_event: list[float] = []
-        patch_end: list[float] = []
-        patch_phase: list[float] = []
-        ctl_end: list[float] = []
-        ctl_phase: list[float] = []
-        for i in range(args.stops):
-            for how in ("patch", "control"):
-                name = f"stop-{how}-{i}"
-                t0 = time.monotonic()
-                uid = api.create_run(ns, name, goal=f"bench-stop {uuid.uuid4().hex}")
-                first_event.append(wait_first(r, uid, lambda e: True) - t0)
-                wait_first(r, uid, lambda e: e["type"] == "token")
-                t1 = time.monotonic()
-                if how == "patch":
-                    api.call(
-                        "PATCH",
-                        f"{BASE}/namespaces/{ns}/agentruns/{name}",
-                        {"spec": {"stop": True}},
-                        "application/merge-patch+json",
-                    )
-                else:
-                    r.publish(
-                        events.control_key(uid), json.dumps({"action": "stop", "by": "bench"})
-                    )
-                t_end = wait_first(r, uid, lambda e: e["type"] == "end")
-                t_phase = wait_phase(api, ns, name, "Stopped")
-                (patch_end if how == "patch" else ctl_end).append(t_end - t1)
-                (patch_phase if how == "patch" else ctl_phase).append(t_phase - t1)
+        stopped = stops(api, r, ns, args.stops)
 
         # N concurrent runs: default script (plan, k8s_list, summary, verify).
         writes, stop_watch = api.count_writes(ns)
@@ -269,15 +266,13 @@ def main() -> None:
         stop_watch.set()
         per_run = [writes[n] for n in names]
 
-        def ms(xs: list[float]) -> str:
-            return f"p50 {statistics.median(xs) * 1000:7.1f} ms   p99 {pct(xs, 99) * 1000:7.1f} ms"
-
         print(f"\n== agentrun operator benchmark (127.0.0.1, Kubernetes {k8s_release()}) ==")
-        print(f"create → first event       {ms(first_event)}   (n={len(first_event)})")
-        print(f"stop patch → end event     {ms(patch_end)}")
-        print(f"stop patch → Stopped       {ms(patch_phase)}")
-        print(f"redis control → end event  {ms(ctl_end)}")
-        print(f"redis control → Stopped    {ms(ctl_phase)}")
+        first = stopped["first_event"]
+        print(f"create → first event       {ms(first)}   (n={len(first)})")
+        print(f"stop patch → end event     {ms(stopped['patch_end'])}")
+        print(f"stop patch → Stopped       {ms(stopped['patch_phase'])}")
+        print(f"redis control → end event  {ms(stopped['ctl_end'])}")
+        print(f"redis control → Stopped    {ms(stopped['ctl_phase'])}")
         print(
             f"{args.runs} concurrent runs       wall {wall:6.1f} s (creates took {created:.1f} s), "
             f"{len(failed)} failed"

@@ -8,13 +8,16 @@ SIGKILL of the busiest worker (its runs resumed elsewhere). On a machine with fe
 than processes, the ratio 3 workers / 1 worker is bounded by the cores: the CPU seconds per
 run are printed so the ratio can be projected for a machine with enough of them.
 
+Also per worker count, the stop latency through the workers (``spec.stop`` patch and Redis
+control message → the run's ``end`` event), to compare with bench_operator.py's one process.
+
 Usage: .venv/bin/python bench/bench_scale.py [--runs 2000] [--workers 1,2,3] [--tps 100]
+       [--stops 5]
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
 import tempfile
 import time
 import uuid
@@ -25,11 +28,14 @@ from typing import Any
 import redis as redis_sync
 from bench_operator import (  # type: ignore[import-not-found]  # a sibling script
     BASE,
-    ROOT,
+    STOP_SCRIPT,
     Api,
+    apply_crds,
     cpu_seconds,
+    ms,
     pct,
     rss_kib,
+    stops,
     wait_first,
 )
 
@@ -55,7 +61,7 @@ def process(
 
 def one_round(
     plane: ControlPlane, api: Api, r: redis_sync.Redis, redis_url: str, llm: str, work: Path,
-    *, workers: int, runs: int,
+    *, workers: int, runs: int, stop_rounds: int,
 ) -> dict[str, Any]:  # fmt: skip
     ns = f"scale-{workers}-{uuid.uuid4().hex[:6]}"
     api.call("POST", "/api/v1/namespaces", {"metadata": {"name": ns}})
@@ -80,11 +86,14 @@ def one_round(
     ctl.start()
     for p in procs:
         p.start()
+    # Stops reach the worker holding a run through the same control channel as before.
+    stopped = stops(api, r, ns, stop_rounds)
     writes, stop = api.count_writes(ns)
     pids = [p.proc.pid for p in procs if p.proc]
     cpu0 = {pid: cpu_seconds(pid) for pid in pids}
     peak = dict.fromkeys(pids, 0)
     names = [f"run-{i}" for i in range(runs)]
+    load = set(names)
     firsts: list[float] = []
     t0 = time.monotonic()
     for i, name in enumerate(names):
@@ -96,7 +105,12 @@ def one_round(
         for pid in pids:
             peak[pid] = max(peak[pid], rss_kib(pid))
         items = api.call("GET", f"{BASE}/namespaces/{ns}/agentruns")["items"]
-        done = [i for i in items if (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")]
+        done = [
+            i
+            for i in items
+            if i["metadata"]["name"] in load
+            and (i.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+        ]
         if len(done) == runs:
             break
         if time.monotonic() - t0 > 1800:
@@ -116,6 +130,7 @@ def one_round(
         "cpu_ms_per_run": cpu / runs * 1000,
         "writes_per_run": sum(writes.values()) / runs,
         "failed": failed,
+        "stops": stopped,
     }
     if workers > 1:
         result["handover"] = handover(api, r, ns, procs, llm)
@@ -165,6 +180,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2000)
     parser.add_argument("--workers", default="1,2,3")
     parser.add_argument("--tps", type=float, default=100, help="mock LLM tokens per second")
+    parser.add_argument("--stops", type=int, default=5, help="stops of each kind per round")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="agentrun-bench-scale-"))
     plane = ControlPlane(workdir=work / "cp")
@@ -174,25 +190,18 @@ def main() -> None:
     llm = MockLLMThread(tokens_per_second=args.tps)
     llm.start()
     long_text = " ".join(f"w{i}" for i in range(600))
-    llm.set_script([{"match": "bench-handover", "replies": [{"text": long_text}]}])
+    llm.set_script([{"match": "bench-handover", "replies": [{"text": long_text}]}, STOP_SCRIPT])
     api = Api(plane)
     r = redis_sync.Redis.from_url(redis_server.url)
     try:
-        kubectl = [str(plane.kubectl), f"--kubeconfig={plane.kubeconfig()}"]
-        subprocess.run(
-            [*kubectl, "apply", "-f", str(ROOT / "crds")], check=True, capture_output=True
-        )
-        subprocess.run(
-            [*kubectl, "wait", "--for=condition=Established", "crd/agentruns.agentrun.dev"],
-            check=True,
-            capture_output=True,
-        )
+        apply_crds(plane)
         results = [
             one_round(
-                plane, api, r, redis_server.url, llm.base_url, work, workers=int(n), runs=args.runs
+                plane, api, r, redis_server.url, llm.base_url, work,
+                workers=int(n), runs=args.runs, stop_rounds=args.stops,
             )
             for n in args.workers.split(",")
-        ]
+        ]  # fmt: skip
         print(
             f"\n== agentrun scale-out ({args.runs} runs, 127.0.0.1, Kubernetes {k8s_release()}) =="
         )
@@ -206,6 +215,8 @@ def main() -> None:
                 f"{res['writes_per_run']:.1f} status writes/run, {res['failed']} failed"
                 + (f", SIGKILL hand-over {res['handover']:.1f} s" if "handover" in res else "")
             )
+            print(f"  stop patch -> end event     {ms(res['stops']['patch_end'])}")
+            print(f"  redis control -> end event  {ms(res['stops']['ctl_end'])}")
         base = results[0]
         for res in results[1:]:
             ratio = res["rate"] / base["rate"]

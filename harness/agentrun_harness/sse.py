@@ -18,7 +18,6 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import uvicorn
 from redis import asyncio as aioredis
 from starlette.applications import Starlette
 
@@ -42,13 +41,11 @@ class LiveServer:
     def __init__(self, settings: settings_mod.Settings, *, access_log: bool = False) -> None:
         self.settings = dataclasses.replace(settings, host="127.0.0.1", port=0)
         self.app: Starlette = app_mod.create_app(self.settings)
-        config = uvicorn.Config(
+        config = app_mod.uvicorn_config(
             self.app,
-            host="127.0.0.1",
-            port=0,
+            self.settings,
             log_level="info" if access_log else "warning",
             access_log=access_log,
-            lifespan="on",
             timeout_graceful_shutdown=5,
             log_config=None,  # the test's logging stays as it is (caplog sees records)
         )

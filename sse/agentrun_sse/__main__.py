@@ -1,6 +1,6 @@
 """``python -m agentrun_sse``: read the settings, then serve the app under uvicorn.
 
-Owns the SSE server's process: logging, the uvicorn configuration and the exit status
+Owns the SSE server's process: logging and the exit status
 (2 for a configuration error, with a message naming the setting).
 Never: holds Kubernetes credentials (outside ``--no-auth``), or serves anything itself.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import sys
-
-import uvicorn
 
 from agentrun_sse import app as app_mod
 from agentrun_sse import settings as settings_mod
@@ -29,18 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except settings_mod.ConfigError as e:
         print(f"agentrun-sse: configuration error: {e}", file=sys.stderr)
         return 2
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        # Streams end on their own at shutdown (app.Server); this bounds a stuck one.
-        timeout_graceful_shutdown=10,
-        proxy_headers=True,
-        server_header=False,
-        lifespan="on",
-    )
+    config = app_mod.uvicorn_config(app, settings)
     # uvicorn's own runner: it picks uvloop and httptools when installed (uvicorn[standard]).
     app_mod.Server(config, app=app).run()
     return 0

@@ -249,6 +249,32 @@ def context_of(app: Starlette) -> api.Context:
     return ctx
 
 
+# Idle keep-alive connections stay open longer than the proxies in front keep theirs
+# (NGINX's and ingress-nginx's upstream keepalive_timeout: 60 s), so the proxy always
+# closes first. Shorter (uvicorn's default is 5 s), the server may close a connection just as
+# the proxy sends a request on it: NGINX retries a GET, but a POST (a stop) fails with 502.
+KEEP_ALIVE_SECONDS = 75
+
+
+def uvicorn_config(
+    app: Starlette, settings: settings_mod.Settings, **overrides: Any
+) -> uvicorn.Config:
+    """How the SSE server serves ``app`` (tests override only where they listen and log)."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "access_log": settings.access_log,
+        # Streams end on their own at shutdown (Server); this bounds a stuck one.
+        "timeout_graceful_shutdown": 10,
+        "timeout_keep_alive": KEEP_ALIVE_SECONDS,
+        "proxy_headers": True,
+        "server_header": False,
+        "lifespan": "on",
+    }
+    return uvicorn.Config(app, **{**options, **overrides})
+
+
 class Server(uvicorn.Server):
     """uvicorn, ending every open stream before it waits for connections to finish.
 
