@@ -190,6 +190,8 @@ def stops(api: Api, r: redis_sync.Redis, ns: str, rounds: int) -> dict[str, list
 
 
 def ms(xs: list[float]) -> str:
+    if not xs:
+        return "(none measured)"
     return f"p50 {statistics.median(xs) * 1000:7.1f} ms   p99 {pct(xs, 99) * 1000:7.1f} ms"
 
 

@@ -9,7 +9,8 @@ streams over SSE through the Service and through Debian's NGINX configured as
 continues; the worker pod running it deleted mid-run, another worker resumes the run from
 its checkpoint and finishes it, its side-effecting tool executed exactly
 once (counted by the Deployment's revision, on the cluster side); a viewer that follows the
-stream across the pod's replacement by Last-Event-ID sees no gap and no duplicate, and a
+stream while the run moves sees no gap and no duplicate (one whose SSE pod is replaced, in
+``helm upgrade``, follows by Last-Event-ID), and a
 reconnect from the middle replays exactly the rest; ``spec.stop`` stops a run; a finished
 run with ``ttlSecondsAfterFinished`` is deleted with its Redis data; a run acts through the
 npm-distributed ``kubernetes-mcp-server`` (a pod whose own account has no rights and which
@@ -703,7 +704,7 @@ def test_an_approved_call_runs_once_across_the_pod_running_it_being_deleted(
     status = wait_phase(kubectl, release.runs, "restart", "Succeeded", timeout=30)
     # Exactly once, counted by the cluster: one restart is one new revision.
     assert revision(kubectl, release.runs, "web") == 2
-    # The viewer followed the stream across the pod's replacement: no gap, no duplicate.
+    # The viewer followed the stream while the run moved: no gap, no duplicate.
     assert_clean_stream(seen.events)
     states = [e["data"]["state"] for e in seen.events if e["type"] == "workflow"]
     assert "resumed" in states
@@ -1072,6 +1073,7 @@ def test_with_tracing_on_the_operator_pod_sends_each_run_as_one_trace(
 
 
 @newest_only("a version-independent scenario")
+@pytest.mark.timeout(600)  # two upgrades (5 min at worst each) and the run's own waits
 def test_without_workers_the_operator_pod_deleted_mid_run_hands_the_run_to_the_standby(
     kubectl: Kubectl, release: Release, helm: Helm
 ) -> None:
@@ -1083,50 +1085,52 @@ def test_without_workers_the_operator_pod_deleted_mid_run_hands_the_run_to_the_s
     )  # fmt: skip
     left = kubectl("get", "deployment", f"{RELEASE}-worker", "-n", release.namespace, check=False)
     assert left.returncode != 0 and "NotFound" in left.stderr, left.stdout
-    words = " ".join(f"w{i}" for i in range(300))
-    release.script(
-        [
-            {
-                "match": "handed over",
-                "replies": [{"text": f"Plan {words}", "tokens_per_second": 20}, {"text": "ok"}],
-            }
-        ]
-    )
-    uid = create_run(kubectl, release, "handover", "to be handed over")
-    first = wait_for(
-        "an operator pod to run the run",
-        lambda: running_pod(kubectl, release, "handover"),
-        timeout=90,
-    )
-    assert isinstance(first, str) and first.startswith(f"{RELEASE}-operator-"), first
-    wait_for(
-        "tokens to stream",
-        lambda: any(
-            e["type"] == "token" for e in decoded(release.redis.xrange(events.events_key(uid)))
-        ),
-        timeout=60,
-    )
-    kubectl("delete", "pod", first, "-n", release.namespace, "--wait=false")
-    deleted = time.monotonic()
+    try:
+        words = " ".join(f"w{i}" for i in range(300))
+        release.script(
+            [
+                {
+                    "match": "handed over",
+                    "replies": [{"text": f"Plan {words}", "tokens_per_second": 20}, {"text": "ok"}],
+                }
+            ]
+        )
+        uid = create_run(kubectl, release, "handover", "to be handed over")
+        first = wait_for(
+            "an operator pod to run the run",
+            lambda: running_pod(kubectl, release, "handover"),
+            timeout=90,
+        )
+        assert isinstance(first, str) and first.startswith(f"{RELEASE}-operator-"), first
+        wait_for(
+            "tokens to stream",
+            lambda: any(
+                e["type"] == "token" for e in decoded(release.redis.xrange(events.events_key(uid)))
+            ),
+            timeout=60,
+        )
+        kubectl("delete", "pod", first, "-n", release.namespace, "--wait=false")
+        deleted = time.monotonic()
 
-    def moved_to() -> str | None:
-        now = (get_run(kubectl, release.runs, "handover").get("status") or {}).get("worker")
-        return now if now not in (None, first) else None
+        def moved_to() -> str | None:
+            now = (get_run(kubectl, release.runs, "handover").get("status") or {}).get("worker")
+            return now if now not in (None, first) else None
 
-    moved = wait_for("the standby replica to run it", moved_to, timeout=90)
-    figure(
-        "operator pod deleted (no workers) -> run resumed on the standby",
-        f"{time.monotonic() - deleted:.1f}s",
-    )
-    assert isinstance(moved, str) and moved.startswith(f"{RELEASE}-operator-"), moved
-    st = wait_phase(kubectl, release.runs, "handover", "Succeeded", "Failed", timeout=120)
-    assert st["phase"] == "Succeeded", st
-    assert_clean_stream(decoded(release.redis.xrange(events.events_key(uid))))
-    # Back to the chart's defaults for the scenarios that follow.
-    helm(
-        "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
-        "--wait", "--timeout=5m", "--set", "workers.enabled=true",
-    )  # fmt: skip
+        moved = wait_for("the standby replica to run it", moved_to, timeout=90)
+        figure(
+            "operator pod deleted (no workers) -> run resumed on the standby",
+            f"{time.monotonic() - deleted:.1f}s",
+        )
+        assert isinstance(moved, str) and moved.startswith(f"{RELEASE}-operator-"), moved
+        st = wait_phase(kubectl, release.runs, "handover", "Succeeded", "Failed", timeout=120)
+        assert st["phase"] == "Succeeded", st
+        assert_clean_stream(decoded(release.redis.xrange(events.events_key(uid))))
+    finally:
+        # Back to the chart's defaults for the scenarios that follow, whatever happened.
+        helm(
+            "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
+            "--wait", "--timeout=5m", "--set", "workers.enabled=true",
+        )  # fmt: skip
 
 
 @newest_only("a version-independent scenario")
@@ -1153,7 +1157,8 @@ def test_with_workers_helm_upgrade_during_50_runs_loses_and_repeats_nothing(
     started = time.monotonic()
     helm(
         "upgrade", RELEASE, str(CHART), "-n", release.namespace, "--reuse-values",
-        "--wait", "--timeout=5m", "--set", "operator.streamMaxlen=100001",
+        "--wait", "--timeout=5m", "--set", "workers.enabled=true",
+        "--set", "operator.streamMaxlen=100001",
     )  # fmt: skip
     figure(
         "helm upgrade (controllers and workers) during 50 runs",
