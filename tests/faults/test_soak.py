@@ -25,7 +25,11 @@ from agentrun_harness.controlplane import ControlPlane
 from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
 
-from support import Kubectl, OperatorProcess, Script, create_run, marker, wait_for
+from support import Kubectl, OperatorProcess, Script, create_run, marker, newest_only, wait_for
+
+pytestmark = newest_only(
+    "the SSE server and Redis under load do not depend on the Kubernetes version"
+)
 
 SCENARIO = "Soak"
 RUNS = count(500, 60)

@@ -29,6 +29,10 @@ from redis import asyncio as aioredis
 from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import checkpoint
 
+from support import newest_only
+
+pytestmark = newest_only("Redis only")
+
 
 def fresh_prefix() -> str:
     return f"agentrun:t{uuid.uuid4().hex[:12]}"

@@ -13,7 +13,9 @@ from redis import asyncio as aioredis
 
 from agentrun_operator import events
 
-from support import decoded
+from support import decoded, newest_only
+
+pytestmark = newest_only("Redis only")
 
 
 async def writer_for(

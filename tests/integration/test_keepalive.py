@@ -25,6 +25,9 @@ from agentrun_harness.operatorproc import WebhookProcess
 from agentrun_sse import app as sse_app
 
 from sse_support import sse_settings
+from support import newest_only
+
+pytestmark = newest_only("the servers' keep-alive does not depend on the Kubernetes version")
 
 # Past uvicorn's default keep-alive (5 s): long enough for a server that closes first to
 # have closed. The wait is what is tested (a connection left idle), not a synchronisation.

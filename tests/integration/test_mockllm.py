@@ -38,7 +38,9 @@ from langchain_openai import ChatOpenAI
 
 from agentrun_operator.mockllm import MockLLM, MockLLMThread
 
-from support import wait_for
+from support import newest_only, wait_for
+
+pytestmark = newest_only("the mock LLM has no Kubernetes in it")
 
 
 @pytest.fixture

@@ -27,7 +27,11 @@ from agentrun_harness.redisserver import RedisServer
 from agentrun_operator import events
 
 from sse_support import NGINX, create_run, nginx, sse_settings
-from support import Kubectl, require_tool
+from support import Kubectl, newest_only, require_tool
+
+pytestmark = newest_only(
+    "NGINX in front of the SSE server does not depend on the Kubernetes version"
+)
 
 
 @pytest.fixture(autouse=True)
