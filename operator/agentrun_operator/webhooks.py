@@ -375,6 +375,12 @@ def configurations(
     return [mutating, validating]
 
 
+# Idle connections stay open longer than the API server keeps one to a webhook (Go's 90 s),
+# so the API server closes first. With uvicorn's 5 s, the server could close one just as the
+# API server sent an admission request on it: an EOF, and a refused request.
+KEEP_ALIVE_SECONDS = 120
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m agentrun_operator.webhooks")
     parser.add_argument("--host")
@@ -417,10 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.webhook_port,
         ssl_certfile=settings.webhook_cert_file,
         ssl_keyfile=settings.webhook_key_file,
-        # Longer than the API server keeps an idle connection to a webhook (Go's 90 s), so
-        # the API server closes first. With uvicorn's 5 s, the server could close one just as
-        # the API server sent an admission request on it: an EOF, and a refused request.
-        timeout_keep_alive=120,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
         log_level="info",
         access_log=False,
     )

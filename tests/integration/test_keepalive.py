@@ -22,6 +22,7 @@ import time
 from agentrun_harness import sse as sse_harness
 from agentrun_harness.controlplane import ControlPlane
 from agentrun_harness.operatorproc import WebhookProcess
+from agentrun_operator import webhooks as webhooks_mod
 from agentrun_sse import app as sse_app
 
 from sse_support import sse_settings
@@ -64,6 +65,8 @@ async def test_idle_connections_outlive_uvicorns_default_on_the_webhook_and_sse_
         sse.close()
     assert hook_seen == (200, 200, True), hook_seen
     assert sse_seen == (200, 200, True), sse_seen
-    # And longer than the clients keep theirs: NGINX's 60 s upstream keepalive_timeout.
+    # And longer than the clients keep theirs: the API server's 90 s for webhooks, NGINX's
+    # 60 s upstream keepalive_timeout for the SSE server.
+    assert webhooks_mod.KEEP_ALIVE_SECONDS > 90
     config = sse_app.uvicorn_config(server.app, sse_settings(cluster, "redis://unused"))
     assert config.timeout_keep_alive > 60
